@@ -1,0 +1,1017 @@
+//! The change log (the cache store): every write of a protected VM lands here first.
+//!
+//! Appenders validate and compress their record on their own thread, then take a short
+//! lock to get the next sequence number and copy the frame into the pending batch. One
+//! writer thread writes whole batches with a single `write` (acknowledging them *written*)
+//! and, when anyone waits for *durable* (or the auto-sync interval has passed), makes them
+//! durable with one fdatasync for every waiter (group commit).
+//!
+//! Invariants:
+//! - sequence numbers are assigned under the state lock, so the log holds one total order
+//!   with no gap and no duplicate, and frames reach the file in that order;
+//! - `durable_seq` only advances after an fdatasync that covers every record up to it, and a
+//!   new segment (header + directory entry) is synced before any record in it is written;
+//! - a failed write or sync latches the error: every later append and wait fails until the
+//!   log is reopened (and recovery decides what survived);
+//! - segments are deleted only by [`Cache::set_checkpoint`], never on the commit path.
+
+use crate::error::{Error, IoContext, Result};
+use crate::record::{Entry, Prepared, Record};
+use crate::segment::{self, Scan, SegmentHeader, SegmentReader, SEGMENT_HEADER_BYTES};
+use crate::vfs::{RealFs, VFile, Vfs};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What to do with damage found when opening the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Truncate an invalid or incomplete tail of the *last* segment (what a crash leaves);
+    /// report damage anywhere else.
+    #[default]
+    TolerateTornTail,
+    /// Report any damage, including a torn tail.
+    Absolute,
+}
+
+/// Settings of a change log.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// A segment is closed and a new one started once it would grow past this.
+    pub segment_max_bytes: u64,
+    /// Appends fail with [`Error::CacheFull`] rather than let the log's files grow past this.
+    pub capacity_bytes: Option<u64>,
+    pub recovery: RecoveryMode,
+    /// Store write payloads lz4-compressed when that saves space.
+    pub compress: bool,
+    /// Sync on its own this long after unsynced data was written, even if nobody asked.
+    pub auto_sync: Option<Duration>,
+    /// Appenders wait once this many bytes are queued and not yet written.
+    pub max_pending_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            segment_max_bytes: 64 << 20,
+            capacity_bytes: None,
+            recovery: RecoveryMode::default(),
+            compress: true,
+            auto_sync: Some(Duration::from_millis(5)),
+            max_pending_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What opening the log found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    /// Records retained (first_seq ..= last_seq).
+    pub records: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// A torn tail that was cut off: file, byte offset, bytes removed, why.
+    pub truncated: Option<(PathBuf, u64, u64, String)>,
+    /// Segments removed because they were wholly below the checkpoint (an interrupted trim)
+    /// or their creation was torn before any record reached them.
+    pub removed_segments: usize,
+}
+
+/// Counters of a change log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheStats {
+    /// Records retained in the log.
+    pub records: u64,
+    /// Bytes of the log's files (what the capacity limit counts).
+    pub stored_bytes: u64,
+    /// Records appended since open, their logical bytes (data written or zeroed) and the
+    /// bytes they took in the log.
+    pub appended_records: u64,
+    pub appended_logical_bytes: u64,
+    pub appended_stored_bytes: u64,
+    /// Logical bytes of data carried per stored byte (write payloads only).
+    pub compression_ratio: f64,
+    pub segments: usize,
+    pub first_seq: u64,
+    pub written_seq: u64,
+    pub durable_seq: u64,
+    /// Sequence number the next append gets.
+    pub next_seq: u64,
+    pub checkpoint: u64,
+    pub capacity_bytes: Option<u64>,
+    /// fdatasyncs of the log's files since open.
+    pub syncs: u64,
+}
+
+struct SegInfo {
+    base_seq: u64,
+    /// Last sequence number appended to it (`base_seq - 1` while empty).
+    last_seq: u64,
+    /// Bytes appended (including those not yet written).
+    bytes: u64,
+    /// Bytes known durable.
+    durable_bytes: u64,
+}
+
+struct Chunk {
+    segment_id: u64,
+    /// Set on the first chunk of a new segment: the writer creates it first.
+    create_with_base_seq: Option<u64>,
+    bytes: Vec<u8>,
+    last_seq: u64,
+}
+
+struct State {
+    next_seq: u64,
+    last_time_us: u64,
+    segments: BTreeMap<u64, SegInfo>,
+    tail_id: u64,
+    pending: VecDeque<Chunk>,
+    pending_bytes: usize,
+    spare: Vec<Vec<u8>>,
+    written_seq: u64,
+    durable_seq: u64,
+    sync_wanted: u64,
+    total_bytes: u64,
+    checkpoint: u64,
+    error: Option<String>,
+    closing: bool,
+    appended_records: u64,
+    appended_logical_bytes: u64,
+    appended_stored_bytes: u64,
+    write_logical_bytes: u64,
+    write_stored_bytes: u64,
+    syncs: u64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    vfs: Arc<dyn Vfs>,
+    config: CacheConfig,
+    state: Mutex<State>,
+    /// Wakes the writer.
+    work: Condvar,
+    /// Wakes waiters for written/durable progress and for room in the pending batch.
+    progress: Condvar,
+    /// Serializes checkpoint updates and segment deletion.
+    trim_lock: Mutex<()>,
+}
+
+/// The change log. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Cache {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+const CHECKPOINT_FILE: &str = "checkpoint";
+const CHECKPOINT_MAGIC: [u8; 8] = *b"STBYCKP\0";
+const CHUNK_RESERVE_BYTES: usize = 1 << 20;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Cache {
+    /// Open (or create) the log in `dir` on the real filesystem, recovering after a crash.
+    pub fn open(dir: impl AsRef<Path>, config: CacheConfig) -> Result<(Cache, RecoveryReport)> {
+        Self::open_with(Arc::new(RealFs), dir, config)
+    }
+
+    /// Open (or create) the log through the given filesystem.
+    pub fn open_with(
+        vfs: Arc<dyn Vfs>,
+        dir: impl AsRef<Path>,
+        config: CacheConfig,
+    ) -> Result<(Cache, RecoveryReport)> {
+        let dir = dir.as_ref().to_path_buf();
+        if config.segment_max_bytes < (SEGMENT_HEADER_BYTES as u64) * 2 {
+            return Err(Error::Invalid("segment size is too small".into()));
+        }
+        vfs.create_dir_all(&dir).at(&dir)?;
+        let (state, report) = recover(&*vfs, &dir, &config)?;
+        let shared = Arc::new(Shared {
+            dir,
+            vfs,
+            config,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+            trim_lock: Mutex::new(()),
+        });
+        let tail_file = {
+            let st = shared.state.lock();
+            let path = shared.dir.join(segment::file_name(st.tail_id));
+            let len = st.segments[&st.tail_id].bytes;
+            (st.tail_id, shared.vfs.open(&path).at(&path)?, len)
+        };
+        let s2 = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("standby-log-writer".into())
+            .spawn(move || writer_loop(s2, tail_file))
+            .map_err(|e| Error::io("writer thread", e))?;
+        Ok((
+            Cache {
+                shared,
+                writer: Mutex::new(Some(writer)),
+            },
+            report,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Append one record; returns its sequence number once it is queued (neither written
+    /// nor durable yet: see [`Cache::wait_written`] and [`Cache::wait_durable`]).
+    pub fn append(&self, entry: &Entry<'_>) -> Result<u64> {
+        let prepared = Prepared::new(entry, self.shared.config.compress).map_err(Error::Invalid)?;
+        self.append_prepared(&prepared)
+    }
+
+    /// Append and wait for the given acknowledgement.
+    pub fn append_wait(&self, entry: &Entry<'_>, ack: Ack) -> Result<u64> {
+        let seq = self.append(entry)?;
+        match ack {
+            Ack::Queued => {}
+            Ack::Written => self.wait_written(seq)?,
+            Ack::Durable => self.wait_durable(seq)?,
+        }
+        Ok(seq)
+    }
+
+    fn append_prepared(&self, p: &Prepared) -> Result<u64> {
+        let sh = &*self.shared;
+        let frame = p.frame_bytes() as u64;
+        let mut st = sh.state.lock();
+        loop {
+            if let Some(e) = &st.error {
+                return Err(Error::Poisoned(e.clone()));
+            }
+            if st.closing {
+                return Err(Error::Closed);
+            }
+            if st.pending_bytes < sh.config.max_pending_bytes {
+                break;
+            }
+            sh.progress.wait(&mut st);
+        }
+        let tail = &st.segments[&st.tail_id];
+        let roll =
+            tail.bytes + frame > sh.config.segment_max_bytes && tail.last_seq >= tail.base_seq;
+        let needed = frame + if roll { SEGMENT_HEADER_BYTES as u64 } else { 0 };
+        if let Some(cap) = sh.config.capacity_bytes {
+            if st.total_bytes + needed > cap {
+                return Err(Error::CacheFull {
+                    used_bytes: st.total_bytes,
+                    capacity_bytes: cap,
+                });
+            }
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let time_us = now_us().max(st.last_time_us);
+        st.last_time_us = time_us;
+        if roll {
+            let id = st.tail_id + 1;
+            st.tail_id = id;
+            st.segments.insert(
+                id,
+                SegInfo {
+                    base_seq: seq,
+                    last_seq: seq - 1,
+                    bytes: SEGMENT_HEADER_BYTES as u64,
+                    durable_bytes: 0,
+                },
+            );
+        }
+        let tail_id = st.tail_id;
+        let need_chunk = match st.pending.back() {
+            Some(c) => c.segment_id != tail_id,
+            None => true,
+        };
+        if need_chunk {
+            let mut bytes = st.spare.pop().unwrap_or_default();
+            bytes.clear();
+            bytes.reserve(CHUNK_RESERVE_BYTES.max(frame as usize));
+            st.pending.push_back(Chunk {
+                segment_id: tail_id,
+                create_with_base_seq: roll.then_some(seq),
+                bytes,
+                last_seq: seq,
+            });
+        }
+        let chunk = st.pending.back_mut().expect("a chunk was just ensured");
+        p.encode_into(&mut chunk.bytes, tail_id, seq, time_us);
+        chunk.last_seq = seq;
+        let seg = st.segments.get_mut(&tail_id).expect("tail segment exists");
+        seg.bytes += frame;
+        seg.last_seq = seq;
+        st.total_bytes += needed;
+        st.pending_bytes += frame as usize;
+        st.appended_records += 1;
+        st.appended_logical_bytes += p.logical_bytes();
+        st.appended_stored_bytes += frame;
+        if p.is_write() {
+            st.write_logical_bytes += p.logical_bytes();
+            st.write_stored_bytes += frame;
+        }
+        drop(st);
+        sh.work.notify_one();
+        Ok(seq)
+    }
+
+    /// Wait until every record up to `seq` is written (survives a crash of the process).
+    pub fn wait_written(&self, seq: u64) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.state.lock();
+        while st.written_seq < seq {
+            check_alive(&st, seq)?;
+            sh.progress.wait(&mut st);
+        }
+        Ok(())
+    }
+
+    /// Wait until every record up to `seq` is durable (survives a power loss). Waiters are
+    /// group-committed: one fdatasync serves all of them.
+    pub fn wait_durable(&self, seq: u64) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.state.lock();
+        if st.durable_seq >= seq {
+            return Ok(());
+        }
+        if st.sync_wanted < seq {
+            st.sync_wanted = seq;
+            sh.work.notify_one();
+        }
+        while st.durable_seq < seq {
+            check_alive(&st, seq)?;
+            sh.progress.wait(&mut st);
+        }
+        Ok(())
+    }
+
+    /// Make everything appended so far durable; returns the durable sequence number.
+    pub fn sync(&self) -> Result<u64> {
+        let last = self.shared.state.lock().next_seq - 1;
+        self.wait_durable(last)?;
+        Ok(last)
+    }
+
+    /// Last sequence number known durable (0 if none).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.state.lock().durable_seq
+    }
+
+    /// A reader of durable records from `from_seq` on. It yields `None` when it reaches
+    /// the durable end; call again later to follow the log.
+    pub fn reader(&self, from_seq: u64) -> Result<Reader> {
+        let st = self.shared.state.lock();
+        let first = st
+            .segments
+            .values()
+            .next()
+            .map(|s| s.base_seq)
+            .unwrap_or(st.next_seq);
+        if from_seq < first {
+            return Err(Error::NotFound(format!(
+                "change log no longer holds sequence number {from_seq} (it starts at {first}; trimmed below checkpoint {})",
+                st.checkpoint
+            )));
+        }
+        Ok(Reader {
+            shared: self.shared.clone(),
+            next_seq: from_seq,
+            seg: None,
+        })
+    }
+
+    /// The processor has made everything up to `seq` durable elsewhere: record it, and
+    /// delete every segment wholly at or below it (never the one being appended to).
+    /// Returns how many segments were deleted.
+    pub fn set_checkpoint(&self, seq: u64) -> Result<usize> {
+        let sh = &*self.shared;
+        let _trim = sh.trim_lock.lock();
+        {
+            let st = sh.state.lock();
+            if seq <= st.checkpoint {
+                return Ok(0);
+            }
+            if seq > st.durable_seq {
+                return Err(Error::Invalid(format!(
+                    "checkpoint {seq} is beyond the durable end of the log ({})",
+                    st.durable_seq
+                )));
+            }
+        }
+        write_checkpoint(&*sh.vfs, &sh.dir, seq)?;
+        let doomed: Vec<u64> = {
+            let mut st = sh.state.lock();
+            st.checkpoint = seq;
+            let tail = st.tail_id;
+            let ids: Vec<u64> = st
+                .segments
+                .iter()
+                .filter(|(id, s)| **id != tail && s.last_seq <= seq)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &ids {
+                if let Some(s) = st.segments.remove(id) {
+                    st.total_bytes -= s.bytes;
+                }
+            }
+            ids
+        };
+        for id in &doomed {
+            let path = sh.dir.join(segment::file_name(*id));
+            sh.vfs.remove(&path).at(&path)?;
+        }
+        if !doomed.is_empty() {
+            sh.vfs.sync_dir(&sh.dir).at(&sh.dir)?;
+        }
+        // Space was freed: appenders waiting on nothing in particular need no wake-up, but
+        // a caller polling for room may.
+        sh.progress.notify_all();
+        Ok(doomed.len())
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let st = self.shared.state.lock();
+        let first_seq = st
+            .segments
+            .values()
+            .next()
+            .map(|s| s.base_seq)
+            .unwrap_or(st.next_seq);
+        CacheStats {
+            records: st.next_seq - first_seq,
+            stored_bytes: st.total_bytes,
+            appended_records: st.appended_records,
+            appended_logical_bytes: st.appended_logical_bytes,
+            appended_stored_bytes: st.appended_stored_bytes,
+            compression_ratio: if st.write_stored_bytes == 0 {
+                1.0
+            } else {
+                st.write_logical_bytes as f64 / st.write_stored_bytes as f64
+            },
+            segments: st.segments.len(),
+            first_seq,
+            written_seq: st.written_seq,
+            durable_seq: st.durable_seq,
+            next_seq: st.next_seq,
+            checkpoint: st.checkpoint,
+            capacity_bytes: self.shared.config.capacity_bytes,
+            syncs: st.syncs,
+        }
+    }
+
+    /// Make everything durable and stop the writer. Dropping the log does the same.
+    pub fn close(&self) -> Result<()> {
+        let result = self.sync();
+        {
+            let mut st = self.shared.state.lock();
+            st.closing = true;
+        }
+        self.shared.work.notify_all();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+        match result {
+            Err(Error::Closed) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.state.lock();
+            st.closing = true;
+        }
+        self.shared.work.notify_all();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Which acknowledgement [`Cache::append_wait`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    Queued,
+    Written,
+    Durable,
+}
+
+fn check_alive(st: &State, seq: u64) -> Result<()> {
+    if let Some(e) = &st.error {
+        return Err(Error::Poisoned(e.clone()));
+    }
+    if st.closing && seq >= st.next_seq {
+        return Err(Error::Closed);
+    }
+    if seq >= st.next_seq {
+        return Err(Error::Invalid(format!(
+            "sequence number {seq} was never appended (next is {})",
+            st.next_seq
+        )));
+    }
+    Ok(())
+}
+
+struct Tail {
+    id: u64,
+    file: Arc<dyn VFile>,
+    len: u64,
+    /// Last seq written to this file and not yet synced (0 if clean).
+    dirty_seq: u64,
+}
+
+fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
+    let mut tail = Tail {
+        id,
+        file,
+        len,
+        dirty_seq: 0,
+    };
+    let mut dirty_since: Option<Instant> = None;
+    loop {
+        let chunks = {
+            let mut st = sh.state.lock();
+            loop {
+                if st.error.is_some() {
+                    return;
+                }
+                let sync_due = tail.dirty_seq != 0
+                    && (st.sync_wanted > st.durable_seq
+                        || st.closing
+                        || match (sh.config.auto_sync, dirty_since) {
+                            (Some(every), Some(t)) => t.elapsed() >= every,
+                            _ => false,
+                        });
+                if !st.pending.is_empty() || sync_due {
+                    break;
+                }
+                if st.closing {
+                    return;
+                }
+                match (sh.config.auto_sync, dirty_since) {
+                    (Some(every), Some(t)) if tail.dirty_seq != 0 => {
+                        let left = every.saturating_sub(t.elapsed());
+                        sh.work
+                            .wait_for(&mut st, left.max(Duration::from_micros(100)));
+                    }
+                    _ => sh.work.wait(&mut st),
+                }
+            }
+            let chunks: Vec<Chunk> = st.pending.drain(..).collect();
+            st.pending_bytes = 0;
+            chunks
+        };
+        sh.progress.notify_all();
+        if let Err(e) = write_chunks(&sh, &mut tail, chunks, &mut dirty_since) {
+            fail(&sh, e);
+            return;
+        }
+        // Decide on a sync with the freshest view of who is waiting.
+        let want = {
+            let st = sh.state.lock();
+            tail.dirty_seq != 0
+                && (st.sync_wanted > st.durable_seq
+                    || st.closing
+                    || match (sh.config.auto_sync, dirty_since) {
+                        (Some(every), Some(t)) => t.elapsed() >= every,
+                        _ => false,
+                    })
+        };
+        if want {
+            if let Err(e) = sync_tail(&sh, &mut tail) {
+                fail(&sh, e);
+                return;
+            }
+            dirty_since = None;
+        }
+    }
+}
+
+fn fail(sh: &Shared, e: Error) {
+    let mut st = sh.state.lock();
+    if st.error.is_none() {
+        st.error = Some(e.to_string());
+    }
+    drop(st);
+    sh.progress.notify_all();
+}
+
+fn sync_tail(sh: &Shared, tail: &mut Tail) -> Result<()> {
+    let path = sh.dir.join(segment::file_name(tail.id));
+    tail.file.sync_data().at(&path)?;
+    let mut st = sh.state.lock();
+    st.syncs += 1;
+    st.durable_seq = st.durable_seq.max(tail.dirty_seq);
+    if let Some(seg) = st.segments.get_mut(&tail.id) {
+        seg.durable_bytes = tail.len;
+    }
+    tail.dirty_seq = 0;
+    drop(st);
+    sh.progress.notify_all();
+    Ok(())
+}
+
+fn write_chunks(
+    sh: &Shared,
+    tail: &mut Tail,
+    chunks: Vec<Chunk>,
+    dirty_since: &mut Option<Instant>,
+) -> Result<()> {
+    for chunk in chunks {
+        if chunk.segment_id != tail.id {
+            // Roll: the old segment becomes durable before the new one takes records.
+            if tail.dirty_seq != 0 {
+                sync_tail(sh, tail)?;
+            }
+            let base_seq = chunk
+                .create_with_base_seq
+                .ok_or_else(|| Error::Invalid("internal: chunk for an unknown segment".into()))?;
+            let file = create_segment(&*sh.vfs, &sh.dir, chunk.segment_id, base_seq)?;
+            {
+                let mut st = sh.state.lock();
+                st.syncs += 2;
+                if let Some(seg) = st.segments.get_mut(&chunk.segment_id) {
+                    seg.durable_bytes = SEGMENT_HEADER_BYTES as u64;
+                }
+            }
+            *tail = Tail {
+                id: chunk.segment_id,
+                file,
+                len: SEGMENT_HEADER_BYTES as u64,
+                dirty_seq: 0,
+            };
+        }
+        let path = sh.dir.join(segment::file_name(tail.id));
+        tail.file.write_all_at(&chunk.bytes, tail.len).at(&path)?;
+        tail.len += chunk.bytes.len() as u64;
+        tail.dirty_seq = chunk.last_seq;
+        if dirty_since.is_none() {
+            *dirty_since = Some(Instant::now());
+        }
+        let mut st = sh.state.lock();
+        st.written_seq = chunk.last_seq;
+        if st.spare.len() < 4 {
+            st.spare.push(chunk.bytes);
+        }
+        drop(st);
+        sh.progress.notify_all();
+    }
+    Ok(())
+}
+
+/// Create a segment with its header, durable together with its directory entry.
+fn create_segment(vfs: &dyn Vfs, dir: &Path, id: u64, base_seq: u64) -> Result<Arc<dyn VFile>> {
+    let path = dir.join(segment::file_name(id));
+    let file = vfs.create_new(&path).at(&path)?;
+    let header = SegmentHeader {
+        segment_id: id,
+        base_seq,
+        compat: 0,
+    };
+    file.write_all_at(&header.encode(), 0).at(&path)?;
+    file.sync_data().at(&path)?;
+    vfs.sync_dir(dir).at(dir)?;
+    Ok(file)
+}
+
+fn write_checkpoint(vfs: &dyn Vfs, dir: &Path, seq: u64) -> Result<()> {
+    let mut b = Vec::with_capacity(24);
+    b.extend_from_slice(&CHECKPOINT_MAGIC);
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    crate::fsutil::replace_atomic(vfs, dir, CHECKPOINT_FILE, &b)
+}
+
+fn read_checkpoint(vfs: &dyn Vfs, dir: &Path) -> Result<u64> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !vfs.exists(&path) {
+        return Ok(0);
+    }
+    let f = vfs.open(&path).at(&path)?;
+    let mut b = [0u8; 25];
+    let n = f.read_full_at(&mut b, 0).at(&path)?;
+    if n != 24 || b[0..8] != CHECKPOINT_MAGIC {
+        return Err(Error::corrupt(&path, 0, "not a change-log checkpoint file"));
+    }
+    let crc = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
+    if crc32fast::hash(&b[..20]) != crc {
+        return Err(Error::corrupt(&path, 20, "checkpoint checksum mismatch"));
+    }
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&b[8..16]);
+    Ok(u64::from_le_bytes(s))
+}
+
+/// Scan every segment, verify every frame, cut a torn tail, and build the state.
+fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, RecoveryReport)> {
+    let checkpoint = read_checkpoint(vfs, dir)?;
+    let mut ids: Vec<u64> = vfs
+        .list(dir)
+        .at(dir)?
+        .iter()
+        .filter_map(|n| segment::parse_file_name(n))
+        .collect();
+    ids.sort_unstable();
+    let mut report = RecoveryReport::default();
+    let mut segments: BTreeMap<u64, SegInfo> = BTreeMap::new();
+    let mut total_bytes = 0u64;
+    let mut expected_seq: Option<u64> = None;
+    let count = ids.len();
+    for (i, id) in ids.iter().copied().enumerate() {
+        let last = i + 1 == count;
+        let path = dir.join(segment::file_name(id));
+        let file = vfs.open(&path).at(&path)?;
+        let len = file.len().at(&path)?;
+        if last
+            && len < SEGMENT_HEADER_BYTES as u64
+            && config.recovery == RecoveryMode::TolerateTornTail
+        {
+            // Its creation was torn before the header was synced: no record ever reached it.
+            vfs.remove(&path).at(&path)?;
+            vfs.sync_dir(dir).at(dir)?;
+            report.removed_segments += 1;
+            continue;
+        }
+        let mut reader = SegmentReader::open(file.clone(), &path, len)?;
+        if reader.header.segment_id != id {
+            return Err(Error::corrupt(
+                &path,
+                20,
+                format!("segment header names segment {}", reader.header.segment_id),
+            ));
+        }
+        let base = reader.header.base_seq;
+        if base == 0 {
+            return Err(Error::corrupt(
+                &path,
+                28,
+                "segment base sequence number is 0",
+            ));
+        }
+        if let Some(exp) = expected_seq {
+            if base != exp {
+                return Err(Error::corrupt(
+                    &path,
+                    28,
+                    format!("segment starts at sequence number {base}, expected {exp}: records are missing"),
+                ));
+            }
+        }
+        let mut next = base;
+        loop {
+            match reader.next(u64::MAX)? {
+                Scan::End => break,
+                Scan::Skipped(offset, seq)
+                | Scan::Record(offset, crate::record::Record { seq, .. })
+                    if seq != next =>
+                {
+                    let what = format!("record has sequence number {seq}, expected {next}");
+                    cut_or_fail(
+                        vfs,
+                        &path,
+                        &*file,
+                        last,
+                        config,
+                        offset,
+                        len,
+                        what,
+                        &mut report,
+                    )?;
+                    break;
+                }
+                Scan::Skipped(..) | Scan::Record(..) => next += 1,
+                Scan::Invalid { offset, what } => {
+                    cut_or_fail(
+                        vfs,
+                        &path,
+                        &*file,
+                        last,
+                        config,
+                        offset,
+                        len,
+                        what.to_string(),
+                        &mut report,
+                    )?;
+                    break;
+                }
+            }
+        }
+        let bytes = reader.position();
+        let info = SegInfo {
+            base_seq: base,
+            last_seq: next - 1,
+            bytes,
+            durable_bytes: bytes,
+        };
+        if !last && info.last_seq <= checkpoint {
+            // Wholly below the checkpoint: a trim was interrupted. Finish it.
+            vfs.remove(&path).at(&path)?;
+            report.removed_segments += 1;
+            expected_seq = Some(next);
+            continue;
+        }
+        total_bytes += bytes;
+        expected_seq = Some(next);
+        segments.insert(id, info);
+    }
+    if report.removed_segments > 0 {
+        vfs.sync_dir(dir).at(dir)?;
+    }
+    let next_seq = expected_seq.unwrap_or(checkpoint + 1).max(checkpoint + 1);
+    let tail_id = match segments.keys().next_back() {
+        Some(&id) => id,
+        None => {
+            let id = ids.last().map(|i| i + 1).unwrap_or(1);
+            create_segment(vfs, dir, id, next_seq)?;
+            segments.insert(
+                id,
+                SegInfo {
+                    base_seq: next_seq,
+                    last_seq: next_seq - 1,
+                    bytes: SEGMENT_HEADER_BYTES as u64,
+                    durable_bytes: SEGMENT_HEADER_BYTES as u64,
+                },
+            );
+            total_bytes += SEGMENT_HEADER_BYTES as u64;
+            id
+        }
+    };
+    if segments[&tail_id].last_seq + 1 != next_seq {
+        // The checkpoint is ahead of every retained record (all were trimmed and the last
+        // segment lost its records): start a fresh segment at the right sequence number.
+        let id = tail_id + 1;
+        create_segment(vfs, dir, id, next_seq)?;
+        segments.insert(
+            id,
+            SegInfo {
+                base_seq: next_seq,
+                last_seq: next_seq - 1,
+                bytes: SEGMENT_HEADER_BYTES as u64,
+                durable_bytes: SEGMENT_HEADER_BYTES as u64,
+            },
+        );
+        total_bytes += SEGMENT_HEADER_BYTES as u64;
+    }
+    let tail_id = *segments.keys().next_back().expect("a tail segment exists");
+    let first_seq = segments
+        .values()
+        .next()
+        .map(|s| s.base_seq)
+        .unwrap_or(next_seq);
+    report.segments = segments.len();
+    report.first_seq = first_seq;
+    report.last_seq = next_seq - 1;
+    report.records = next_seq - first_seq;
+    let state = State {
+        next_seq,
+        last_time_us: 0,
+        segments,
+        tail_id,
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        spare: Vec::new(),
+        written_seq: next_seq - 1,
+        durable_seq: next_seq - 1,
+        sync_wanted: 0,
+        total_bytes,
+        checkpoint,
+        error: None,
+        closing: false,
+        appended_records: 0,
+        appended_logical_bytes: 0,
+        appended_stored_bytes: 0,
+        write_logical_bytes: 0,
+        write_stored_bytes: 0,
+        syncs: 0,
+    };
+    Ok((state, report))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cut_or_fail(
+    _vfs: &dyn Vfs,
+    path: &Path,
+    file: &dyn VFile,
+    last: bool,
+    config: &CacheConfig,
+    offset: u64,
+    len: u64,
+    what: String,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    if !last || config.recovery == RecoveryMode::Absolute {
+        return Err(Error::corrupt(path, offset, what));
+    }
+    file.set_len(offset).at(path)?;
+    file.sync_data().at(path)?;
+    report.truncated = Some((path.to_path_buf(), offset, len - offset, what));
+    Ok(())
+}
+
+/// Reads durable records in sequence order across segments. See [`Cache::reader`].
+pub struct Reader {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    seg: Option<SegmentReader>,
+}
+
+impl Reader {
+    /// Sequence number of the next record this reader returns.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The next durable record, `Ok(None)` at the durable end, or the damage found.
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        let mut reopened_without_progress = false;
+        loop {
+            let target = {
+                let st = self.shared.state.lock();
+                let durable_seq = st.durable_seq;
+                if self.next_seq > durable_seq {
+                    return Ok(None);
+                }
+                let found = st
+                    .segments
+                    .iter()
+                    .rev()
+                    .find(|(_, s)| s.base_seq <= self.next_seq)
+                    .map(|(id, s)| (*id, s.durable_bytes));
+                found
+            };
+            let Some((seg_id, durable_bytes)) = target else {
+                return Err(Error::NotFound(format!(
+                    "change log no longer holds sequence number {}",
+                    self.next_seq
+                )));
+            };
+            match &mut self.seg {
+                Some(r) if r.header.segment_id == seg_id => r.set_limit(durable_bytes),
+                _ => {
+                    let path = self.shared.dir.join(segment::file_name(seg_id));
+                    let file = self.shared.vfs.open(&path).at(&path)?;
+                    self.seg = Some(SegmentReader::open(file, &path, durable_bytes)?);
+                }
+            }
+            let reader = self.seg.as_mut().expect("segment reader set above");
+            match reader.next(self.next_seq)? {
+                Scan::Record(offset, rec) => {
+                    if rec.seq != self.next_seq {
+                        return Err(Error::corrupt(
+                            reader.path(),
+                            offset,
+                            format!(
+                                "record has sequence number {}, expected {}",
+                                rec.seq, self.next_seq
+                            ),
+                        ));
+                    }
+                    self.next_seq += 1;
+                    return Ok(Some(rec));
+                }
+                Scan::Skipped(..) => {
+                    reopened_without_progress = false;
+                }
+                Scan::End => {
+                    if reopened_without_progress {
+                        return Err(Error::corrupt(
+                            reader.path(),
+                            reader.position(),
+                            format!("durable record {} is missing", self.next_seq),
+                        ));
+                    }
+                    // Move on: the next lookup finds the segment that starts at next_seq.
+                    self.seg = None;
+                    reopened_without_progress = true;
+                }
+                Scan::Invalid { offset, what } => {
+                    return Err(Error::corrupt(reader.path(), offset, what.to_string()));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<Record>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}

@@ -1,0 +1,15 @@
+//! Standby's storage engine: the change log (cache), and — in later modules — replica
+//! disks, recovery points, processing and materialization. Nothing here prints, parses
+//! arguments or exits the process; the `standby` tool is a thin face over this crate.
+
+pub mod cache;
+pub mod error;
+pub mod fsutil;
+pub mod record;
+pub mod segment;
+pub mod vfs;
+
+pub use error::{Error, Result};
+
+/// Writes and zero ranges are aligned to this many bytes.
+pub const SECTOR_BYTES: u64 = 512;

@@ -1,0 +1,767 @@
+//! Change-log records: the framing of one write, zero/trim range or marker.
+//!
+//! Byte map of a frame (integers little-endian; see `docs/format.md`):
+//!
+//! ```text
+//! off  size  field
+//!   0     4  body_len    bytes of body as stored (after compression), <= MAX_BODY_BYTES
+//!   4     4  len_check   crc32 seeded with LEN_SEED over segment_id(8) ‖ body_len(4)
+//!   8     1  kind        1 write, 2 zero, 3 marker
+//!   9     1  flags       bit 0 LZ4 body, bit 1 trim (zero only); other bits must be 0
+//!  10     2  disk        disk index within the VM (0 for markers)
+//!  12     4  raw_len     body bytes before compression (== body_len unless LZ4)
+//!  16     8  seq         VM-wide sequence number
+//!  24     8  time_us     microseconds since the Unix epoch when the record was accepted
+//!  32     8  offset      byte offset on the disk (write, zero); 0 for markers
+//!  40     n  body        write: data; zero: length u64; marker: see `Marker`
+//! 40+n    4  crc         crc32 seeded with CRC_SEED over segment_id(8) ‖ bytes 0..40+n
+//! ```
+//!
+//! Both checks bind the segment id, so a record copied from, or left over in, another
+//! segment never verifies, and all-zero bytes never verify either. Untrusted bytes are
+//! parsed into a [`FrameHeader`] (length checked before any allocation), then verified
+//! against the crc, then decoded into a [`Record`] whose fields are validated.
+
+use crate::SECTOR_BYTES;
+
+/// Size of the fixed part of a frame before the body.
+pub const HEADER_BYTES: usize = 40;
+/// Size of the trailing crc.
+pub const TRAILER_BYTES: usize = 4;
+/// Largest write a single record can carry (the NBD protocol's usual maximum is 32 MiB).
+pub const MAX_WRITE_BYTES: usize = 32 << 20;
+/// Largest body a frame may declare; checked before allocating.
+pub const MAX_BODY_BYTES: usize = MAX_WRITE_BYTES;
+/// Longest marker name or group id.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+const LEN_SEED: u32 = 0x5354_424c; // "STBL"
+const CRC_SEED: u32 = 0x5354_4252; // "STBR"
+
+pub const KIND_WRITE: u8 = 1;
+pub const KIND_ZERO: u8 = 2;
+pub const KIND_MARKER: u8 = 3;
+
+pub const FLAG_LZ4: u8 = 1 << 0;
+pub const FLAG_TRIM: u8 = 1 << 1;
+const KNOWN_FLAGS: u8 = FLAG_LZ4 | FLAG_TRIM;
+
+/// How consistent a recovery point cut at a marker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Consistency {
+    /// Any prefix of the write sequence: what the disks would hold after a power cut.
+    Crash,
+    /// Cut while the guest's applications were quiesced.
+    App,
+}
+
+/// A recovery-point cut written into the log, ordered with the writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub consistency: Consistency,
+    pub name: Option<String>,
+    /// A consistency group shares markers across VMs.
+    pub group: Option<String>,
+}
+
+/// What a record does, as handed to [`crate::cache::Cache::append`].
+#[derive(Debug, Clone, Copy)]
+pub enum Entry<'a> {
+    Write {
+        disk: u16,
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// NBD WRITE_ZEROES (`trim == false`) or TRIM (`trim == true`): the range reads as zeros.
+    Zero {
+        disk: u16,
+        offset: u64,
+        len: u64,
+        trim: bool,
+    },
+    Marker(&'a Marker),
+}
+
+/// A decoded, verified record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub time_us: u64,
+    pub op: Op,
+}
+
+/// The owned form of [`Entry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write {
+        disk: u16,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        disk: u16,
+        offset: u64,
+        len: u64,
+        trim: bool,
+    },
+    Marker(Marker),
+}
+
+impl Op {
+    pub fn as_entry(&self) -> Entry<'_> {
+        match self {
+            Op::Write { disk, offset, data } => Entry::Write {
+                disk: *disk,
+                offset: *offset,
+                data,
+            },
+            Op::Zero {
+                disk,
+                offset,
+                len,
+                trim,
+            } => Entry::Zero {
+                disk: *disk,
+                offset: *offset,
+                len: *len,
+                trim: *trim,
+            },
+            Op::Marker(m) => Entry::Marker(m),
+        }
+    }
+
+    /// Bytes of disk the record describes (data for writes, range for zeros, 0 for markers).
+    pub fn logical_bytes(&self) -> u64 {
+        match self {
+            Op::Write { data, .. } => data.len() as u64,
+            Op::Zero { len, .. } => *len,
+            Op::Marker(_) => 0,
+        }
+    }
+}
+
+/// Why bytes failed to decode. Offsets are relative to the frame start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the frame needs: a torn tail, if at the end of a log.
+    Truncated { needed: usize, have: usize },
+    /// The bytes are not a valid frame.
+    Bad(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Truncated { needed, have } => {
+                write!(f, "truncated record: needs {needed} bytes, {have} present")
+            }
+            DecodeError::Bad(what) => f.write_str(what),
+        }
+    }
+}
+
+fn bad(what: impl Into<String>) -> DecodeError {
+    DecodeError::Bad(what.into())
+}
+
+/// Check an entry before it gets a sequence number: alignment, bounds, sizes.
+pub fn validate(entry: &Entry<'_>) -> Result<(), String> {
+    match *entry {
+        Entry::Write { offset, data, .. } => {
+            if data.is_empty() || data.len() > MAX_WRITE_BYTES {
+                return Err(format!(
+                    "write of {} bytes: must be 1 to {MAX_WRITE_BYTES} bytes",
+                    data.len()
+                ));
+            }
+            check_aligned(offset, data.len() as u64)?;
+            offset
+                .checked_add(data.len() as u64)
+                .ok_or("write past the end of the address space")?;
+        }
+        Entry::Zero { offset, len, .. } => {
+            if len == 0 {
+                return Err("zero range of 0 bytes".into());
+            }
+            check_aligned(offset, len)?;
+            offset
+                .checked_add(len)
+                .ok_or("zero range past the end of the address space")?;
+        }
+        Entry::Marker(m) => {
+            for s in [&m.name, &m.group].into_iter().flatten() {
+                if s.len() > MAX_NAME_BYTES {
+                    return Err(format!("marker name longer than {MAX_NAME_BYTES} bytes"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_aligned(offset: u64, len: u64) -> Result<(), String> {
+    if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+        return Err(format!(
+            "offset {offset} and length {len} must be multiples of {SECTOR_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// An entry made ready to frame: validated, compressed, body crc computed. This is the
+/// expensive part of an append and runs on the caller's thread, outside any lock.
+pub struct Prepared {
+    kind: u8,
+    flags: u8,
+    disk: u16,
+    offset: u64,
+    raw_len: u32,
+    body: Vec<u8>,
+    body_crc: crc32fast::Hasher,
+    logical_bytes: u64,
+}
+
+impl Prepared {
+    /// Validate and encode the body. `compress` tries lz4 and keeps it only if smaller.
+    pub fn new(entry: &Entry<'_>, compress: bool) -> Result<Prepared, String> {
+        validate(entry)?;
+        let (kind, mut flags, disk, offset, raw, logical_bytes) = match *entry {
+            Entry::Write { disk, offset, data } => (
+                KIND_WRITE,
+                0,
+                disk,
+                offset,
+                data.to_vec(),
+                data.len() as u64,
+            ),
+            Entry::Zero {
+                disk,
+                offset,
+                len,
+                trim,
+            } => (
+                KIND_ZERO,
+                if trim { FLAG_TRIM } else { 0 },
+                disk,
+                offset,
+                len.to_le_bytes().to_vec(),
+                len,
+            ),
+            Entry::Marker(m) => (KIND_MARKER, 0, 0, 0, encode_marker(m), 0),
+        };
+        let raw_len = raw.len() as u32;
+        let mut body = raw;
+        if compress && kind == KIND_WRITE {
+            // Keep the compressed form only if it is smaller: incompressible data grows
+            // slightly under lz4 and is stored raw.
+            let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(body.len())];
+            if let Ok(n) = lz4_flex::block::compress_into(&body, &mut out) {
+                if n < body.len() {
+                    out.truncate(n);
+                    body = out;
+                    flags |= FLAG_LZ4;
+                }
+            }
+        }
+        let mut body_crc = crc32fast::Hasher::new();
+        body_crc.update(&body);
+        Ok(Prepared {
+            kind,
+            flags,
+            disk,
+            offset,
+            raw_len,
+            body,
+            body_crc,
+            logical_bytes,
+        })
+    }
+
+    /// Total bytes this record occupies in a segment.
+    pub fn frame_bytes(&self) -> usize {
+        HEADER_BYTES + self.body.len() + TRAILER_BYTES
+    }
+
+    pub fn logical_bytes(&self) -> u64 {
+        self.logical_bytes
+    }
+
+    pub fn is_write(&self) -> bool {
+        self.kind == KIND_WRITE
+    }
+
+    /// Append the complete frame to `out`, bound to `segment_id`.
+    pub fn encode_into(&self, out: &mut Vec<u8>, segment_id: u64, seq: u64, time_us: u64) {
+        let start = out.len();
+        let body_len = self.body.len() as u32;
+        out.extend_from_slice(&body_len.to_le_bytes());
+        out.extend_from_slice(&len_check(segment_id, body_len).to_le_bytes());
+        out.push(self.kind);
+        out.push(self.flags);
+        out.extend_from_slice(&self.disk.to_le_bytes());
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&time_us.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new_with_initial(CRC_SEED);
+        crc.update(&segment_id.to_le_bytes());
+        crc.update(&out[start..]);
+        crc.combine(&self.body_crc);
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&crc.finalize().to_le_bytes());
+    }
+}
+
+/// Encode one record as a whole frame (convenience for tests and tools).
+pub fn encode(
+    entry: &Entry<'_>,
+    segment_id: u64,
+    seq: u64,
+    time_us: u64,
+    compress: bool,
+) -> Result<Vec<u8>, String> {
+    let p = Prepared::new(entry, compress)?;
+    let mut out = Vec::with_capacity(p.frame_bytes());
+    p.encode_into(&mut out, segment_id, seq, time_us);
+    Ok(out)
+}
+
+fn len_check(segment_id: u64, body_len: u32) -> u32 {
+    let mut h = crc32fast::Hasher::new_with_initial(LEN_SEED);
+    h.update(&segment_id.to_le_bytes());
+    h.update(&body_len.to_le_bytes());
+    h.finalize()
+}
+
+fn encode_marker(m: &Marker) -> Vec<u8> {
+    let name = m.name.as_deref().unwrap_or("").as_bytes();
+    let group = m.group.as_deref().unwrap_or("").as_bytes();
+    let mut out = Vec::with_capacity(8 + name.len() + group.len());
+    out.push(match m.consistency {
+        Consistency::Crash => 1,
+        Consistency::App => 2,
+    });
+    let mut present = 0u8;
+    if m.name.is_some() {
+        present |= 1;
+    }
+    if m.group.is_some() {
+        present |= 2;
+    }
+    out.push(present);
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(group.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(group);
+    out
+}
+
+fn decode_marker(b: &[u8]) -> Result<Marker, DecodeError> {
+    if b.len() < 6 {
+        return Err(bad("marker body shorter than 6 bytes"));
+    }
+    let consistency = match b[0] {
+        1 => Consistency::Crash,
+        2 => Consistency::App,
+        k => return Err(bad(format!("unknown marker consistency {k}"))),
+    };
+    let present = b[1];
+    if present & !3 != 0 {
+        return Err(bad("unknown marker presence bits"));
+    }
+    let name_len = u16::from_le_bytes([b[2], b[3]]) as usize;
+    let group_len = u16::from_le_bytes([b[4], b[5]]) as usize;
+    if name_len > MAX_NAME_BYTES
+        || group_len > MAX_NAME_BYTES
+        || 6 + name_len + group_len != b.len()
+    {
+        return Err(bad("marker name lengths do not match its body"));
+    }
+    let text = |bytes: &[u8], on: bool| -> Result<Option<String>, DecodeError> {
+        if !on {
+            return if bytes.is_empty() {
+                Ok(None)
+            } else {
+                Err(bad("marker has text for an absent field"))
+            };
+        }
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| bad("marker name is not UTF-8"))
+    };
+    Ok(Marker {
+        consistency,
+        name: text(&b[6..6 + name_len], present & 1 != 0)?,
+        group: text(&b[6 + name_len..], present & 2 != 0)?,
+    })
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// The fixed part of a frame, parsed but not yet verified against the crc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub body_len: u32,
+    pub kind: u8,
+    pub flags: u8,
+    pub disk: u16,
+    pub raw_len: u32,
+    pub seq: u64,
+    pub time_us: u64,
+    pub offset: u64,
+}
+
+impl FrameHeader {
+    /// Parse the first [`HEADER_BYTES`] of a frame. Checks the length check, the kind and
+    /// the flags, and bounds `body_len` and `raw_len`, so the caller may then allocate.
+    pub fn parse(b: &[u8], segment_id: u64) -> Result<FrameHeader, DecodeError> {
+        if b.len() < HEADER_BYTES {
+            return Err(DecodeError::Truncated {
+                needed: HEADER_BYTES,
+                have: b.len(),
+            });
+        }
+        let body_len = le_u32(b, 0);
+        if le_u32(b, 4) != len_check(segment_id, body_len) {
+            return Err(bad("record length check failed"));
+        }
+        let h = FrameHeader {
+            body_len,
+            kind: b[8],
+            flags: b[9],
+            disk: le_u16(b, 10),
+            raw_len: le_u32(b, 12),
+            seq: le_u64(b, 16),
+            time_us: le_u64(b, 24),
+            offset: le_u64(b, 32),
+        };
+        if body_len as usize > MAX_BODY_BYTES || h.raw_len as usize > MAX_BODY_BYTES {
+            return Err(bad(format!(
+                "record body of {body_len} bytes exceeds the limit"
+            )));
+        }
+        if h.flags & !KNOWN_FLAGS != 0 {
+            return Err(bad(format!("unknown record flags {:#04x}", h.flags)));
+        }
+        if !matches!(h.kind, KIND_WRITE | KIND_ZERO | KIND_MARKER) {
+            return Err(bad(format!("unknown record kind {}", h.kind)));
+        }
+        if h.flags & FLAG_LZ4 == 0 && h.raw_len != body_len {
+            return Err(bad(
+                "uncompressed record with raw length unlike its body length",
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Bytes of the whole frame.
+    pub fn frame_bytes(&self) -> usize {
+        HEADER_BYTES + self.body_len as usize + TRAILER_BYTES
+    }
+}
+
+/// Verify a complete frame (`frame` holds exactly `header.frame_bytes()` bytes) and decode it.
+pub fn verify_and_decode(
+    frame: &[u8],
+    header: &FrameHeader,
+    segment_id: u64,
+) -> Result<Record, DecodeError> {
+    verify(frame, header, segment_id)?;
+    decode_verified(
+        &frame[HEADER_BYTES..HEADER_BYTES + header.body_len as usize],
+        header,
+    )
+}
+
+/// Check a complete frame's crc without decoding its body.
+pub fn verify(frame: &[u8], header: &FrameHeader, segment_id: u64) -> Result<(), DecodeError> {
+    let total = header.frame_bytes();
+    if frame.len() < total {
+        return Err(DecodeError::Truncated {
+            needed: total,
+            have: frame.len(),
+        });
+    }
+    let body_end = HEADER_BYTES + header.body_len as usize;
+    let mut crc = crc32fast::Hasher::new_with_initial(CRC_SEED);
+    crc.update(&segment_id.to_le_bytes());
+    crc.update(&frame[..body_end]);
+    if crc.finalize() != le_u32(frame, body_end) {
+        return Err(bad("record checksum mismatch"));
+    }
+    Ok(())
+}
+
+/// Decode a verified body into a record, validating every field.
+pub fn decode_verified(body: &[u8], h: &FrameHeader) -> Result<Record, DecodeError> {
+    let raw;
+    let body: &[u8] = if h.flags & FLAG_LZ4 != 0 {
+        if h.kind != KIND_WRITE {
+            return Err(bad("compressed record of a kind that is never compressed"));
+        }
+        let mut out = vec![0u8; h.raw_len as usize];
+        let n = lz4_flex::block::decompress_into(body, &mut out)
+            .map_err(|e| bad(format!("lz4 body does not decompress: {e}")))?;
+        if n != out.len() {
+            return Err(bad("lz4 body decompresses to the wrong length"));
+        }
+        raw = out;
+        &raw
+    } else {
+        body
+    };
+    let op = match h.kind {
+        KIND_WRITE => {
+            let data = body.to_vec();
+            let entry = Entry::Write {
+                disk: h.disk,
+                offset: h.offset,
+                data: &data,
+            };
+            validate(&entry).map_err(bad)?;
+            Op::Write {
+                disk: h.disk,
+                offset: h.offset,
+                data,
+            }
+        }
+        KIND_ZERO => {
+            if body.len() != 8 {
+                return Err(bad("zero record body is not 8 bytes"));
+            }
+            let len = le_u64(body, 0);
+            let trim = h.flags & FLAG_TRIM != 0;
+            validate(&Entry::Zero {
+                disk: h.disk,
+                offset: h.offset,
+                len,
+                trim,
+            })
+            .map_err(bad)?;
+            Op::Zero {
+                disk: h.disk,
+                offset: h.offset,
+                len,
+                trim,
+            }
+        }
+        _ => {
+            if h.disk != 0 || h.offset != 0 || h.flags != 0 {
+                return Err(bad("marker record with disk, offset or flags set"));
+            }
+            Op::Marker(decode_marker(body)?)
+        }
+    };
+    if h.kind != KIND_ZERO && h.flags & FLAG_TRIM != 0 {
+        return Err(bad("trim flag on a record that is not a zero range"));
+    }
+    Ok(Record {
+        seq: h.seq,
+        time_us: h.time_us,
+        op,
+    })
+}
+
+/// Decode one whole frame from the start of `b` (for tests, fuzzing and tools).
+/// Returns the record and the frame's length.
+pub fn decode(b: &[u8], segment_id: u64) -> Result<(Record, usize), DecodeError> {
+    let h = FrameHeader::parse(b, segment_id)?;
+    let total = h.frame_bytes();
+    let rec = verify_and_decode(b, &h, segment_id)?;
+    Ok((rec, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Op> {
+        let text: Vec<u8> = b"standby keeps every acknowledged write "
+            .iter()
+            .cycle()
+            .take(8192)
+            .copied()
+            .collect();
+        let mut noise = vec![0u8; 4096];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        vec![
+            Op::Write {
+                disk: 3,
+                offset: 512 * 9,
+                data: text,
+            },
+            Op::Write {
+                disk: 0,
+                offset: 0,
+                data: noise,
+            },
+            Op::Zero {
+                disk: 1,
+                offset: 1 << 40,
+                len: 1 << 30,
+                trim: false,
+            },
+            Op::Zero {
+                disk: 1,
+                offset: 4096,
+                len: 512,
+                trim: true,
+            },
+            Op::Marker(Marker {
+                consistency: Consistency::Crash,
+                name: None,
+                group: None,
+            }),
+            Op::Marker(Marker {
+                consistency: Consistency::App,
+                name: Some("before-upgrade".into()),
+                group: Some("erp".into()),
+            }),
+            Op::Marker(Marker {
+                consistency: Consistency::App,
+                name: Some(String::new()),
+                group: None,
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips_compressed_or_not() {
+        for compress in [false, true] {
+            for (i, op) in samples().into_iter().enumerate() {
+                let frame = encode(&op.as_entry(), 7, 100 + i as u64, 42, compress).unwrap();
+                let (rec, n) = decode(&frame, 7).unwrap();
+                assert_eq!(n, frame.len());
+                assert_eq!(
+                    rec,
+                    Record {
+                        seq: 100 + i as u64,
+                        time_us: 42,
+                        op
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn compressible_data_is_stored_compressed_and_noise_raw() {
+        let s = samples();
+        let text = encode(&s[0].as_entry(), 1, 1, 0, true).unwrap();
+        assert_eq!(text[9] & FLAG_LZ4, FLAG_LZ4);
+        assert!(text.len() < 8192 / 4);
+        let noise = encode(&s[1].as_entry(), 1, 1, 0, true).unwrap();
+        assert_eq!(noise[9] & FLAG_LZ4, 0);
+        assert_eq!(noise.len(), HEADER_BYTES + 4096 + TRAILER_BYTES);
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_detected() {
+        for op in samples() {
+            let frame = encode(&op.as_entry(), 9, 5, 6, true).unwrap();
+            for i in 0..frame.len() {
+                for bit in [0u8, 3, 7] {
+                    let mut f = frame.clone();
+                    f[i] ^= 1 << bit;
+                    assert!(
+                        decode(&f, 9).is_err(),
+                        "flip of bit {bit} at byte {i} of {op:?} went unnoticed"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_segment_or_zeros_never_verify() {
+        let frame = encode(&samples()[0].as_entry(), 9, 5, 6, true).unwrap();
+        assert!(decode(&frame, 10).is_err());
+        for seg in [0, 1, 9, u64::MAX] {
+            assert!(decode(&[0u8; 64], seg).is_err());
+        }
+    }
+
+    #[test]
+    fn unaligned_and_empty_writes_are_refused() {
+        let data = [1u8; 1000];
+        assert!(validate(&Entry::Write {
+            disk: 0,
+            offset: 0,
+            data: &data
+        })
+        .is_err());
+        assert!(validate(&Entry::Write {
+            disk: 0,
+            offset: 100,
+            data: &data[..512]
+        })
+        .is_err());
+        assert!(validate(&Entry::Write {
+            disk: 0,
+            offset: 0,
+            data: &[]
+        })
+        .is_err());
+        assert!(validate(&Entry::Zero {
+            disk: 0,
+            offset: 512,
+            len: 0,
+            trim: false
+        })
+        .is_err());
+        assert!(validate(&Entry::Zero {
+            disk: 0,
+            offset: 512,
+            len: 100,
+            trim: true
+        })
+        .is_err());
+        assert!(validate(&Entry::Write {
+            disk: 0,
+            offset: u64::MAX - 511,
+            data: &data[..512]
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn truncated_frames_say_so() {
+        let frame = encode(&samples()[0].as_entry(), 2, 1, 0, false).unwrap();
+        for cut in 0..frame.len() {
+            match decode(&frame[..cut], 2) {
+                Err(DecodeError::Truncated { .. }) => {}
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn huge_declared_length_is_refused_before_allocation() {
+        let mut frame = encode(&samples()[4].as_entry(), 2, 1, 0, false).unwrap();
+        let huge = u32::MAX;
+        frame[0..4].copy_from_slice(&huge.to_le_bytes());
+        frame[4..8].copy_from_slice(&len_check(2, huge).to_le_bytes());
+        assert!(matches!(
+            FrameHeader::parse(&frame, 2),
+            Err(DecodeError::Bad(_))
+        ));
+    }
+}

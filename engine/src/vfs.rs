@@ -1,0 +1,487 @@
+//! The I/O seam. Every store in the engine reaches files through [`Vfs`], so tests can
+//! swap the real filesystem for [`SimFs`], which keeps what was *written* (in the kernel)
+//! apart from what is *durable* (synced), and can cut the power at the Nth sync.
+//!
+//! Invariant of `SimFs`: after [`SimFs::crash`], a file holds exactly its last synced
+//! contents (plus, optionally, a prefix of what was written after that sync, as a torn
+//! tail), and exists only if its directory entry was synced.
+
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// An open file, positioned I/O only (no shared cursor), shareable across threads.
+pub trait VFile: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// fdatasync: the file's data (and size) survive a power loss once this returns.
+    fn sync_data(&self) -> io::Result<()>;
+
+    /// Fill `buf` from `offset`; returns how many bytes were read (short only at end of file).
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// A filesystem: the few directory operations the engine needs.
+pub trait Vfs: Send + Sync + 'static {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// File names (not paths) in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Create a new file, failing if it exists.
+    fn create_new(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
+    /// Open an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// fsync the directory so that created, renamed and removed entries survive a power loss.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+struct RealFile(File);
+
+impl VFile for RealFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Vfs for RealFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+    fn create_new(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Arc::new(RealFile(f)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Arc::new(RealFile(f)))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// Contents of one simulated file.
+#[derive(Default)]
+struct SimData {
+    written: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+struct SimFile {
+    data: Mutex<SimData>,
+    fs: Arc<SimInner>,
+}
+
+#[derive(Default)]
+struct SimDir {
+    /// name -> file, as the running system sees it.
+    live: BTreeMap<String, Arc<SimFile>>,
+    /// name -> file, as a power loss would leave it.
+    durable: BTreeMap<String, Arc<SimFile>>,
+}
+
+#[derive(Default)]
+struct SimInner {
+    dirs: Mutex<BTreeMap<PathBuf, SimDir>>,
+    syncs: AtomicU64,
+    /// Fail every sync from this count on (1-based); 0 = never.
+    fail_at_sync: AtomicU64,
+    /// Set once the power was cut: every later operation fails.
+    dead: std::sync::atomic::AtomicBool,
+    /// Snapshot of the durable state taken at the moment of the cut.
+    snapshot: Mutex<Option<Snapshot>>,
+}
+
+type Snapshot = BTreeMap<PathBuf, BTreeMap<String, (Vec<u8>, Vec<u8>)>>;
+
+/// An in-memory filesystem that can lose power. See the module comment.
+#[derive(Clone, Default)]
+pub struct SimFs {
+    inner: Arc<SimInner>,
+}
+
+fn dead() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl SimInner {
+    fn check(&self) -> io::Result<()> {
+        if self.dead.load(Ordering::SeqCst) {
+            Err(dead())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn take_snapshot(&self) -> Snapshot {
+        let dirs = self.dirs.lock();
+        dirs.iter()
+            .map(|(p, d)| {
+                let files = d
+                    .durable
+                    .iter()
+                    .map(|(n, f)| {
+                        let data = f.data.lock();
+                        (n.clone(), (data.durable.clone(), data.written.clone()))
+                    })
+                    .collect();
+                (p.clone(), files)
+            })
+            .collect()
+    }
+
+    /// Count a sync; at the configured count, cut the power instead of syncing.
+    fn sync_point(&self) -> io::Result<()> {
+        self.check()?;
+        let n = self.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        let at = self.fail_at_sync.load(Ordering::SeqCst);
+        if at != 0 && n >= at {
+            let snap = self.take_snapshot();
+            *self.snapshot.lock() = Some(snap);
+            self.dead.store(true, Ordering::SeqCst);
+            return Err(dead());
+        }
+        Ok(())
+    }
+}
+
+impl VFile for SimFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.fs.check()?;
+        let data = self.data.lock();
+        let len = data.written.len() as u64;
+        if offset >= len {
+            return Ok(0);
+        }
+        let n = ((len - offset) as usize).min(buf.len());
+        buf[..n].copy_from_slice(&data.written[offset as usize..offset as usize + n]);
+        Ok(n)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.fs.check()?;
+        let mut data = self.data.lock();
+        let end = offset as usize + buf.len();
+        if data.written.len() < end {
+            data.written.resize(end, 0);
+        }
+        data.written[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.fs.check()?;
+        Ok(self.data.lock().written.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.fs.check()?;
+        self.data.lock().written.resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.fs.sync_point()?;
+        let mut data = self.data.lock();
+        data.durable = data.written.clone();
+        Ok(())
+    }
+}
+
+impl SimFs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cut the power at the `n`th sync from now on (1-based): that sync and everything
+    /// after it fails, and the durable state at that moment is what [`SimFs::crash`] returns.
+    pub fn fail_at_sync(&self, n: u64) {
+        let done = self.inner.syncs.load(Ordering::SeqCst);
+        self.inner.fail_at_sync.store(done + n, Ordering::SeqCst);
+    }
+
+    /// How many syncs (file or directory) have happened.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.syncs.load(Ordering::SeqCst)
+    }
+
+    /// A new filesystem holding what a power loss at this moment (or at the cut, if the
+    /// power was cut by `fail_at_sync`) leaves behind. `torn_tail` keeps, for each file,
+    /// up to that many bytes written past its durable end (a partly persisted tail).
+    pub fn crash(&self, torn_tail: usize) -> SimFs {
+        let snap = self
+            .inner
+            .snapshot
+            .lock()
+            .clone()
+            .unwrap_or_else(|| self.inner.take_snapshot());
+        let fresh = SimFs::new();
+        {
+            let mut dirs = fresh.inner.dirs.lock();
+            for (path, files) in snap {
+                let mut dir = SimDir::default();
+                for (name, (durable, written)) in files {
+                    let mut bytes = durable.clone();
+                    if written.len() > durable.len() && written.starts_with(&durable) {
+                        let extra = (written.len() - durable.len()).min(torn_tail);
+                        bytes.extend_from_slice(&written[durable.len()..durable.len() + extra]);
+                    }
+                    let f = Arc::new(SimFile {
+                        data: Mutex::new(SimData {
+                            written: bytes.clone(),
+                            durable: bytes,
+                        }),
+                        fs: fresh.inner.clone(),
+                    });
+                    dir.live.insert(name.clone(), f.clone());
+                    dir.durable.insert(name, f);
+                }
+                dirs.insert(path, dir);
+            }
+        }
+        fresh
+    }
+
+    /// A new filesystem holding everything written (a crash of the process alone: the
+    /// kernel keeps what it was given).
+    pub fn process_crash(&self) -> SimFs {
+        let fresh = SimFs::new();
+        {
+            let src = self.inner.dirs.lock();
+            let mut dirs = fresh.inner.dirs.lock();
+            for (path, d) in src.iter() {
+                let mut dir = SimDir::default();
+                for (name, f) in &d.live {
+                    let bytes = f.data.lock().written.clone();
+                    let nf = Arc::new(SimFile {
+                        data: Mutex::new(SimData {
+                            written: bytes.clone(),
+                            durable: bytes,
+                        }),
+                        fs: fresh.inner.clone(),
+                    });
+                    dir.live.insert(name.clone(), nf.clone());
+                    dir.durable.insert(name.clone(), nf);
+                }
+                dirs.insert(path.clone(), dir);
+            }
+        }
+        fresh
+    }
+
+    fn split(path: &Path) -> io::Result<(PathBuf, String)> {
+        let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad path"))?
+            .to_string();
+        Ok((parent, name))
+    }
+}
+
+fn not_found() -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, "no such file or directory")
+}
+
+impl Vfs for SimFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        // Directories themselves are treated as durable once created: the engine creates
+        // its directories before any data goes in them.
+        self.inner.dirs.lock().entry(dir.to_path_buf()).or_default();
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.check()?;
+        let dirs = self.inner.dirs.lock();
+        let d = dirs.get(dir).ok_or_else(not_found)?;
+        Ok(d.live.keys().cloned().collect())
+    }
+    fn create_new(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        self.inner.check()?;
+        let (parent, name) = Self::split(path)?;
+        let mut dirs = self.inner.dirs.lock();
+        let d = dirs.get_mut(&parent).ok_or_else(not_found)?;
+        if d.live.contains_key(&name) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let f = Arc::new(SimFile {
+            data: Mutex::new(SimData::default()),
+            fs: self.inner.clone(),
+        });
+        d.live.insert(name, f.clone());
+        Ok(f)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        self.inner.check()?;
+        let (parent, name) = Self::split(path)?;
+        let dirs = self.inner.dirs.lock();
+        let d = dirs.get(&parent).ok_or_else(not_found)?;
+        let f = d.live.get(&name).ok_or_else(not_found)?;
+        Ok(f.clone())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        let (parent, name) = Self::split(path)?;
+        let mut dirs = self.inner.dirs.lock();
+        let d = dirs.get_mut(&parent).ok_or_else(not_found)?;
+        d.live.remove(&name).ok_or_else(not_found)?;
+        Ok(())
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        let (pf, nf) = Self::split(from)?;
+        let (pt, nt) = Self::split(to)?;
+        let mut dirs = self.inner.dirs.lock();
+        let f = dirs
+            .get_mut(&pf)
+            .ok_or_else(not_found)?
+            .live
+            .remove(&nf)
+            .ok_or_else(not_found)?;
+        dirs.get_mut(&pt).ok_or_else(not_found)?.live.insert(nt, f);
+        Ok(())
+    }
+    fn exists(&self, path: &Path) -> bool {
+        let Ok((parent, name)) = Self::split(path) else {
+            return false;
+        };
+        let dirs = self.inner.dirs.lock();
+        dirs.get(&parent)
+            .is_some_and(|d| d.live.contains_key(&name))
+            || dirs.contains_key(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_point()?;
+        let mut dirs = self.inner.dirs.lock();
+        let d = dirs.get_mut(dir).ok_or_else(not_found)?;
+        d.durable = d.live.clone();
+        Ok(())
+    }
+}
+
+/// Names present in a simulated directory, for tests.
+impl SimFs {
+    pub fn names(&self, dir: &Path) -> BTreeSet<String> {
+        self.inner
+            .dirs
+            .lock()
+            .get(dir)
+            .map(|d| d.live.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsynced_data_and_entries_vanish_on_power_loss() {
+        let fs = SimFs::new();
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        let a = fs.create_new(&dir.join("a")).unwrap();
+        a.write_all_at(b"hello", 0).unwrap();
+        a.sync_data().unwrap();
+        // The entry of `a` was never synced: a power loss loses the file.
+        assert!(fs.crash(0).names(dir).is_empty());
+        fs.sync_dir(dir).unwrap();
+        a.write_all_at(b" world", 5).unwrap();
+        let after = fs.crash(0);
+        let mut buf = [0u8; 16];
+        let n = after
+            .open(&dir.join("a"))
+            .unwrap()
+            .read_full_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        let torn = fs.crash(3);
+        let n = torn
+            .open(&dir.join("a"))
+            .unwrap()
+            .read_full_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf[..n], b"hello wo");
+    }
+
+    #[test]
+    fn cut_at_nth_sync_fails_it_and_freezes_state() {
+        let fs = SimFs::new();
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        let a = fs.create_new(&dir.join("a")).unwrap();
+        fs.sync_dir(dir).unwrap();
+        fs.fail_at_sync(2);
+        a.write_all_at(b"one", 0).unwrap();
+        a.sync_data().unwrap();
+        a.write_all_at(b"two", 3).unwrap();
+        assert!(a.sync_data().is_err());
+        assert!(a.write_all_at(b"x", 0).is_err());
+        let after = fs.crash(0);
+        let mut buf = [0u8; 16];
+        let n = after
+            .open(&dir.join("a"))
+            .unwrap()
+            .read_full_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf[..n], b"one");
+    }
+}
