@@ -136,6 +136,8 @@ struct State {
     written_seq: u64,
     durable_seq: u64,
     sync_wanted: u64,
+    /// Callers blocked in `wait_durable`.
+    durable_waiters: usize,
     total_bytes: u64,
     checkpoint: u64,
     error: Option<String>,
@@ -349,13 +351,19 @@ impl Cache {
         }
         if st.sync_wanted < seq {
             st.sync_wanted = seq;
-            sh.work.notify_one();
         }
+        st.durable_waiters += 1;
+        sh.work.notify_one();
+        let mut result = Ok(());
         while st.durable_seq < seq {
-            check_alive(&st, seq)?;
+            if let Err(e) = check_alive(&st, seq) {
+                result = Err(e);
+                break;
+            }
             sh.progress.wait(&mut st);
         }
-        Ok(())
+        st.durable_waiters -= 1;
+        result
     }
 
     /// Make everything appended so far durable; returns the durable sequence number.
@@ -535,6 +543,21 @@ struct Tail {
     dirty_seq: u64,
 }
 
+/// Whether the tail should be synced now: someone waits for durability, the log is
+/// closing, or unsynced data has waited longer than the auto-sync interval.
+fn sync_due(sh: &Shared, st: &State, tail: &Tail, dirty_since: Option<Instant>) -> bool {
+    tail.dirty_seq != 0
+        && (st.sync_wanted > st.durable_seq
+            || st.closing
+            || match (sh.config.auto_sync, dirty_since) {
+                (Some(every), Some(t)) => t.elapsed() >= every,
+                _ => false,
+            })
+}
+
+/// Longest the writer holds a sync back to let more concurrent writers join it.
+const MAX_COMMIT_DELAY: Duration = Duration::from_millis(1);
+
 fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
     let mut tail = Tail {
         id,
@@ -543,6 +566,11 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
         dirty_seq: 0,
     };
     let mut dirty_since: Option<Instant> = None;
+    // Group commit with a commit delay: when several writers were waiting at the last sync,
+    // hold the next sync back (at most half the last sync's duration) until as many are
+    // waiting again, writing what they append meanwhile. One writer never waits.
+    let mut peak_waiters = 0usize;
+    let mut last_sync = Duration::ZERO;
     loop {
         let chunks = {
             let mut st = sh.state.lock();
@@ -550,14 +578,7 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                 if st.error.is_some() {
                     return;
                 }
-                let sync_due = tail.dirty_seq != 0
-                    && (st.sync_wanted > st.durable_seq
-                        || st.closing
-                        || match (sh.config.auto_sync, dirty_since) {
-                            (Some(every), Some(t)) => t.elapsed() >= every,
-                            _ => false,
-                        });
-                if !st.pending.is_empty() || sync_due {
+                if !st.pending.is_empty() || sync_due(&sh, &st, &tail, dirty_since) {
                     break;
                 }
                 if st.closing {
@@ -566,40 +587,57 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                 match (sh.config.auto_sync, dirty_since) {
                     (Some(every), Some(t)) if tail.dirty_seq != 0 => {
                         let left = every.saturating_sub(t.elapsed());
-                        sh.work
-                            .wait_for(&mut st, left.max(Duration::from_micros(100)));
+                        sh.work.wait_for(&mut st, left.max(Duration::from_micros(100)));
                     }
                     _ => sh.work.wait(&mut st),
                 }
             }
-            let chunks: Vec<Chunk> = st.pending.drain(..).collect();
-            st.pending_bytes = 0;
-            chunks
+            take_pending(&mut st)
         };
         sh.progress.notify_all();
         if let Err(e) = write_chunks(&sh, &mut tail, chunks, &mut dirty_since) {
             fail(&sh, e);
             return;
         }
-        // Decide on a sync with the freshest view of who is waiting.
-        let want = {
-            let st = sh.state.lock();
-            tail.dirty_seq != 0
-                && (st.sync_wanted > st.durable_seq
-                    || st.closing
-                    || match (sh.config.auto_sync, dirty_since) {
-                        (Some(every), Some(t)) => t.elapsed() >= every,
-                        _ => false,
-                    })
-        };
-        if want {
-            if let Err(e) = sync_tail(&sh, &mut tail) {
-                fail(&sh, e);
-                return;
-            }
-            dirty_since = None;
+        if !sync_due(&sh, &sh.state.lock(), &tail, dirty_since) {
+            continue;
         }
+        if peak_waiters > 1 {
+            let deadline = Instant::now() + (last_sync / 2).min(MAX_COMMIT_DELAY);
+            loop {
+                let chunks = {
+                    let mut st = sh.state.lock();
+                    if st.pending.is_empty() {
+                        if st.durable_waiters >= peak_waiters || st.closing || Instant::now() >= deadline {
+                            break;
+                        }
+                        sh.work.wait_until(&mut st, deadline);
+                        continue;
+                    }
+                    take_pending(&mut st)
+                };
+                sh.progress.notify_all();
+                if let Err(e) = write_chunks(&sh, &mut tail, chunks, &mut dirty_since) {
+                    fail(&sh, e);
+                    return;
+                }
+            }
+        }
+        let waiters = sh.state.lock().durable_waiters;
+        peak_waiters = waiters.max(peak_waiters.saturating_sub(1));
+        let started = Instant::now();
+        if let Err(e) = sync_tail(&sh, &mut tail) {
+            fail(&sh, e);
+            return;
+        }
+        last_sync = started.elapsed();
+        dirty_since = None;
     }
+}
+
+fn take_pending(st: &mut State) -> Vec<Chunk> {
+    st.pending_bytes = 0;
+    st.pending.drain(..).collect()
 }
 
 fn fail(sh: &Shared, e: Error) {
@@ -890,6 +928,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
         written_seq: next_seq - 1,
         durable_seq: next_seq - 1,
         sync_wanted: 0,
+        durable_waiters: 0,
         total_bytes,
         checkpoint,
         error: None,

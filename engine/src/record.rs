@@ -23,6 +23,7 @@
 //! against the crc, then decoded into a [`Record`] whose fields are validated.
 
 use crate::SECTOR_BYTES;
+use std::borrow::Cow;
 
 /// Size of the fixed part of a frame before the body.
 pub const HEADER_BYTES: usize = 40;
@@ -209,31 +210,33 @@ fn check_aligned(offset: u64, len: u64) -> Result<(), String> {
 }
 
 /// An entry made ready to frame: validated, compressed, body crc computed. This is the
-/// expensive part of an append and runs on the caller's thread, outside any lock.
-pub struct Prepared {
+/// expensive part of an append and runs on the caller's thread, outside any lock. A raw
+/// body borrows the caller's data (the one copy happens when the frame is queued).
+pub struct Prepared<'a> {
     kind: u8,
     flags: u8,
     disk: u16,
     offset: u64,
     raw_len: u32,
-    body: Vec<u8>,
+    body: Cow<'a, [u8]>,
     body_crc: crc32fast::Hasher,
     logical_bytes: u64,
 }
 
-impl Prepared {
+thread_local! {
+    /// Reused lz4 output buffer: allocating and zeroing one per record costs more than
+    /// compressing incompressible data.
+    static LZ4_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<'a> Prepared<'a> {
     /// Validate and encode the body. `compress` tries lz4 and keeps it only if smaller.
-    pub fn new(entry: &Entry<'_>, compress: bool) -> Result<Prepared, String> {
+    pub fn new(entry: &Entry<'a>, compress: bool) -> Result<Prepared<'a>, String> {
         validate(entry)?;
-        let (kind, mut flags, disk, offset, raw, logical_bytes) = match *entry {
-            Entry::Write { disk, offset, data } => (
-                KIND_WRITE,
-                0,
-                disk,
-                offset,
-                data.to_vec(),
-                data.len() as u64,
-            ),
+        let (kind, mut flags, disk, offset, raw, logical_bytes): (u8, u8, u16, u64, Cow<'a, [u8]>, u64) = match *entry {
+            Entry::Write { disk, offset, data } => {
+                (KIND_WRITE, 0, disk, offset, Cow::Borrowed(data), data.len() as u64)
+            }
             Entry::Zero {
                 disk,
                 offset,
@@ -244,23 +247,30 @@ impl Prepared {
                 if trim { FLAG_TRIM } else { 0 },
                 disk,
                 offset,
-                len.to_le_bytes().to_vec(),
+                Cow::Owned(len.to_le_bytes().to_vec()),
                 len,
             ),
-            Entry::Marker(m) => (KIND_MARKER, 0, 0, 0, encode_marker(m), 0),
+            Entry::Marker(m) => (KIND_MARKER, 0, 0, 0, Cow::Owned(encode_marker(m)), 0),
         };
         let raw_len = raw.len() as u32;
         let mut body = raw;
         if compress && kind == KIND_WRITE {
             // Keep the compressed form only if it is smaller: incompressible data grows
             // slightly under lz4 and is stored raw.
-            let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(body.len())];
-            if let Ok(n) = lz4_flex::block::compress_into(&body, &mut out) {
-                if n < body.len() {
-                    out.truncate(n);
-                    body = out;
-                    flags |= FLAG_LZ4;
+            let compressed = LZ4_SCRATCH.with(|scratch| {
+                let mut out = scratch.borrow_mut();
+                let max = lz4_flex::block::get_maximum_output_size(body.len());
+                if out.len() < max {
+                    out.resize(max, 0);
                 }
+                match lz4_flex::block::compress_into(&body, &mut out[..max]) {
+                    Ok(n) if n < body.len() => Some(out[..n].to_vec()),
+                    _ => None,
+                }
+            });
+            if let Some(c) = compressed {
+                body = Cow::Owned(c);
+                flags |= FLAG_LZ4;
             }
         }
         let mut body_crc = crc32fast::Hasher::new();
