@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{print_ratios, record, Ratio};
+use common::{print_ratios, Ratio};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use standby_engine::cache::{Cache, CacheConfig};
 use standby_engine::record::Entry;
