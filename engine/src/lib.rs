@@ -5,7 +5,10 @@
 pub mod cache;
 pub mod error;
 pub mod fsutil;
+pub mod policy;
+pub mod process;
 pub mod record;
+pub mod replica;
 pub mod segment;
 pub mod vfs;
 

@@ -24,6 +24,20 @@ pub trait VFile: Send + Sync {
     /// fdatasync: the file's data (and size) survive a power loss once this returns.
     fn sync_data(&self) -> io::Result<()>;
 
+    /// Give back the space of `[offset, offset+len)`: it reads as zeros afterwards and the
+    /// file's length is unchanged. The default writes zeros (correct, frees nothing).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.len()?);
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = offset;
+        while at < end {
+            let n = ((end - at) as usize).min(zeros.len());
+            self.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Fill `buf` from `offset`; returns how many bytes were read (short only at end of file).
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
@@ -76,6 +90,33 @@ impl VFile for RealFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "hole out of range",
+            ));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+        // `self.0` and stays open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.0.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }
 
@@ -234,6 +275,16 @@ impl VFile for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.fs.check()?;
         self.data.lock().written.resize(len as usize, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fs.check()?;
+        let mut data = self.data.lock();
+        let size = data.written.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset < end {
+            data.written[offset as usize..end as usize].fill(0);
+        }
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {

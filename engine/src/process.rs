@@ -1,0 +1,160 @@
+//! The processor: reads the change log in order from the replica's applied sequence
+//! number, applies it to the replica, cuts recovery points, advances the log's checkpoint
+//! once what it applied is durable, and prunes by policy.
+//!
+//! Points are cut at every marker (app- or crash-consistent as the marker says), and a
+//! crash-consistent point whenever the policy's interval has elapsed *in record time*:
+//! before applying record r, if `r.time_us - open_since >= crash_interval` and something
+//! changed since the last point, a point is cut at `r.seq - 1`. That rule depends only on
+//! the log and the replica's durable state, so redoing a range after a crash cuts the same
+//! points. At the end of a pass a point is also cut if the interval elapsed by the wall
+//! clock (an idle VM still gets a fresh point); that one depends on when the pass ran.
+//!
+//! Invariant: the log's checkpoint never passes the replica's durable sequence number.
+
+use crate::cache::Cache;
+use crate::error::Result;
+use crate::policy::{us, Policy};
+use crate::replica::{Applied, PointInfo, PointKind, PruneReport, Replica};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Flush and advance the checkpoint after this many bytes applied within one pass, so a
+/// long catch-up lets the log trim as it goes.
+const CHECKPOINT_EVERY_BYTES: u64 = 256 << 20;
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Records applied (not counting those skipped as already applied).
+    pub applied: u64,
+    pub applied_bytes: u64,
+    pub points: Vec<PointInfo>,
+    /// The replica's durable sequence number, now the log's checkpoint.
+    pub durable_seq: u64,
+    pub prune: PruneReport,
+}
+
+type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// Drives one VM's change log into its replica.
+pub struct Processor {
+    cache: Arc<Cache>,
+    replica: Replica,
+    policy: Policy,
+    clock: Clock,
+}
+
+fn wall_clock_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Processor {
+    pub fn new(cache: Arc<Cache>, replica: Replica, policy: Policy) -> Result<Processor> {
+        policy.validate()?;
+        Ok(Processor {
+            cache,
+            replica,
+            policy,
+            clock: Box::new(wall_clock_us),
+        })
+    }
+
+    /// Use another clock (microseconds since the Unix epoch) for the end-of-pass cut and
+    /// for pruning; tests use it to make time pass.
+    pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    pub fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+
+    pub fn into_replica(self) -> Replica {
+        self.replica
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
+        policy.validate()?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Cut a point now (for example the initial point once initial replication is
+    /// applied), after applying everything durable in the log.
+    pub fn cut_point(&mut self, kind: PointKind, name: Option<&str>) -> Result<PointInfo> {
+        self.run_pass()?;
+        let p = self.replica.cut_point(kind, name)?;
+        self.checkpoint()?;
+        Ok(p)
+    }
+
+    fn due(&self, time_us: u64) -> bool {
+        self.replica.changed_since_last_point()
+            && self.replica.open_since_us().is_some_and(|since| {
+                time_us.saturating_sub(since) >= us(self.policy.crash_interval)
+            })
+    }
+
+    fn checkpoint(&mut self) -> Result<u64> {
+        let durable = self.replica.flush()?;
+        let upto = durable.min(self.cache.durable_seq());
+        if upto > 0 {
+            self.cache.set_checkpoint(upto)?;
+        }
+        Ok(durable)
+    }
+
+    /// Apply everything durable in the log, cutting points as the policy says, then make
+    /// it durable, advance the log's checkpoint and prune.
+    pub fn run_pass(&mut self) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let mut reader = self.cache.reader(self.replica.applied_seq() + 1)?;
+        let mut since_checkpoint = 0u64;
+        while let Some(rec) = reader.next_record()? {
+            if rec.seq <= self.replica.applied_seq() {
+                continue;
+            }
+            if self.due(rec.time_us) {
+                report
+                    .points
+                    .push(self.replica.cut_point(PointKind::CrashConsistent, None)?);
+            }
+            let bytes = rec.op.logical_bytes();
+            match self.replica.apply(&rec)? {
+                Applied::Marker(m) => report.points.push(self.replica.cut_marker_point(&m)?),
+                Applied::Stored => {
+                    report.applied_bytes += bytes;
+                    since_checkpoint += bytes;
+                }
+                Applied::Skipped => continue,
+            }
+            report.applied += 1;
+            if since_checkpoint >= CHECKPOINT_EVERY_BYTES {
+                self.checkpoint()?;
+                since_checkpoint = 0;
+            }
+        }
+        let now = (self.clock)();
+        if self.due(now) {
+            report
+                .points
+                .push(self.replica.cut_point(PointKind::CrashConsistent, None)?);
+        }
+        report.durable_seq = self.checkpoint()?;
+        report.prune = self.replica.prune(&self.policy, now)?;
+        Ok(report)
+    }
+}

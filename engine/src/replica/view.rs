@@ -1,0 +1,417 @@
+//! Read views of a replica: the state of every disk at a recovery point, or at any
+//! sequence number (or wall-clock time) inside the any-moment window. A view is built by
+//! overlaying layers into one interval map per disk (newer over older, zero ranges become
+//! holes), so its memory and build time follow the layers' entries, never the disks'
+//! virtual size. A view pins the layers it reads: pruning never punches their frames while
+//! it lives.
+//!
+//! Reads verify every frame they touch; damage is an error naming the file and offset,
+//! never garbage. Materialization writes only allocated ranges, in offset order, into a
+//! sparse file.
+
+use super::index::{Entry, LayerIndex, Loc};
+use super::manifest::{DiskSpec, PointInfo};
+use super::map::{IntervalMap, Piece};
+use super::store::Store;
+use super::Replica;
+use crate::error::{Error, IoContext, Result};
+use crate::vfs::VFile;
+use parking_lot::Mutex;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Where a mapped range's bytes are: `skip` bytes into the extent of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DataRef {
+    file_id: u64,
+    frame_offset: u64,
+    frame_len: u32,
+    skip: u64,
+}
+
+impl Piece for DataRef {
+    fn advance(&self, by: u64) -> Self {
+        DataRef {
+            skip: self.skip + by,
+            ..*self
+        }
+    }
+}
+
+/// A run of allocated (written, not zeroed) bytes of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatedExtent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What materializing a disk did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaterializeStats {
+    pub virtual_bytes: u64,
+    /// Bytes written to the image (the allocated bytes of the disk at this view).
+    pub written_bytes: u64,
+    /// Writes issued (adjacent extents are coalesced into one).
+    pub writes: u64,
+}
+
+/// A read-only view of all disks of a VM at one sequence number.
+pub struct View {
+    store: Arc<Store>,
+    disks: Vec<DiskSpec>,
+    maps: Vec<IntervalMap<DataRef>>,
+    seq: u64,
+    time_us: u64,
+    point: Option<PointInfo>,
+    /// The last extent decoded, for reads that touch the same frame repeatedly.
+    cache: Mutex<Option<((u64, u64), Arc<Vec<u8>>)>>,
+    _pins: Vec<Arc<LayerIndex>>,
+}
+
+/// Longest run a materialization gathers into one write.
+const RUN_BYTES: u64 = 8 << 20;
+
+impl View {
+    /// The sequence number this view shows (every change up to and including it).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Time of the newest change the view includes.
+    pub fn time_us(&self) -> u64 {
+        self.time_us
+    }
+
+    /// The point this view shows, if it was opened by point.
+    pub fn point(&self) -> Option<&PointInfo> {
+        self.point.as_ref()
+    }
+
+    pub fn disks(&self) -> &[DiskSpec] {
+        &self.disks
+    }
+
+    fn disk(&self, disk: u16) -> Result<(&DiskSpec, &IntervalMap<DataRef>)> {
+        match (self.disks.get(disk as usize), self.maps.get(disk as usize)) {
+            (Some(d), Some(m)) => Ok((d, m)),
+            _ => Err(Error::NotFound(format!("disk {disk} does not exist"))),
+        }
+    }
+
+    /// Bytes of `disk` that hold data at this view (the rest reads as zeros).
+    pub fn allocated_bytes(&self, disk: u16) -> Result<u64> {
+        Ok(self.disk(disk)?.1.mapped_bytes())
+    }
+
+    /// Allocated runs of `disk` in offset order, adjacent pieces merged.
+    pub fn extents(&self, disk: u16) -> Result<Vec<AllocatedExtent>> {
+        let (_, map) = self.disk(disk)?;
+        let mut out: Vec<AllocatedExtent> = Vec::new();
+        for (s, l, _) in map.iter() {
+            match out.last_mut() {
+                Some(e) if e.offset + e.len == s => e.len += l,
+                _ => out.push(AllocatedExtent { offset: s, len: l }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Frames `(file_id, frame_offset)` this view reads.
+    pub(crate) fn frames_read(&self) -> std::collections::BTreeSet<(u64, u64)> {
+        self.maps
+            .iter()
+            .flat_map(|m| m.iter().map(|(_, _, r)| (r.file_id, r.frame_offset)))
+            .collect()
+    }
+
+    /// The whole extent of a frame (verified), cached.
+    fn extent(&self, r: &DataRef) -> Result<Arc<Vec<u8>>> {
+        let key = (r.file_id, r.frame_offset);
+        if let Some((k, data)) = &*self.cache.lock() {
+            if *k == key {
+                return Ok(data.clone());
+            }
+        }
+        let data = Arc::new(
+            self.store
+                .read_extent(r.file_id, r.frame_offset, r.frame_len)?,
+        );
+        *self.cache.lock() = Some((key, data.clone()));
+        Ok(data)
+    }
+
+    fn copy_piece(&self, r: &DataRef, out: &mut [u8]) -> Result<()> {
+        let data = self.extent(r)?;
+        let start = r.skip as usize;
+        let src = data.get(start..start + out.len()).ok_or_else(|| {
+            Error::corrupt(
+                self.store.path(r.file_id),
+                r.frame_offset,
+                "index entry reaches past the end of its extent",
+            )
+        })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes of `disk` at `offset`.
+    pub fn read(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (d, map) = self.disk(disk)?;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= d.size_bytes)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "read of {}+{} is outside disk {disk} ({} bytes)",
+                    offset,
+                    buf.len(),
+                    d.size_bytes
+                ))
+            })?;
+        buf.fill(0);
+        for (s, l, r) in map.overlapping(offset, end) {
+            let at = (s - offset) as usize;
+            self.copy_piece(&r, &mut buf[at..at + l as usize])?;
+        }
+        Ok(())
+    }
+
+    /// Write `disk` as a sparse raw image at `out` (which must not exist yet).
+    pub fn materialize(&self, disk: u16, out: &Path) -> Result<MaterializeStats> {
+        let vfs = &self.store.vfs;
+        let f = vfs.create_new(out).at(out)?;
+        let stats = self.materialize_to(disk, &*f, out)?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            vfs.sync_dir(parent).at(parent)?;
+        }
+        Ok(stats)
+    }
+
+    /// Write `disk` into an open file: set its length to the virtual size, write only
+    /// allocated data (holes stay holes), in offset order, adjacent runs coalesced; then
+    /// sync it. `path` names the file in errors.
+    pub fn materialize_to(
+        &self,
+        disk: u16,
+        f: &dyn VFile,
+        path: &Path,
+    ) -> Result<MaterializeStats> {
+        let (d, map) = self.disk(disk)?;
+        f.set_len(d.size_bytes).at(path)?;
+        let mut stats = MaterializeStats {
+            virtual_bytes: d.size_bytes,
+            ..Default::default()
+        };
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        let flush = |run: &mut Vec<u8>, start: u64, stats: &mut MaterializeStats| {
+            if run.is_empty() {
+                return Ok(());
+            }
+            f.write_all_at(run, start).at(path)?;
+            stats.written_bytes += run.len() as u64;
+            stats.writes += 1;
+            run.clear();
+            Ok::<(), Error>(())
+        };
+        for (s, l, r) in map.iter() {
+            let contiguous = !run.is_empty() && run_start + run.len() as u64 == s;
+            if !contiguous || run.len() as u64 + l > RUN_BYTES {
+                flush(&mut run, run_start, &mut stats)?;
+                run_start = s;
+            }
+            let at = run.len();
+            run.resize(at + l as usize, 0);
+            self.copy_piece(r, &mut run[at..])?;
+        }
+        flush(&mut run, run_start, &mut stats)?;
+        f.sync_data().at(path)?;
+        Ok(stats)
+    }
+}
+
+impl Replica {
+    /// A view of a recovery point.
+    pub fn view_point(&self, id: u64) -> Result<View> {
+        let (k, p) = self
+            .manifest
+            .points
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.info.id == id)
+            .ok_or_else(|| Error::NotFound(format!("recovery point {id} does not exist")))?;
+        let mut v = self.build_view(&self.layers[..=k], None, p.info.seq)?;
+        v.point = Some(p.info.clone());
+        v.time_us = p.info.time_us;
+        Ok(v)
+    }
+
+    /// A view of everything applied so far.
+    pub fn view_latest(&self) -> Result<View> {
+        self.view_seq(self.applied_seq)
+    }
+
+    /// Whether the state at `seq` can be rebuilt exactly: a point's seq, anything in the
+    /// open layer, or a seq inside a layer's exact range (the any-moment window).
+    pub fn is_viewable(&self, seq: u64) -> bool {
+        self.locate(seq).is_ok()
+    }
+
+    /// Index of the layer that holds `seq` (`layers.len()` for the open layer).
+    fn locate(&self, seq: u64) -> Result<usize> {
+        if seq > self.applied_seq {
+            return Err(Error::NotFound(format!(
+                "sequence number {seq} is beyond what was applied ({})",
+                self.applied_seq
+            )));
+        }
+        let k = self.layers.partition_point(|l| l.end_seq < seq);
+        if k == self.layers.len() {
+            return Ok(k);
+        }
+        let l = &self.layers[k];
+        if seq == l.end_seq || seq >= l.exact_from {
+            return Ok(k);
+        }
+        Err(Error::NotFound(format!(
+            "sequence number {seq} is outside the any-moment window (changes between \
+             points there were coalesced); pick a recovery point"
+        )))
+    }
+
+    /// Sequence numbers that can be viewed exactly, as inclusive ranges (oldest first).
+    pub fn viewable_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |a: u64, b: u64| match out.last_mut() {
+            Some(r) if r.1 + 1 >= a => r.1 = r.1.max(b),
+            _ => out.push((a, b)),
+        };
+        for l in &self.layers {
+            if l.exact_from < l.end_seq {
+                push(l.exact_from, l.end_seq);
+            } else {
+                push(l.end_seq, l.end_seq);
+            }
+        }
+        push(self.manifest.sealed_seq(), self.applied_seq);
+        out
+    }
+
+    /// A view of the state right after `seq` was applied (inside the any-moment window).
+    pub fn view_seq(&self, seq: u64) -> Result<View> {
+        let k = self.locate(seq)?;
+        if k == self.layers.len() {
+            let snap = self.open_snapshot(seq);
+            return self.build_view(&self.layers, Some(snap), seq);
+        }
+        let l = &self.layers[k];
+        if seq == l.end_seq {
+            return self.build_view(&self.layers[..=k], None, seq);
+        }
+        self.build_view(&self.layers[..k], Some(l.clone()), seq)
+    }
+
+    /// A view of the state at wall-clock `time_us`: every change recorded at or before it.
+    pub fn view_time(&self, time_us: u64) -> Result<View> {
+        let mut best: Option<u64> = None;
+        let mut consider = |seq: u64| best = Some(best.map_or(seq, |b: u64| b.max(seq)));
+        for p in &self.manifest.points {
+            if p.info.time_us <= time_us {
+                consider(p.info.seq);
+            }
+        }
+        for l in self
+            .layers
+            .iter()
+            .map(|l| &l.entries)
+            .chain([&self.open.entries])
+        {
+            let n = l.partition_point(|e| e.time_us <= time_us);
+            if n > 0 {
+                consider(l[n - 1].seq);
+            }
+        }
+        if self.applied_time_us <= time_us {
+            consider(self.applied_seq);
+        }
+        match best {
+            Some(seq) => self.view_seq(seq),
+            None => Err(Error::NotFound(format!(
+                "nothing was replicated at or before time {time_us} µs"
+            ))),
+        }
+    }
+
+    /// The open layer's entries up to `seq`, as a pinned snapshot.
+    fn open_snapshot(&self, seq: u64) -> Arc<LayerIndex> {
+        let n = self.open.entries.partition_point(|e| e.seq <= seq);
+        let snap = Arc::new(LayerIndex {
+            layer_id: 0,
+            base_seq: self.manifest.sealed_seq(),
+            end_seq: seq,
+            exact_from: self.manifest.sealed_seq(),
+            compat: 0,
+            entries: self.open.entries[..n].to_vec(),
+        });
+        self.pending_pins.lock().push(snap.clone());
+        snap
+    }
+
+    /// Overlay `full` layers wholly, then `partial`'s entries up to `seq`.
+    fn build_view(
+        &self,
+        full: &[Arc<LayerIndex>],
+        partial: Option<Arc<LayerIndex>>,
+        seq: u64,
+    ) -> Result<View> {
+        let disks = self.manifest.disks.clone();
+        let mut maps: Vec<IntervalMap<DataRef>> =
+            disks.iter().map(|_| IntervalMap::new()).collect();
+        let mut time_us = 0;
+        let mut overlay = |e: &Entry| {
+            let Some(map) = maps.get_mut(e.disk as usize) else {
+                return;
+            };
+            time_us = time_us.max(e.time_us);
+            match e.loc {
+                Loc::Data {
+                    file_id,
+                    frame_offset,
+                    frame_len,
+                    skip,
+                } => map.insert(
+                    e.offset,
+                    e.len,
+                    DataRef {
+                        file_id,
+                        frame_offset,
+                        frame_len,
+                        skip: skip as u64,
+                    },
+                ),
+                Loc::Zero { .. } => map.remove(e.offset, e.len),
+            }
+        };
+        for l in full {
+            l.entries.iter().for_each(&mut overlay);
+        }
+        if let Some(p) = &partial {
+            p.entries
+                .iter()
+                .take_while(|e| e.seq <= seq)
+                .for_each(&mut overlay);
+        }
+        let mut pins: Vec<Arc<LayerIndex>> = full.to_vec();
+        pins.extend(partial);
+        Ok(View {
+            store: self.store.clone(),
+            disks,
+            maps,
+            seq,
+            time_us,
+            point: None,
+            cache: Mutex::new(None),
+            _pins: pins,
+        })
+    }
+}
