@@ -54,7 +54,11 @@ fn log(data: &Arc<Vec<u8>>, write_bytes: usize, writers: usize) -> Duration {
                 let mut last = 0;
                 for i in (w..records).step_by(writers) {
                     let bytes = &data[i * write_bytes..(i + 1) * write_bytes];
-                    let entry = Entry::Write { disk: w as u16, offset: (i * write_bytes) as u64, data: bytes };
+                    let entry = Entry::Write {
+                        disk: w as u16,
+                        offset: (i * write_bytes) as u64,
+                        data: bytes,
+                    };
                     last = cache.append(&entry).unwrap();
                     since += write_bytes;
                     if since >= per_writer_batch {
@@ -117,7 +121,11 @@ fn ingest(c: &mut Criterion) {
     g.finish();
     let rows: Vec<Ratio<'_>> = rows
         .iter()
-        .map(|(case, floor, target)| Ratio { case, floor, target: *target })
+        .map(|(case, floor, target)| Ratio {
+            case,
+            floor,
+            target: *target,
+        })
         .collect();
     print_ratios("ingest", &rows);
 }

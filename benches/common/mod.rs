@@ -50,7 +50,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// Record one timed iteration of `case` that moved `bytes`.
 pub fn record(case: &str, bytes: u64, took: Duration) {
     let rate = bytes as f64 / took.as_secs_f64().max(1e-9);
-    SAMPLES.lock().entry(case.to_string()).or_default().push(rate);
+    SAMPLES
+        .lock()
+        .entry(case.to_string())
+        .or_default()
+        .push(rate);
 }
 
 /// Median bytes per second of a case.
@@ -78,9 +82,16 @@ pub struct Ratio<'a> {
 pub fn print_ratios(title: &str, rows: &[Ratio<'_>]) {
     println!();
     println!("== {title}: ratio to the floor measured in the same run (median of samples) ==");
-    println!("{:<44} {:>11} {:>11} {:>7} {:>7}", "case", "MB/s", "floor MB/s", "ratio", "target");
+    println!(
+        "{:<44} {:>11} {:>11} {:>7} {:>7}",
+        "case", "MB/s", "floor MB/s", "ratio", "target"
+    );
     for r in rows {
-        match (median_rate(r.case), median_rate(r.floor), ratio(r.case, r.floor)) {
+        match (
+            median_rate(r.case),
+            median_rate(r.floor),
+            ratio(r.case, r.floor),
+        ) {
             (Some(c), Some(f), Some(ratio)) => {
                 println!(
                     "{:<44} {:>11.1} {:>11.1} {:>7.2} {:>6.2}{}",
@@ -119,7 +130,9 @@ pub fn disk_like(len: usize) -> Vec<u8> {
     let mut stack: Vec<PathBuf> = vec![PathBuf::from("/usr/lib")];
     while out.len() < len {
         let Some(dir) = stack.pop() else { break };
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {

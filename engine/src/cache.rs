@@ -587,7 +587,8 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                 match (sh.config.auto_sync, dirty_since) {
                     (Some(every), Some(t)) if tail.dirty_seq != 0 => {
                         let left = every.saturating_sub(t.elapsed());
-                        sh.work.wait_for(&mut st, left.max(Duration::from_micros(100)));
+                        sh.work
+                            .wait_for(&mut st, left.max(Duration::from_micros(100)));
                     }
                     _ => sh.work.wait(&mut st),
                 }
@@ -608,7 +609,10 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                 let chunks = {
                     let mut st = sh.state.lock();
                     if st.pending.is_empty() {
-                        if st.durable_waiters >= peak_waiters || st.closing || Instant::now() >= deadline {
+                        if st.durable_waiters >= peak_waiters
+                            || st.closing
+                            || Instant::now() >= deadline
+                        {
                             break;
                         }
                         sh.work.wait_until(&mut st, deadline);
