@@ -119,6 +119,8 @@ struct OpenLayer {
     end: u64,
     last_frame_seq: u64,
     last_frame_time_us: u64,
+    /// Every frame up to this seq is fdatasynced.
+    synced_seq: u64,
 }
 
 /// One VM's replica. See the module comment.
@@ -232,7 +234,7 @@ impl Replica {
     }
 
     fn open_durable_seq(&self) -> u64 {
-        self.open.last_frame_seq
+        self.open.synced_seq
     }
 
     /// Recovery points, oldest first.
@@ -421,6 +423,7 @@ impl Replica {
     fn rotate(&mut self) -> Result<()> {
         let old = self.store.path(self.open.file_id);
         self.open.file.sync_data().at(&old)?;
+        self.open.synced_seq = self.open.last_frame_seq;
         let id = self.open.file_id + 1;
         let path = self.store.path(id);
         let vfs = &self.store.vfs;
@@ -448,6 +451,7 @@ impl Replica {
         let path = self.store.path(self.open.file_id);
         let f = self.open.file.clone();
         self.guard(|_| f.sync_data().at(&path))?;
+        self.open.synced_seq = self.open.last_frame_seq;
         Ok(self.durable_seq())
     }
 
@@ -499,6 +503,7 @@ impl Replica {
     fn seal(&mut self, info: PointInfo) -> Result<()> {
         let path = self.store.path(self.open.file_id);
         self.open.file.sync_data().at(&path)?;
+        self.open.synced_seq = self.open.last_frame_seq;
         let base = self.manifest.sealed_seq();
         let layer = LayerIndex {
             layer_id: self.manifest.next_layer_id,

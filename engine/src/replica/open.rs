@@ -389,8 +389,14 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
         ));
     };
     report.open_entries = entries.len();
+    // What the scan found may only be written (a process crash): make it durable, so the
+    // change log may be trimmed up to it.
+    let path = store.path(file_id);
+    file.sync_data().at(&path)?;
+    let last_frame_seq = if entries.is_empty() { 0 } else { last_seq };
     Ok(OpenLayer {
-        last_frame_seq: if entries.is_empty() { 0 } else { last_seq },
+        synced_seq: last_frame_seq,
+        last_frame_seq,
         last_frame_time_us: last_time,
         entries,
         file_id,

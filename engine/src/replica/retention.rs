@@ -196,14 +196,21 @@ impl Replica {
         let mut replaced: Vec<(usize, usize, Arc<LayerIndex>)> = Vec::new();
         for &(a, b) in &groups {
             let newest = &self.layers[b];
-            let mut exact_from = newest.exact_from;
+            // Where exactness is still owed: a layer older than the window owes only its
+            // end; a younger one owes its whole exact range, which joins the older
+            // layer's if it starts right at that layer's end.
+            let owed_from = |k: usize| {
+                if infos[k].time_us < window_start {
+                    self.layers[k].end_seq
+                } else {
+                    self.layers[k].exact_from
+                }
+            };
+            let mut exact_from = owed_from(b);
             let mut j = b;
             while j > a && exact_from == self.layers[j].base_seq {
                 j -= 1;
-                exact_from = self.layers[j].exact_from;
-            }
-            if infos[b].time_us < window_start {
-                exact_from = newest.end_seq;
+                exact_from = owed_from(j);
             }
             let mut all = Vec::new();
             for l in &self.layers[a..=b] {

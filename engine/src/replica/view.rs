@@ -353,7 +353,10 @@ impl Replica {
             compat: 0,
             entries: self.open.entries[..n].to_vec(),
         });
-        self.pending_pins.lock().push(snap.clone());
+        let mut pending = self.pending_pins.lock();
+        // Snapshots no view holds any more never counted as references: just drop them.
+        pending.retain(|p| Arc::strong_count(p) > 1);
+        pending.push(snap.clone());
         snap
     }
 
