@@ -170,6 +170,8 @@ pub struct Cache {
 }
 
 const CHECKPOINT_FILE: &str = "checkpoint";
+/// How far the source images are durable (written by the agent through the log's API).
+pub const SOURCE_SEQ_FILE: &str = "source.seq";
 const CHECKPOINT_MAGIC: [u8; 8] = *b"STBYCKP\0";
 const CHUNK_RESERVE_BYTES: usize = 1 << 20;
 
@@ -401,12 +403,31 @@ impl Cache {
         })
     }
 
+    /// The source images this log is the write-ahead log of are durable up to `seq`
+    /// (see [`crate::agent`]). Once set, the checkpoint never passes it: records the source
+    /// may still need for replay are kept even after the replica has them.
+    pub fn set_source_seq(&self, seq: u64) -> Result<()> {
+        let mut b = seq.to_le_bytes().to_vec();
+        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
+        crate::fsutil::replace_atomic(&*self.shared.vfs, &self.shared.dir, SOURCE_SEQ_FILE, &b)
+    }
+
+    /// How far the source images are durable (`None` if this log has no source hold).
+    pub fn source_seq(&self) -> Result<Option<u64>> {
+        read_source_seq(&*self.shared.vfs, &self.shared.dir)
+    }
+
     /// The processor has made everything up to `seq` durable elsewhere: record it, and
-    /// delete every segment wholly at or below it (never the one being appended to).
+    /// delete every segment wholly at or below it (never the one being appended to, nor
+    /// one the source images may still need, see [`Cache::set_source_seq`]).
     /// Returns how many segments were deleted.
     pub fn set_checkpoint(&self, seq: u64) -> Result<usize> {
         let sh = &*self.shared;
         let _trim = sh.trim_lock.lock();
+        let seq = match self.source_seq()? {
+            Some(hold) => seq.min(hold),
+            None => seq,
+        };
         {
             let st = sh.state.lock();
             if seq <= st.checkpoint {
@@ -448,6 +469,27 @@ impl Cache {
         // a caller polling for room may.
         sh.progress.notify_all();
         Ok(doomed.len())
+    }
+
+    /// Records after `seq` and an estimate of their bytes in the log (whole segments
+    /// counted exactly, the segment holding `seq` prorated by records).
+    pub fn backlog(&self, seq: u64) -> (u64, u64) {
+        let st = self.shared.state.lock();
+        let records = (st.next_seq - 1).saturating_sub(seq);
+        let mut bytes = 0u64;
+        for s in st.segments.values() {
+            if s.last_seq <= seq || s.last_seq < s.base_seq {
+                continue;
+            }
+            let frames = s.bytes - SEGMENT_HEADER_BYTES as u64;
+            if s.base_seq > seq {
+                bytes += frames;
+            } else {
+                let n = s.last_seq - s.base_seq + 1;
+                bytes += frames * (s.last_seq - seq) / n;
+            }
+        }
+        (records, bytes)
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -759,6 +801,22 @@ fn read_checkpoint(vfs: &dyn Vfs, dir: &Path) -> Result<u64> {
     let mut s = [0u8; 8];
     s.copy_from_slice(&b[8..16]);
     Ok(u64::from_le_bytes(s))
+}
+
+fn read_source_seq(vfs: &dyn Vfs, dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(SOURCE_SEQ_FILE);
+    if !vfs.exists(&path) {
+        return Ok(None);
+    }
+    let f = vfs.open(&path).at(&path)?;
+    let mut b = [0u8; 13];
+    let n = f.read_full_at(&mut b, 0).at(&path)?;
+    if n != 12 || crc32fast::hash(&b[..8]).to_le_bytes() != b[8..12] {
+        return Err(Error::corrupt(&path, 0, "source sequence file is damaged"));
+    }
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&b[..8]);
+    Ok(Some(u64::from_le_bytes(s)))
 }
 
 /// Scan every segment, verify every frame, cut a torn tail, and build the state.

@@ -39,6 +39,13 @@ pub enum Error {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
+    /// Another process holds the vault lock.
+    #[error("vault is in use by {0}")]
+    Locked(String),
+    /// The request conflicts with the current state (a second protect, a failover after
+    /// commit, …).
+    #[error("{0}")]
+    Conflict(String),
     /// A named thing (disk, point, VM, …) does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -2,6 +2,7 @@
 //! disks, recovery points, processing and materialization. Nothing here prints, parses
 //! arguments or exits the process; the `standby` tool is a thin face over this crate.
 
+pub mod agent;
 pub mod cache;
 pub mod error;
 pub mod fsutil;
@@ -10,6 +11,7 @@ pub mod process;
 pub mod record;
 pub mod replica;
 pub mod segment;
+pub mod vault;
 pub mod vfs;
 
 pub use error::{Error, Result};

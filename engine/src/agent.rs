@@ -1,0 +1,311 @@
+//! The write tap (the mobility agent's library face): a block device over a VM's source
+//! images whose every write, zero range and marker goes through the VM's change log first.
+//!
+//! The log is the source images' write-ahead log. A write is acknowledged once it is
+//! *written* to the log (or *durable*, with FUA); it reaches the source image only after
+//! it is durable in the log, in sequence order, so the source never holds a write the log
+//! lacks. Meanwhile reads see it from the pending set. After the pending writes are applied
+//! and the source images fdatasynced, the agent records the sequence number it reached in
+//! the log (`Cache::set_source_seq`), which also keeps the log from trimming what the
+//! source may still need; on open it replays every retained record above it into the
+//! source (idempotent: same bytes, same order), which heals a crash at any instruction.
+
+use crate::cache::Cache;
+use crate::error::{Error, IoContext, Result};
+use crate::record::{Entry, Marker, Op};
+use parking_lot::{Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Past this many pending bytes, a write first makes the log durable and drains them.
+const MAX_PENDING_BYTES: u64 = 64 << 20;
+
+/// One source disk of the VM.
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+}
+
+enum Change {
+    Data(Vec<u8>),
+    Zero(u64),
+    /// A marker: nothing to apply, but it holds its place in the sequence.
+    Nothing,
+}
+
+struct Pending {
+    disk: u16,
+    offset: u64,
+    change: Change,
+}
+
+struct State {
+    /// Acknowledged changes not yet in the source images, by sequence number.
+    pending: BTreeMap<u64, Pending>,
+    pending_bytes: u64,
+    /// Every change up to here is in the source images (maybe not yet synced).
+    applied_seq: u64,
+}
+
+/// The write tap over one VM. All methods take `&self` and may be called from many threads.
+pub struct Agent {
+    cache: Arc<Cache>,
+    disks: Vec<(SourceDisk, File)>,
+    state: RwLock<State>,
+    /// Serializes draining (applying pending changes to the source images).
+    drain: Mutex<()>,
+}
+
+impl Agent {
+    /// Open the tap over `disks`, replaying into the source images whatever the log holds
+    /// beyond what they are known to hold.
+    pub fn open(cache: Arc<Cache>, disks: Vec<SourceDisk>) -> Result<Agent> {
+        let mut opened = Vec::with_capacity(disks.len());
+        for d in disks {
+            let f = OpenOptions::new().read(true).write(true).open(&d.path).at(&d.path)?;
+            let len = f.metadata().at(&d.path)?.len();
+            if len != d.size_bytes {
+                return Err(Error::Invalid(format!(
+                    "source disk '{}' ({}) is {len} bytes, the vault expects {}",
+                    d.name,
+                    d.path.display(),
+                    d.size_bytes
+                )));
+            }
+            opened.push((d, f));
+        }
+        let synced = cache.source_seq()?.unwrap_or(0);
+        let agent = Agent {
+            state: RwLock::new(State {
+                pending: BTreeMap::new(),
+                pending_bytes: 0,
+                applied_seq: synced,
+            }),
+            cache,
+            disks: opened,
+            drain: Mutex::new(()),
+        };
+        agent.replay(synced)?;
+        Ok(agent)
+    }
+
+    fn replay(&self, synced: u64) -> Result<()> {
+        let durable = self.cache.durable_seq();
+        if durable <= synced {
+            self.state.write().applied_seq = durable.max(synced);
+            return Ok(());
+        }
+        let first = self.cache.stats().first_seq;
+        let mut reader = self.cache.reader((synced + 1).max(first))?;
+        while let Some(rec) = reader.next_record()? {
+            self.apply_op(&rec.op)?;
+        }
+        self.sync_sources()?;
+        self.state.write().applied_seq = durable;
+        self.cache.set_source_seq(durable)
+    }
+
+    pub fn disks(&self) -> impl Iterator<Item = &SourceDisk> {
+        self.disks.iter().map(|(d, _)| d)
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    fn check(&self, disk: u16, offset: u64, len: u64) -> Result<&(SourceDisk, File)> {
+        let d = self
+            .disks
+            .get(disk as usize)
+            .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
+        if offset.checked_add(len).is_none_or(|end| end > d.0.size_bytes) {
+            return Err(Error::Invalid(format!(
+                "{len} bytes at offset {offset} run past the end of disk '{}' ({} bytes)",
+                d.0.name, d.0.size_bytes
+            )));
+        }
+        Ok(d)
+    }
+
+    /// Write `data` at `offset` of `disk`; returns once it is written to the log (durable
+    /// too if `fua`). Offset and length must be multiples of 512.
+    pub fn write(&self, disk: u16, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
+        self.check(disk, offset, data.len() as u64)?;
+        self.submit(&Entry::Write { disk, offset, data }, || Pending {
+            disk,
+            offset,
+            change: Change::Data(data.to_vec()),
+        }, fua)
+    }
+
+    /// Make `len` bytes at `offset` read as zeros (NBD WRITE_ZEROES, or TRIM if `trim`).
+    pub fn zero(&self, disk: u16, offset: u64, len: u64, trim: bool, fua: bool) -> Result<u64> {
+        self.check(disk, offset, len)?;
+        self.submit(&Entry::Zero { disk, offset, len, trim }, || Pending {
+            disk,
+            offset,
+            change: Change::Zero(len),
+        }, fua)
+    }
+
+    /// Write a recovery-point marker, ordered with the writes; returns once it is durable.
+    pub fn marker(&self, marker: &Marker) -> Result<u64> {
+        self.submit(&Entry::Marker(marker), || Pending {
+            disk: 0,
+            offset: 0,
+            change: Change::Nothing,
+        }, true)
+    }
+
+    fn submit(&self, entry: &Entry<'_>, pending: impl FnOnce() -> Pending, durable: bool) -> Result<u64> {
+        if self.state.read().pending_bytes > MAX_PENDING_BYTES {
+            self.flush_log_and_drain()?;
+        }
+        let seq = self.cache.append(entry)?;
+        let p = pending();
+        let bytes = match &p.change {
+            Change::Data(d) => d.len() as u64,
+            _ => 0,
+        };
+        {
+            let mut st = self.state.write();
+            st.pending.insert(seq, p);
+            st.pending_bytes += bytes;
+        }
+        if durable {
+            self.cache.wait_durable(seq)?;
+        } else {
+            self.cache.wait_written(seq)?;
+        }
+        Ok(seq)
+    }
+
+    /// Read `buf.len()` bytes at `offset` of `disk`, seeing every acknowledged write.
+    pub fn read(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (d, f) = self.check(disk, offset, buf.len() as u64)?;
+        let st = self.state.read();
+        f.read_exact_at(buf, offset).at(&d.path)?;
+        let end = offset + buf.len() as u64;
+        for p in st.pending.values() {
+            if p.disk != disk {
+                continue;
+            }
+            let (p_start, p_len) = match &p.change {
+                Change::Data(data) => (p.offset, data.len() as u64),
+                Change::Zero(len) => (p.offset, *len),
+                Change::Nothing => continue,
+            };
+            let s = p_start.max(offset);
+            let e = (p_start + p_len).min(end);
+            if s >= e {
+                continue;
+            }
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match &p.change {
+                Change::Data(data) => dst.copy_from_slice(&data[(s - p_start) as usize..(e - p_start) as usize]),
+                _ => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every acknowledged change durable in the log and in the source images.
+    pub fn flush(&self) -> Result<()> {
+        self.flush_log_and_drain()?;
+        Ok(())
+    }
+
+    fn flush_log_and_drain(&self) -> Result<u64> {
+        let durable = self.cache.sync()?;
+        self.drain_to(durable)?;
+        Ok(durable)
+    }
+
+    /// Apply pending changes that are durable in the log to the source images (in order),
+    /// then sync them and record how far they are.
+    pub fn drain(&self) -> Result<()> {
+        self.drain_to(self.cache.durable_seq())
+    }
+
+    fn drain_to(&self, durable: u64) -> Result<()> {
+        let _one = self.drain.lock();
+        let mut applied = {
+            let st = self.state.read();
+            st.applied_seq
+        };
+        if durable <= applied {
+            return Ok(());
+        }
+        {
+            // Readers wait while the images change under them: they would otherwise see a
+            // change both in the image and (gone) from the pending set at once, or neither.
+            let mut st = self.state.write();
+            while applied < durable {
+                let next = applied + 1;
+                let Some(p) = st.pending.remove(&next) else { break };
+                if let Change::Data(d) = &p.change {
+                    st.pending_bytes -= d.len() as u64;
+                }
+                if let Err(e) = self.apply_pending(&p) {
+                    st.pending.insert(next, p);
+                    return Err(e);
+                }
+                applied = next;
+            }
+            st.applied_seq = applied;
+        }
+        self.sync_sources()?;
+        self.cache.set_source_seq(applied)
+    }
+
+    fn apply_pending(&self, p: &Pending) -> Result<()> {
+        match &p.change {
+            Change::Data(d) => self.write_source(p.disk, p.offset, d),
+            Change::Zero(len) => self.zero_source(p.disk, p.offset, *len),
+            Change::Nothing => Ok(()),
+        }
+    }
+
+    fn apply_op(&self, op: &Op) -> Result<()> {
+        match op {
+            Op::Write { disk, offset, data } => {
+                self.check(*disk, *offset, data.len() as u64)?;
+                self.write_source(*disk, *offset, data)
+            }
+            Op::Zero { disk, offset, len, .. } => {
+                self.check(*disk, *offset, *len)?;
+                self.zero_source(*disk, *offset, *len)
+            }
+            Op::Marker(_) => Ok(()),
+        }
+    }
+
+    fn write_source(&self, disk: u16, offset: u64, data: &[u8]) -> Result<()> {
+        let (d, f) = &self.disks[disk as usize];
+        f.write_all_at(data, offset).at(&d.path)
+    }
+
+    fn zero_source(&self, disk: u16, offset: u64, len: u64) -> Result<()> {
+        let (d, f) = &self.disks[disk as usize];
+        crate::fsutil::zero_range(f, offset, len).at(&d.path)
+    }
+
+    fn sync_sources(&self) -> Result<()> {
+        for (d, f) in &self.disks {
+            f.sync_data().at(&d.path)?;
+        }
+        Ok(())
+    }
+
+    /// Flush everything and close the log.
+    pub fn close(self) -> Result<()> {
+        self.flush()?;
+        self.cache.close()
+    }
+}
+

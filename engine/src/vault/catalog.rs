@@ -1,0 +1,260 @@
+//! The vault's catalog: policies, protected VMs, their disks, source and target settings,
+//! and replication state. Stored as one file, `VAULT/catalog`, replaced atomically.
+//!
+//! Byte map (integers little-endian):
+//!
+//! ```text
+//! off  size  field
+//!   0     8  magic        "STBYVLT\0"
+//!   8     2  version      1
+//!  10     2  reserved     0
+//!  12     4  incompat     feature bits a reader must know; none defined
+//!  16     4  payload_len  bytes of the JSON payload, <= 64 MiB
+//!  20     4  crc32        of the payload
+//!  24     n  payload      UTF-8 JSON, the `Catalog` below
+//! ```
+//!
+//! The payload is JSON so that an operator can read it with any tool; the header makes a
+//! torn or damaged catalog detectable. Invariant: the file on disk is always a complete
+//! catalog (old or new), never a mix.
+
+use crate::error::{Error, Result};
+use crate::fsutil::replace_atomic;
+use crate::policy::Policy;
+use crate::vfs::Vfs;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub const FILE_NAME: &str = "catalog";
+pub const MAGIC: [u8; 8] = *b"STBYVLT\0";
+pub const VERSION: u16 = 1;
+const HEADER_BYTES: usize = 24;
+const MAX_PAYLOAD_BYTES: usize = 64 << 20;
+
+/// Replication state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    InitialReplication,
+    Protected,
+    ResyncRequired,
+    FailedOver,
+    TestFailover,
+}
+
+impl VmState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::InitialReplication => "initial-replication",
+            VmState::Protected => "protected",
+            VmState::ResyncRequired => "resync-required",
+            VmState::FailedOver => "failed-over",
+            VmState::TestFailover => "test-failover",
+        }
+    }
+}
+
+/// A policy as stored: whole seconds, `None` for "off".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub crash_interval_s: u64,
+    pub app_interval_s: Option<u64>,
+    pub retention_s: u64,
+    pub thin_after_s: u64,
+    pub any_moment_window_s: u64,
+    pub rpo_threshold_s: u64,
+}
+
+impl From<&Policy> for PolicyRecord {
+    fn from(p: &Policy) -> Self {
+        PolicyRecord {
+            crash_interval_s: p.crash_interval.as_secs(),
+            app_interval_s: p.app_interval.map(|d| d.as_secs()),
+            retention_s: p.retention.as_secs(),
+            thin_after_s: p.thin_after.as_secs(),
+            any_moment_window_s: p.any_moment_window.as_secs(),
+            rpo_threshold_s: p.rpo_threshold.as_secs(),
+        }
+    }
+}
+
+impl From<&PolicyRecord> for Policy {
+    fn from(r: &PolicyRecord) -> Self {
+        Policy {
+            crash_interval: Duration::from_secs(r.crash_interval_s),
+            app_interval: r.app_interval_s.map(Duration::from_secs),
+            retention: Duration::from_secs(r.retention_s),
+            thin_after: Duration::from_secs(r.thin_after_s),
+            any_moment_window: Duration::from_secs(r.any_moment_window_s),
+            rpo_threshold: Duration::from_secs(r.rpo_threshold_s),
+        }
+    }
+}
+
+/// Where a VM lives, or will live after failover.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub resource_group: String,
+    pub network: String,
+    pub subnet: String,
+    pub availability_set: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub name: String,
+    /// The source disk: a raw image file.
+    pub source: String,
+    pub size_bytes: u64,
+}
+
+/// A materialized failover (or test failover) that is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub point_id: Option<u64>,
+    pub seq: u64,
+    pub dir: String,
+    pub network: String,
+    pub time_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub disks: Vec<DiskRecord>,
+    pub policy: String,
+    pub source: Placement,
+    pub target: Placement,
+    /// Source network -> target network.
+    pub network_mapping: BTreeMap<String, String>,
+    pub state: VmState,
+    pub created_us: u64,
+    pub failover: Option<FailoverRecord>,
+    /// Set by failover-commit: the failover is final and the points are gone.
+    #[serde(default)]
+    pub committed: bool,
+    pub test_failover: Option<FailoverRecord>,
+    /// Why the VM needs a resync, when it does.
+    #[serde(default)]
+    pub resync_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// A random id naming this vault (refuses to mix files of two vaults).
+    pub vault_id: String,
+    pub created_us: u64,
+    pub policies: BTreeMap<String, PolicyRecord>,
+    pub vms: BTreeMap<String, VmRecord>,
+}
+
+impl Catalog {
+    pub fn new(vault_id: String, created_us: u64) -> Catalog {
+        let mut policies = BTreeMap::new();
+        policies.insert("default".to_string(), PolicyRecord::from(&Policy::default()));
+        Catalog {
+            vault_id,
+            created_us,
+            policies,
+            vms: BTreeMap::new(),
+        }
+    }
+
+    pub fn vm(&self, name: &str) -> Result<&VmRecord> {
+        self.vms.get(name).ok_or_else(|| unknown_vm(name))
+    }
+
+    pub fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord> {
+        self.vms.get_mut(name).ok_or_else(|| unknown_vm(name))
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Policy> {
+        self.policies
+            .get(name)
+            .map(Policy::from)
+            .ok_or_else(|| Error::NotFound(format!("unknown policy '{name}' (see `standby policy list`)")))
+    }
+}
+
+fn unknown_vm(name: &str) -> Error {
+    Error::NotFound(format!("unknown VM '{name}' (see `standby status` for the protected VMs)"))
+}
+
+/// Encode a catalog file.
+pub fn encode(c: &Catalog) -> Result<Vec<u8>> {
+    let payload = serde_json::to_vec_pretty(c).map_err(|e| Error::Invalid(format!("catalog does not serialize: {e}")))?;
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decode and validate a catalog file. `path` names it in errors.
+pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
+    let corrupt = |offset: u64, what: &str| Error::corrupt(path, offset, what.to_string());
+    if b.len() < HEADER_BYTES {
+        return Err(corrupt(0, "vault catalog is truncated"));
+    }
+    if b[0..8] != MAGIC {
+        return Err(corrupt(0, "not a Standby vault catalog (bad magic)"));
+    }
+    let version = u16::from_le_bytes([b[8], b[9]]);
+    if version != VERSION {
+        return Err(Error::Unsupported {
+            path: path.into(),
+            what: format!("vault catalog version {version} (this build reads version {VERSION})"),
+        });
+    }
+    let incompat = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    if incompat != 0 {
+        return Err(Error::Unsupported {
+            path: path.into(),
+            what: format!("vault catalog needs unknown features {incompat:#x}"),
+        });
+    }
+    let len = u32::from_le_bytes([b[16], b[17], b[18], b[19]]) as usize;
+    if len > MAX_PAYLOAD_BYTES || HEADER_BYTES + len != b.len() {
+        return Err(corrupt(16, "vault catalog length does not match the file"));
+    }
+    let payload = &b[HEADER_BYTES..];
+    if crc32fast::hash(payload) != u32::from_le_bytes([b[20], b[21], b[22], b[23]]) {
+        return Err(corrupt(20, "vault catalog checksum mismatch"));
+    }
+    serde_json::from_slice(payload).map_err(|e| corrupt(HEADER_BYTES as u64, &format!("vault catalog does not parse: {e}")))
+}
+
+pub fn load(dir: &Path) -> Result<Catalog> {
+    let path = dir.join(FILE_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    decode(&bytes, &path)
+}
+
+pub fn store(vfs: &dyn Vfs, dir: &Path, c: &Catalog) -> Result<()> {
+    replace_atomic(vfs, dir, FILE_NAME, &encode(c)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_every_flipped_byte_is_refused() {
+        let c = Catalog::new("abc".into(), 7);
+        let b = encode(&c).unwrap();
+        let p = Path::new("catalog");
+        assert_eq!(decode(&b, p).unwrap(), c);
+        for i in 0..b.len() {
+            let mut d = b.clone();
+            d[i] ^= 0x04;
+            assert!(decode(&d, p).is_err(), "flip at {i}");
+        }
+        assert!(decode(&b[..b.len() - 1], p).is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! Failover and test failover: a recovery point (or any moment inside the window) of every
+//! disk of a VM, materialized as sparse raw images with a `vm.json` manifest naming the
+//! target resource group, network, subnet and availability set.
+//!
+//! Invariant: the images are written into a temporary directory beside the destination,
+//! synced, and renamed into place before the catalog records the failover; a crash leaves
+//! the previous failover (or none) intact.
+
+use super::{now_us, resolve_existing, spec::rfc3339, FailoverRecord, PointSpec, Progress, Vault, VmState};
+use crate::error::{Error, IoContext, Result};
+use crate::process::Processor;
+use crate::replica::{PointInfo, PointKind, View};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// One materialized disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub sha256: String,
+}
+
+/// What a failover produced.
+#[derive(Debug, Clone)]
+pub struct FailoverReport {
+    pub vm: String,
+    pub test: bool,
+    /// The point used, when the spec named one (not for `seq:`/`time:` moments).
+    pub point: Option<PointInfo>,
+    pub seq: u64,
+    pub time_us: u64,
+    pub dir: PathBuf,
+    pub manifest: PathBuf,
+    pub disks: Vec<FailoverDisk>,
+    pub resource_group: String,
+    pub network: String,
+    pub subnet: String,
+    pub availability_set: Option<String>,
+}
+
+impl Vault {
+    /// Fail a VM over (or, with `test`, bring up a test failover in an isolated network
+    /// while replication continues) to the point `spec` names.
+    pub fn failover(
+        &mut self,
+        vm: &str,
+        spec: PointSpec,
+        out: Option<&Path>,
+        test: bool,
+        test_network: Option<&str>,
+        progress: &mut dyn Progress,
+    ) -> Result<FailoverReport> {
+        let rec = self.live_vm(vm)?.clone();
+        if test {
+            if rec.test_failover.is_some() {
+                return Err(Error::Conflict(format!(
+                    "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
+                )));
+            }
+            if rec.state == VmState::FailedOver {
+                return Err(Error::Conflict(format!("VM '{vm}' is failed over; a test failover needs a protected VM")));
+            }
+        } else if rec.test_failover.is_some() {
+            return Err(Error::Conflict(format!(
+                "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
+            )));
+        }
+        let policy = self.vm_policy(vm)?;
+        let mut replica = self.open_replica(vm)?;
+        if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
+            // Lowest RPO: process everything pending and cut a point at the end.
+            let cache = self.open_cache(vm)?;
+            let mut p = Processor::new(cache.clone(), replica, policy)?;
+            p.run_pass()?;
+            if p.replica().changed_since_last_point() {
+                p.cut_point(PointKind::CrashConsistent, None)?;
+            }
+            replica = p.into_replica();
+            cache.close()?;
+        }
+        let view = match spec {
+            PointSpec::Latest => {
+                let p = replica.latest_point().ok_or_else(|| super::unknown_point(vm, "yet"))?;
+                replica.view_point(p.id)?
+            }
+            PointSpec::Seq(seq) => replica.view_seq(seq)?,
+            PointSpec::Time(t) => replica.view_time(t)?,
+            other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
+        };
+        let rg = rec.target.resource_group.clone();
+        let network = match (test, test_network) {
+            (true, Some(n)) => n.to_string(),
+            (true, None) => format!("{}-test", rec.target.network),
+            (false, _) => rec.target.network.clone(),
+        };
+        let dir = match out {
+            Some(d) => d.to_path_buf(),
+            None => self
+                .root
+                .join(if test { "test-failover" } else { "failover" })
+                .join(&rg)
+                .join(vm),
+        };
+        let dir = std::path::absolute(&dir).map_err(|e| Error::io(&dir, e))?;
+        let parent = dir.parent().ok_or_else(|| Error::Invalid(format!("{} has no parent directory", dir.display())))?;
+        std::fs::create_dir_all(parent).at(parent)?;
+        if dir.exists() && !self.owns_output(&rec, &dir) {
+            return Err(Error::Conflict(format!(
+                "{} already exists; choose another --out or remove it",
+                dir.display()
+            )));
+        }
+        let tmp = parent.join(format!(".{}.partial-{}", vm, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).at(&tmp)?;
+        let result = self.materialize_all(&view, &rec.disks, &tmp, &dir, progress);
+        let disks = match result {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let report = FailoverReport {
+            vm: vm.to_string(),
+            test,
+            point: view.point().cloned(),
+            seq: view.seq(),
+            time_us: view.time_us(),
+            manifest: dir.join("vm.json"),
+            dir: dir.clone(),
+            disks,
+            resource_group: rg,
+            network,
+            subnet: rec.target.subnet.clone(),
+            availability_set: rec.target.availability_set.clone(),
+        };
+        let manifest = vm_json(&report, &rec.network_mapping);
+        let mpath = tmp.join("vm.json");
+        std::fs::write(&mpath, manifest).at(&mpath)?;
+        std::fs::File::open(&mpath).and_then(|f| f.sync_all()).at(&mpath)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir).at(&dir)?;
+        std::fs::File::open(parent).and_then(|f| f.sync_all()).at(parent)?;
+        let frec = FailoverRecord {
+            point_id: report.point.as_ref().map(|p| p.id),
+            seq: report.seq,
+            dir: dir.to_string_lossy().into_owned(),
+            network: report.network.clone(),
+            time_us: now_us(),
+        };
+        let vmrec = self.catalog.vm_mut(vm)?;
+        if test {
+            vmrec.test_failover = Some(frec);
+            vmrec.state = VmState::TestFailover;
+        } else {
+            vmrec.failover = Some(frec);
+            vmrec.state = VmState::FailedOver;
+        }
+        self.save()?;
+        Ok(report)
+    }
+
+    /// Whether `dir` is this VM's own earlier failover output (so it may be replaced).
+    fn owns_output(&self, rec: &super::VmRecord, dir: &Path) -> bool {
+        rec.failover.as_ref().is_some_and(|f| Path::new(&f.dir) == dir)
+    }
+
+    fn materialize_all(
+        &self,
+        view: &View,
+        disks: &[super::DiskRecord],
+        tmp: &Path,
+        dir: &Path,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<FailoverDisk>> {
+        let total: u64 = (0..disks.len()).map(|i| view.allocated_bytes(i as u16).unwrap_or(0)).sum();
+        progress.begin("materializing", total);
+        let mut out = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let name = format!("{}.raw", d.name);
+            let path = tmp.join(&name);
+            let stats = view.materialize(i as u16, &path)?;
+            progress.advance(stats.written_bytes);
+            out.push(FailoverDisk {
+                name: d.name.clone(),
+                path: dir.join(&name),
+                size_bytes: d.size_bytes,
+                allocated_bytes: stats.written_bytes,
+                sha256: sha256_sparse(&path, d.size_bytes)?,
+            });
+        }
+        progress.end();
+        Ok(out)
+    }
+
+    /// End a failover: it becomes final, and the VM's recovery points are deleted.
+    pub fn failover_commit(&mut self, vm: &str) -> Result<()> {
+        let rec = self.live_vm(vm)?;
+        if rec.state != VmState::FailedOver {
+            return Err(Error::Conflict(format!("VM '{vm}' is not failed over; run `standby failover {vm} --point …` first")));
+        }
+        let vm_dir = self.vm_dir(vm);
+        self.catalog.vm_mut(vm)?.committed = true;
+        self.save()?;
+        if vm_dir.exists() {
+            std::fs::remove_dir_all(&vm_dir).at(&vm_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Remove a test failover's disks and return the VM to plain protection.
+    pub fn test_failover_cleanup(&mut self, vm: &str) -> Result<PathBuf> {
+        let rec = self.catalog.vm(vm)?;
+        let Some(t) = rec.test_failover.clone() else {
+            return Err(Error::Conflict(format!("VM '{vm}' has no test failover to clean up")));
+        };
+        let dir = PathBuf::from(&t.dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        let rec = self.catalog.vm_mut(vm)?;
+        rec.test_failover = None;
+        if rec.state == VmState::TestFailover {
+            rec.state = VmState::Protected;
+        }
+        self.save()?;
+        Ok(dir)
+    }
+}
+
+/// sha256 of a (sparse) image over its full virtual size; holes hash as zeros without
+/// being read.
+pub fn sha256_sparse(path: &Path, size: u64) -> Result<String> {
+    const BUF: usize = 1 << 20;
+    let f = std::fs::File::open(path).at(path)?;
+    let ranges = crate::fsutil::data_ranges(&f, size).at(path)?;
+    let zeros = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF];
+    let mut h = Sha256::new();
+    let mut at = 0u64;
+    let zero_run = |h: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(BUF as u64) as usize;
+            h.update(&zeros[..k]);
+            n -= k as u64;
+        }
+    };
+    for (s, e) in ranges {
+        zero_run(&mut h, s - at);
+        let mut p = s;
+        while p < e {
+            let k = ((e - p) as usize).min(BUF);
+            f.read_exact_at(&mut buf[..k], p).at(path)?;
+            h.update(&buf[..k]);
+            p += k as u64;
+        }
+        at = e;
+    }
+    zero_run(&mut h, size - at);
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, String>) -> String {
+    let point = r.point.as_ref().map(|p| {
+        serde_json::json!({
+            "id": p.id,
+            "seq": p.seq,
+            "time": rfc3339(p.time_us),
+            "kind": super::status::kind_str(p.kind),
+            "name": p.name,
+        })
+    });
+    let doc = serde_json::json!({
+        "vm": r.vm,
+        "test_failover": r.test,
+        "point": point,
+        "seq": r.seq,
+        "time": rfc3339(r.time_us),
+        "target": {
+            "resource_group": r.resource_group,
+            "network": r.network,
+            "subnet": r.subnet,
+            "availability_set": r.availability_set,
+        },
+        "network_mapping": mapping,
+        "disks": r.disks,
+    });
+    let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    s.push('\n');
+    s
+}

@@ -1,0 +1,97 @@
+//! The vault lock: commands that change a vault, or open a VM's log or replica, hold an
+//! exclusive `flock` on `VAULT/lock` for as long as they do. The file records who holds
+//! it, so a second command can say whom it is waiting for. The kernel drops the lock when
+//! its holder exits, however it exits (kill -9 included).
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+pub const FILE_NAME: &str = "lock";
+
+/// A held vault lock; released on drop.
+#[derive(Debug)]
+pub struct VaultLock {
+    _file: File,
+}
+
+/// What to do when another process holds the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWait {
+    /// Fail at once with [`Error::Locked`].
+    Fail,
+    /// Block until the holder releases it.
+    Block,
+}
+
+fn flock(f: &File, nonblocking: bool) -> std::io::Result<bool> {
+    let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if nonblocking => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Take the vault lock, recording `who` (e.g. "pid 123: standby process --follow").
+pub fn acquire(dir: &Path, who: &str, wait: LockWait) -> Result<VaultLock> {
+    let path = dir.join(FILE_NAME);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    if !flock(&f, true).map_err(|e| Error::io(&path, e))? {
+        if wait == LockWait::Fail {
+            return Err(Error::Locked(holder(&mut f)));
+        }
+        flock(&f, false).map_err(|e| Error::io(&path, e))?;
+    }
+    let note = format!("pid {}: {who}\n", std::process::id());
+    f.set_len(0).map_err(|e| Error::io(&path, e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&path, e))?;
+    f.write_all(note.as_bytes()).map_err(|e| Error::io(&path, e))?;
+    Ok(VaultLock { _file: f })
+}
+
+/// Who holds the lock, as recorded in the lock file.
+pub fn holder(f: &mut File) -> String {
+    let mut s = String::new();
+    let _ = f.seek(SeekFrom::Start(0));
+    let _ = f.take(512).read_to_string(&mut s);
+    let s = s.trim();
+    if s.is_empty() {
+        "another standby command".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_and_told_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = acquire(dir.path(), "test one", LockWait::Fail).unwrap();
+        match acquire(dir.path(), "test two", LockWait::Fail) {
+            Err(Error::Locked(who)) => assert!(who.contains("test one"), "{who}"),
+            other => panic!("{other:?}"),
+        }
+        drop(first);
+        acquire(dir.path(), "test two", LockWait::Fail).unwrap();
+    }
+}

@@ -1,0 +1,542 @@
+//! A vault: the embedded default deployment, one directory holding the catalog and, per
+//! protected VM, its change log (the cache) and its replica (the target store).
+//!
+//! ```text
+//! VAULT/catalog                 policies, VMs, settings, state (see catalog.rs)
+//! VAULT/lock                    held by every command that uses the vault
+//! VAULT/vms/VM/cache/           the VM's change log
+//! VAULT/vms/VM/replica/         the VM's replica and recovery points
+//! VAULT/failover/RG/VM/         default failover output: DISK.raw per disk + vm.json
+//! VAULT/test-failover/RG/VM/    default test-failover output
+//! ```
+//!
+//! Invariant: the catalog is replaced atomically, and changes that create files (protect,
+//! failover) write those files first and the catalog last, so a kill at any moment leaves
+//! either the old state or the new one.
+
+pub mod catalog;
+mod failover;
+pub mod lock;
+pub mod spec;
+mod status;
+
+pub use catalog::{Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, VmRecord, VmState};
+pub use failover::{FailoverDisk, FailoverReport};
+pub use lock::LockWait;
+pub use spec::PointSpec;
+pub use status::{DiskStatus, Health, VmStatus};
+
+use crate::agent::{Agent, SourceDisk};
+use crate::cache::{Cache, CacheConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::policy::Policy;
+use crate::process::{PassReport, Processor};
+use crate::record::{Consistency, Entry, Marker};
+use crate::replica::{DiskSpec, PointInfo, PointKind, Replica, ReplicaConfig, VerifyReport};
+use crate::vfs::{RealFs, Vfs};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Reports long operations' progress (the CLI draws bars; the engine never prints).
+pub trait Progress {
+    fn begin(&mut self, _label: &str, _total_bytes: u64) {}
+    fn advance(&mut self, _bytes: u64) {}
+    fn end(&mut self) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Names of VMs, disks and policies become directory and file names: keep them plain.
+pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{kind} name '{name}' must be 1 to 64 letters, digits, '-', '_' or '.' (not starting with '.')"
+        )))
+    }
+}
+
+/// A source disk for `protect`.
+#[derive(Debug, Clone)]
+pub enum DiskSource {
+    /// An existing raw image.
+    Existing(PathBuf),
+    /// Create an empty sparse raw image of this size.
+    New(PathBuf, u64),
+}
+
+/// What `protect` needs to know.
+#[derive(Debug, Clone, Default)]
+pub struct ProtectRequest {
+    pub vm: String,
+    pub disks: Vec<(String, Option<DiskSource>)>,
+    pub policy: Option<String>,
+    pub source: PlacementOverrides,
+    pub target: PlacementOverrides,
+    pub network_mapping: Vec<(String, String)>,
+}
+
+/// Optional placement settings; unset ones take defaults.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementOverrides {
+    pub resource_group: Option<String>,
+    pub network: Option<String>,
+    pub subnet: Option<String>,
+    pub availability_set: Option<String>,
+}
+
+/// What `protect` did.
+#[derive(Debug, Clone)]
+pub struct ProtectReport {
+    pub initial_point: PointInfo,
+    /// Bytes read from the source disks and shipped (holes and zero runs skipped).
+    pub shipped_bytes: u64,
+    pub scanned_bytes: u64,
+}
+
+/// An open vault, holding its lock.
+pub struct Vault {
+    root: PathBuf,
+    vfs: Arc<dyn Vfs>,
+    catalog: Catalog,
+    _lock: lock::VaultLock,
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact_at(&mut b, 0);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Vault {
+    /// Create a vault in `root` (created if missing; an existing directory must be empty).
+    pub fn init(root: &Path) -> Result<()> {
+        if root.join(catalog::FILE_NAME).exists() {
+            return Err(Error::Conflict(format!("{} is already a Standby vault", root.display())));
+        }
+        if root.exists() {
+            if !root.is_dir() {
+                return Err(Error::Invalid(format!("{} exists and is not a directory", root.display())));
+            }
+            let mut entries = std::fs::read_dir(root).at(root)?;
+            if entries.next().is_some() {
+                return Err(Error::Conflict(format!(
+                    "{} is a non-empty directory that is not a Standby vault; pick an empty or new directory",
+                    root.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(root.join("vms")).at(root)?;
+        let vfs = RealFs;
+        let _lock = lock::acquire(root, "standby init", LockWait::Fail)?;
+        catalog::store(&vfs, root, &Catalog::new(random_id(), now_us()))?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            vfs.sync_dir(parent).at(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Open a vault, taking its lock (`who` says who holds it, for others waiting).
+    pub fn open(root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
+        if !root.join(catalog::FILE_NAME).exists() {
+            return Err(Error::NotFound(format!(
+                "{} is not a Standby vault (create one with `standby init {}`)",
+                root.display(),
+                root.display()
+            )));
+        }
+        let lock = lock::acquire(root, who, wait)?;
+        let catalog = catalog::load(root)?;
+        Ok(Vault {
+            root: root.to_path_buf(),
+            vfs: Arc::new(RealFs),
+            catalog,
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn save(&self) -> Result<()> {
+        catalog::store(&*self.vfs, &self.root, &self.catalog)
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join("vms").join(vm)
+    }
+
+    /// Create or change a policy.
+    pub fn set_policy(&mut self, name: &str, policy: &Policy) -> Result<()> {
+        check_name("policy", name)?;
+        policy.validate()?;
+        self.catalog.policies.insert(name.to_string(), PolicyRecord::from(policy));
+        self.save()
+    }
+
+    /// The policy a VM follows.
+    pub fn vm_policy(&self, vm: &str) -> Result<Policy> {
+        let rec = self.catalog.vm(vm)?;
+        self.catalog.policy(&rec.policy)
+    }
+
+    /// Enable replication of a VM: register it, ship every allocated extent of its disks
+    /// (holes and zero runs skipped) and cut the `initial` point.
+    pub fn protect(&mut self, req: &ProtectRequest, progress: &mut dyn Progress) -> Result<ProtectReport> {
+        check_name("VM", &req.vm)?;
+        if self.catalog.vms.contains_key(&req.vm) {
+            return Err(Error::Conflict(format!(
+                "VM '{}' is already protected (see `standby status {}`)",
+                req.vm, req.vm
+            )));
+        }
+        let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
+        let policy = self.catalog.policy(&policy_name)?;
+        if req.disks.is_empty() {
+            return Err(Error::Invalid("a VM needs at least one --disk NAME=PATH".into()));
+        }
+        let mut disks = Vec::new();
+        for (name, src) in &req.disks {
+            check_name("disk", name)?;
+            if disks.iter().any(|d: &DiskRecord| &d.name == name) {
+                return Err(Error::Invalid(format!("disk '{name}' is named twice")));
+            }
+            let src = src
+                .as_ref()
+                .ok_or_else(|| Error::Invalid(format!("disk '{name}' needs a source: --disk {name}=PATH or {name}=new:SIZE")))?;
+            let (path, size) = match src {
+                DiskSource::Existing(p) => {
+                    let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+                    if !meta.is_file() {
+                        return Err(Error::Invalid(format!("source disk {} is not a raw image file", p.display())));
+                    }
+                    (p.clone(), meta.len())
+                }
+                DiskSource::New(p, size) => {
+                    if p.exists() {
+                        return Err(Error::Conflict(format!("{} already exists; new:SIZE creates a new image", p.display())));
+                    }
+                    (p.clone(), *size)
+                }
+            };
+            if size == 0 || size % crate::SECTOR_BYTES != 0 || size > crate::replica::MAX_DISK_BYTES {
+                return Err(Error::Invalid(format!(
+                    "disk '{name}' is {size} bytes: a disk must be a non-zero multiple of 512 bytes, at most 64 TiB"
+                )));
+            }
+            let path = std::path::absolute(&path).map_err(|e| Error::io(&path, e))?;
+            disks.push(DiskRecord {
+                name: name.clone(),
+                source: path.to_string_lossy().into_owned(),
+                size_bytes: size,
+            });
+        }
+        for (name, src) in &req.disks {
+            if let Some(DiskSource::New(p, size)) = src {
+                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(p).map_err(|e| Error::io(p, e))?;
+                f.set_len(*size).map_err(|e| Error::io(p, e))?;
+                f.sync_all().map_err(|e| Error::io(p, e))?;
+                let _ = name;
+            }
+        }
+        let source = Placement {
+            resource_group: req.source.resource_group.clone().unwrap_or_else(|| "default".into()),
+            network: req.source.network.clone().unwrap_or_else(|| "default-net".into()),
+            subnet: req.source.subnet.clone().unwrap_or_else(|| "default".into()),
+            availability_set: req.source.availability_set.clone(),
+        };
+        let target = Placement {
+            resource_group: req.target.resource_group.clone().unwrap_or_else(|| format!("{}-asr", source.resource_group)),
+            network: req.target.network.clone().unwrap_or_else(|| format!("{}-asr", source.network)),
+            subnet: req.target.subnet.clone().unwrap_or_else(|| source.subnet.clone()),
+            availability_set: req
+                .target
+                .availability_set
+                .clone()
+                .or_else(|| source.availability_set.as_ref().map(|s| format!("{s}-asr"))),
+        };
+        for (what, v) in [("resource group", &target.resource_group), ("network", &target.network)] {
+            check_name(what, v)?;
+        }
+        let mut network_mapping = BTreeMap::new();
+        network_mapping.insert(source.network.clone(), target.network.clone());
+        for (s, d) in &req.network_mapping {
+            network_mapping.insert(s.clone(), d.clone());
+        }
+        let record = VmRecord {
+            name: req.vm.clone(),
+            disks,
+            policy: policy_name,
+            source,
+            target,
+            network_mapping,
+            state: VmState::InitialReplication,
+            created_us: now_us(),
+            failover: None,
+            committed: false,
+            test_failover: None,
+            resync_reason: None,
+        };
+        // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
+        // next protect of that name.
+        let vm_dir = self.vm_dir(&req.vm);
+        if vm_dir.exists() {
+            std::fs::remove_dir_all(&vm_dir).at(&vm_dir)?;
+        }
+        std::fs::create_dir_all(&vm_dir).at(&vm_dir)?;
+        let specs: Vec<DiskSpec> = record
+            .disks
+            .iter()
+            .map(|d| DiskSpec { name: d.name.clone(), size_bytes: d.size_bytes })
+            .collect();
+        let replica = Replica::create(self.vfs.clone(), vm_dir.join("replica"), &specs, ReplicaConfig::default())?;
+        let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::default())?;
+        let cache = Arc::new(cache);
+        self.catalog.vms.insert(req.vm.clone(), record.clone());
+        self.save()?;
+        let (shipped, scanned) = initial_replication(&cache, &record.disks, progress)?;
+        let durable = cache.sync()?;
+        cache.set_source_seq(durable)?;
+        let mut processor = Processor::new(cache.clone(), replica, policy)?;
+        let initial_point = processor.cut_point(PointKind::Initial, None)?;
+        drop(processor);
+        cache.close()?;
+        self.catalog.vm_mut(&req.vm)?.state = VmState::Protected;
+        self.save()?;
+        Ok(ProtectReport {
+            initial_point,
+            shipped_bytes: shipped,
+            scanned_bytes: scanned,
+        })
+    }
+
+    fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {
+        self.live_vm(vm)?;
+        let (cache, _) = Cache::open(self.vm_dir(vm).join("cache"), CacheConfig::default())?;
+        Ok(Arc::new(cache))
+    }
+
+    fn open_replica(&self, vm: &str) -> Result<Replica> {
+        self.live_vm(vm)?;
+        Ok(Replica::open(self.vfs.clone(), self.vm_dir(vm).join("replica"), ReplicaConfig::default())?.0)
+    }
+
+    /// A VM whose recovery points still exist.
+    fn live_vm(&self, vm: &str) -> Result<&VmRecord> {
+        let rec = self.catalog.vm(vm)?;
+        if rec.committed {
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' was failed over and the failover committed: its recovery points are gone"
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// The write tap of a VM (what the NBD agent serves; tests and the demo write through it).
+    pub fn agent(&self, vm: &str) -> Result<Agent> {
+        let rec = self.live_vm(vm)?;
+        if rec.state == VmState::FailedOver {
+            return Err(Error::Conflict(format!("VM '{vm}' is failed over: its source disks are no longer replicated")));
+        }
+        let disks = rec
+            .disks
+            .iter()
+            .map(|d| SourceDisk { name: d.name.clone(), path: PathBuf::from(&d.source), size_bytes: d.size_bytes })
+            .collect();
+        Agent::open(self.open_cache(vm)?, disks)
+    }
+
+    /// Apply a VM's pending changes into its replica, cutting and pruning points per policy.
+    pub fn process(&mut self, vm: &str) -> Result<PassReport> {
+        let rec = self.live_vm(vm)?;
+        if rec.state == VmState::FailedOver {
+            return Err(Error::Conflict(format!("VM '{vm}' is failed over and no longer processed")));
+        }
+        let policy = self.vm_policy(vm)?;
+        let cache = self.open_cache(vm)?;
+        let mut p = Processor::new(cache.clone(), self.open_replica(vm)?, policy)?;
+        let report = p.run_pass()?;
+        drop(p);
+        cache.close()?;
+        Ok(report)
+    }
+
+    /// VMs that `process` without a name works through.
+    pub fn processable_vms(&self) -> Vec<String> {
+        self.catalog
+            .vms
+            .values()
+            .filter(|v| !v.committed && matches!(v.state, VmState::Protected | VmState::TestFailover | VmState::ResyncRequired))
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// Cut a recovery point now: a marker goes through the log, ordered with the writes,
+    /// and the log is processed up to it.
+    pub fn cut_point(&mut self, vm: &str, consistency: Consistency, name: Option<&str>) -> Result<PointInfo> {
+        let rec = self.live_vm(vm)?;
+        if rec.state == VmState::FailedOver {
+            return Err(Error::Conflict(format!("VM '{vm}' is failed over and no longer processed")));
+        }
+        if let Some(n) = name {
+            if n.len() > crate::record::MAX_NAME_BYTES {
+                return Err(Error::Invalid("point name is too long".into()));
+            }
+        }
+        let marker = Marker { consistency, name: name.map(str::to_string), group: None };
+        let cache = self.open_cache(vm)?;
+        let seq = cache.append(&Entry::Marker(&marker))?;
+        cache.wait_durable(seq)?;
+        let mut p = Processor::new(cache.clone(), self.open_replica(vm)?, self.vm_policy(vm)?)?;
+        let report = p.run_pass()?;
+        drop(p);
+        cache.close()?;
+        report
+            .points
+            .into_iter()
+            .find(|pt| pt.seq == seq)
+            .ok_or_else(|| Error::Invalid(format!("the marker at seq {seq} cut no point")))
+    }
+
+    /// The retained points of a VM, oldest first.
+    pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>> {
+        Ok(self.open_replica(vm)?.points())
+    }
+
+    /// Check every checksum of a VM's change log and replica (or, with `spec`, report only
+    /// damage that point reads).
+    pub fn verify(&self, vm: &str, spec: Option<PointSpec>) -> Result<(VerifyReport, Option<PointInfo>)> {
+        let replica = self.open_replica(vm)?;
+        let mut report = replica.verify()?;
+        // The change log: reading every retained record verifies every frame.
+        let cache = self.open_cache(vm)?;
+        let first = cache.stats().first_seq;
+        let mut reader = cache.reader(first)?;
+        loop {
+            match reader.next_record() {
+                Ok(Some(_)) => report.frames_checked += 1,
+                Ok(None) => break,
+                Err(Error::Corrupt { path, offset, what }) => {
+                    report.damage.push(crate::replica::Damage { path, offset, what, points: vec![], latest: true });
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        cache.close()?;
+        let point = match spec {
+            None => None,
+            Some(PointSpec::Id(id)) => {
+                let p = replica.point(id).ok_or_else(|| unknown_point(vm, &id.to_string()))?;
+                report.damage.retain(|d| d.points.contains(&id));
+                Some(p)
+            }
+            Some(PointSpec::Latest) => {
+                report.damage.retain(|d| d.latest);
+                None
+            }
+            Some(other) => {
+                let p = resolve_existing(&replica, vm, other)?;
+                report.damage.retain(|d| d.points.contains(&p.id));
+                Some(p)
+            }
+        };
+        Ok((report, point))
+    }
+}
+
+pub(crate) fn unknown_point(vm: &str, what: &str) -> Error {
+    Error::NotFound(format!("VM '{vm}' has no recovery point {what} (see `standby points {vm}`)"))
+}
+
+/// Resolve a spec that names an existing point (not `latest`, `seq:` or `time:`).
+pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> Result<PointInfo> {
+    let points = replica.points();
+    match spec {
+        PointSpec::LatestProcessed => points.last().cloned().ok_or_else(|| unknown_point(vm, "yet")),
+        PointSpec::LatestAppConsistent => points
+            .iter()
+            .rev()
+            .find(|p| p.kind == PointKind::AppConsistent)
+            .cloned()
+            .ok_or_else(|| unknown_point(vm, "that is app-consistent")),
+        PointSpec::Id(id) => replica.point(id).ok_or_else(|| unknown_point(vm, &id.to_string())),
+        other => Err(Error::Invalid(format!("'{other}' does not name a single recovery point"))),
+    }
+}
+
+/// Ship every allocated, non-zero 4 KiB block of each disk into the log.
+fn initial_replication(cache: &Cache, disks: &[DiskRecord], progress: &mut dyn Progress) -> Result<(u64, u64)> {
+    const CHUNK: usize = 1 << 20;
+    const BLOCK: usize = 4096;
+    let mut extents = Vec::new();
+    let mut total = 0;
+    for (i, d) in disks.iter().enumerate() {
+        let path = PathBuf::from(&d.source);
+        let f = std::fs::File::open(&path).at(&path)?;
+        for (s, e) in crate::fsutil::data_ranges(&f, d.size_bytes).at(&path)? {
+            total += e - s;
+            extents.push((i as u16, path.clone(), s, e));
+        }
+    }
+    progress.begin("initial replication", total);
+    let mut shipped = 0;
+    let mut buf = vec![0u8; CHUNK];
+    let mut last = 0;
+    for (disk, path, start, end) in extents {
+        let f = std::fs::File::open(&path).at(&path)?;
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(CHUNK);
+            f.read_exact_at(&mut buf[..n], at).at(&path)?;
+            // Ship runs of blocks that are not all zeros.
+            let mut run_start: Option<usize> = None;
+            let mut b = 0;
+            while b <= n {
+                let zero = b == n || buf[b..(b + BLOCK).min(n)].iter().all(|&x| x == 0);
+                match (zero, run_start) {
+                    (false, None) => run_start = Some(b),
+                    (true, Some(s)) => {
+                        let data = &buf[s..b.min(n)];
+                        last = cache.append(&Entry::Write { disk, offset: at + s as u64, data })?;
+                        shipped += data.len() as u64;
+                        run_start = None;
+                    }
+                    _ => {}
+                }
+                b += BLOCK;
+            }
+            at += n as u64;
+            progress.advance(n as u64);
+        }
+    }
+    if last > 0 {
+        cache.wait_written(last)?;
+    }
+    progress.end();
+    Ok((shipped, total))
+}
