@@ -4,8 +4,9 @@
 //!
 //! Points are cut at every marker (app- or crash-consistent as the marker says), and a
 //! crash-consistent point whenever the policy's interval has elapsed *in record time*:
-//! before applying record r, if `r.time_us - open_since >= crash_interval` and something
-//! changed since the last point, a point is cut at `r.seq - 1`. That rule depends only on
+//! before applying record r, if `r.time_us - open_since >= crash_interval`, where
+//! `open_since` is the time of the oldest change no point covers yet, a point is cut at
+//! `r.seq - 1`. So no change stays outside a point for longer than the interval. That rule depends only on
 //! the log and the replica's durable state, so redoing a range after a crash cuts the same
 //! points. At the end of a pass a point is also cut if the interval elapsed by the wall
 //! clock (an idle VM still gets a fresh point); that one depends on when the pass ran.

@@ -263,14 +263,11 @@ impl Replica {
         self.applied_seq > self.manifest.sealed_seq()
     }
 
-    /// Time the current open layer began: the newest point's time, else the first
-    /// applied change's time. `None` when nothing was ever applied.
+    /// Time of the oldest change no point covers yet (the first change of the open
+    /// layer); `None` when every change is in a point. The processor's interval runs from
+    /// here, so no change stays unprotected longer than the interval.
     pub fn open_since_us(&self) -> Option<u64> {
-        self.manifest
-            .points
-            .last()
-            .map(|p| p.info.time_us)
-            .or_else(|| self.open.entries.first().map(|e| e.time_us))
+        self.open.entries.first().map(|e| e.time_us)
     }
 
     /// Time of the last applied record.
