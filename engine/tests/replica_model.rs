@@ -6,6 +6,9 @@
 //! point and sampled sequence numbers of the any-moment window read bit-exact, pruned
 //! points are gone. Failing seeds found here stay below as named regression tests.
 
+// `is_multiple_of` is newer than the workspace's minimum Rust version.
+#![allow(clippy::manual_is_multiple_of)]
+
 use standby_engine::policy::Policy;
 use standby_engine::record::{Consistency, Marker, Op, Record};
 use standby_engine::replica::{DiskSpec, PointKind, Replica, ReplicaConfig};

@@ -82,7 +82,7 @@ fn a_1tib_disk_with_10mib_written_costs_what_was_written() {
     let on_disk = allocated(&dir);
     let memory = r.stats().index_memory_bytes;
     eprintln!("1 TiB disk, 10 MiB written: replica {on_disk} bytes on disk, {memory} bytes of index in memory");
-    assert!(on_disk < 64 * MIB && on_disk >= 10 * MIB, "{on_disk}");
+    assert!((10 * MIB..64 * MIB).contains(&on_disk), "{on_disk}");
     assert!(memory < 64 * MIB);
 
     let view = r.view_point(p.id).unwrap();

@@ -64,9 +64,12 @@ pub struct View {
     time_us: u64,
     point: Option<PointInfo>,
     /// The last extent decoded, for reads that touch the same frame repeatedly.
-    cache: Mutex<Option<((u64, u64), Arc<Vec<u8>>)>>,
+    cache: Mutex<Option<CachedExtent>>,
     _pins: Vec<Arc<LayerIndex>>,
 }
+
+/// A decoded extent and the frame `(file_id, frame_offset)` it came from.
+type CachedExtent = ((u64, u64), Arc<Vec<u8>>);
 
 /// Longest run a materialization gathers into one write.
 const RUN_BYTES: u64 = 8 << 20;
