@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An open file, positioned I/O only (no shared cursor), shareable across threads.
+#[allow(clippy::len_without_is_empty)] // a file's length is a size, not a collection's
 pub trait VFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
