@@ -66,14 +66,14 @@ pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, FormatError> {
     let incompat = c.u32()?;
     let compat = c.u32()?;
     let file_id = c.u64()?;
-    let reserved = c.u64()?;
+    let _reserved = c.u64()?;
     let crc = c.u32()?;
     if seeded_crc(HEADER_SEED, file_id, &[&b[0..36]]) != crc {
         return Err(bad("data file header checksum mismatch"));
     }
     check_features("data file", version, VERSION, incompat, KNOWN_INCOMPAT)?;
-    if header_bytes != HEADER_BYTES || reserved != 0 {
-        return Err(bad("data file header has a bad length or reserved field"));
+    if header_bytes != HEADER_BYTES {
+        return Err(bad("data file header has a bad length"));
     }
     Ok(DataHeader { file_id, compat })
 }

@@ -71,7 +71,7 @@ impl FrameHeader {
         let kind = c.u8()?;
         let flags = c.u8()?;
         let disk = c.u16()?;
-        let reserved = c.u32()?;
+        let _reserved = c.u32()?;
         let h = FrameHeader {
             body_len,
             kind,
@@ -82,9 +82,6 @@ impl FrameHeader {
             seq: c.u64()?,
             time_us: c.u64()?,
         };
-        if reserved != 0 {
-            return Err(bad("extent frame reserved field is not zero"));
-        }
         if body_len as usize > MAX_EXTENT_BYTES {
             return Err(bad(format!(
                 "extent body of {body_len} bytes exceeds the limit"

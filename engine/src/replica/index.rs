@@ -230,9 +230,9 @@ fn decode_entry(c: &mut Cursor<'_>) -> Result<Entry, FormatError> {
     let file_id = c.u64()?;
     let frame_offset = c.u64()?;
     let frame_len = c.u32()?;
-    let reserved = c.u32()?;
-    if reserved != 0 || len == 0 || offset.checked_add(len).is_none() {
-        return Err(bad("bad range or reserved field"));
+    let _reserved = c.u32()?;
+    if len == 0 || offset.checked_add(len).is_none() {
+        return Err(bad("empty or overflowing range"));
     }
     let loc = match kind {
         1 => {

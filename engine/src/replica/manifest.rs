@@ -198,14 +198,14 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
     let incompat = c.u32()?;
     let compat = c.u32()?;
     let body_len = c.u32()? as usize;
-    let reserved = c.u32()?;
+    let _reserved = c.u32()?;
     let h = c.u32()?;
     if seeded_crc(HEADER_SEED, CRC_ID, &[&b[..28]]) != h {
         return Err(bad("manifest header checksum mismatch"));
     }
     check_features("manifest", version, VERSION, incompat, KNOWN_INCOMPAT)?;
-    if header_bytes != HEADER_BYTES || reserved != 0 || body_len > MAX_MANIFEST_BYTES {
-        return Err(bad("manifest header has a bad length or reserved field"));
+    if header_bytes != HEADER_BYTES || body_len > MAX_MANIFEST_BYTES {
+        return Err(bad("manifest header has a bad length"));
     }
     let total = HEADER_BYTES + body_len + 4;
     if b.len() < total {

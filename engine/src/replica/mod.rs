@@ -27,6 +27,7 @@ pub mod map;
 mod open;
 pub mod retention;
 mod store;
+mod usage;
 mod verify;
 pub mod view;
 
