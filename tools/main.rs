@@ -1,1 +1,586 @@
-fn main() {}
+//! `standby`: the command-line face of the Standby engine. It parses arguments, calls the
+//! engine, and prints tables (or one JSON document with `--json`); errors become one line
+//! on stderr and exit status 1 (2 for usage errors). Nothing here touches vault files
+//! directly.
+
+mod demo;
+mod output;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+use output::{bytes, rfc3339};
+use standby_engine::record::Consistency;
+use standby_engine::vault::{
+    DiskSource, LockWait, PlacementOverrides, PointSpec, ProtectRequest, Vault,
+};
+use standby_engine::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const EXAMPLES: &str = "\
+Examples:
+  standby demo                                  # the whole flow on a throw-away vault
+  standby init /srv/vault
+  export STANDBY_VAULT=/srv/vault
+  standby policy set gold --crash-interval 1m --retention 72h --rpo-threshold 15m
+  standby protect web01 --disk os=/images/web01-os.raw --disk data=new:20GiB --policy gold \\
+      --resource-group prod --network prod-net --subnet web
+  standby process --follow                      # apply the cache, cut points (Ctrl-C stops)
+  standby point web01 --app-consistent --name before-upgrade
+  standby points web01
+  standby status --json
+  standby failover web01 --point latest-app-consistent
+  standby failover-commit web01";
+
+#[derive(Parser)]
+#[command(
+    name = "standby",
+    version,
+    about = "Keep point-in-time replicas of VM disks at a second site and fail over to any moment.",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct VaultArg {
+    /// The vault directory (or set STANDBY_VAULT).
+    #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT")]
+    vault: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a vault: a directory that holds the catalog, change logs and replicas.
+    #[command(after_help = "Example:\n  standby init /srv/vault")]
+    Init {
+        /// Directory to create (an existing one must be empty).
+        vault: PathBuf,
+    },
+    /// Create, change or list replication policies (`default` always exists).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Enable replication of a VM: register it, run initial replication, cut the initial point.
+    #[command(
+        after_help = "Examples:\n  standby protect web01 --disk os=/images/web01.raw\n  standby protect db01 --disk os=/images/db01.raw --disk logs=new:10GiB \\\n      --resource-group prod --network prod-net --subnet db --availability-set db-set \\\n      --target-resource-group dr-prod --network-mapping prod-net=dr-net\n\nTarget settings default from the source: RG-asr, NET-asr, the same subnet, SET-asr."
+    )]
+    Protect(ProtectArgs),
+    /// Apply pending changes into the replicas and cut points per policy.
+    #[command(
+        after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow"
+    )]
+    Process {
+        #[command(flatten)]
+        v: VaultArg,
+        /// Only this VM.
+        vm: Option<String>,
+        /// Keep processing until interrupted (Ctrl-C or SIGTERM stop cleanly).
+        #[arg(long)]
+        follow: bool,
+        /// Pause between passes with --follow.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+        every: Duration,
+    },
+    /// Cut a recovery point now (ordered with the VM's writes).
+    #[command(
+        after_help = "Example:\n  standby point web01 --app-consistent --name before-upgrade"
+    )]
+    Point {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: String,
+        /// Mark the point app-consistent (the guest was quiesced).
+        #[arg(long)]
+        app_consistent: bool,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a VM's recovery points.
+    #[command(after_help = "Example:\n  standby points web01 --json")]
+    Points {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replication state, health, RPO and backlog of every VM (or one).
+    #[command(after_help = "Example:\n  standby status web01 --json")]
+    Status {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a VM over: materialize its disks at a point in the target resource group.
+    #[command(
+        after_help = "POINT is latest, latest-processed, latest-app-consistent, a point id, seq:N or\ntime:RFC3339 (inside the any-moment window).\n\nExamples:\n  standby failover web01 --point latest\n  standby failover web01 --point time:2026-11-26T09:30:00Z --out /srv/recovered/web01"
+    )]
+    Failover(FailoverArgs),
+    /// End a failover: it becomes final and the VM's recovery points are deleted.
+    FailoverCommit {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: String,
+    },
+    /// Materialize a point into an isolated network while replication keeps running.
+    #[command(after_help = "Example:\n  standby test-failover web01 --point latest-processed")]
+    TestFailover {
+        #[command(flatten)]
+        f: FailoverArgs,
+        /// The isolated network (default: the target network with -test).
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Remove a test failover's disks.
+    TestFailoverCleanup {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: String,
+    },
+    /// Check every checksum of a VM's log and replica; exit 0 only if all is sound.
+    #[command(after_help = "Example:\n  standby verify web01 --point latest-app-consistent")]
+    Verify {
+        #[command(flatten)]
+        v: VaultArg,
+        vm: String,
+        /// Only report damage this point reads.
+        #[arg(long, value_parser = parse_spec)]
+        point: Option<PointSpec>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole flow on a throw-away vault: protect, write, process, fail over, verify.
+    #[command(after_help = "Example:\n  standby demo --dir /tmp/standby-demo")]
+    Demo {
+        /// Where to create the demo vault and source disks (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Create or change a policy; unset options keep their current (or default) value.
+    #[command(
+        after_help = "Example:\n  standby policy set gold --crash-interval 1m --app-interval off --retention 72h"
+    )]
+    Set {
+        #[command(flatten)]
+        v: VaultArg,
+        name: String,
+        /// How often crash-consistent points are cut (at least 1s).
+        #[arg(long, value_parser = parse_duration)]
+        crash_interval: Option<Duration>,
+        /// How often app-consistent points are expected, or `off`.
+        #[arg(long, value_parser = parse_optional_duration)]
+        app_interval: Option<Option<Duration>>,
+        /// Points older than this are pruned.
+        #[arg(long, value_parser = parse_duration)]
+        retention: Option<Duration>,
+        /// Every write newer than this is kept: recover to any moment inside it.
+        #[arg(long, value_parser = parse_duration)]
+        any_moment_window: Option<Duration>,
+        /// Points older than this are thinned to one per hour.
+        #[arg(long, value_parser = parse_duration)]
+        thin_after: Option<Duration>,
+        /// Health turns critical once the RPO exceeds this.
+        #[arg(long, value_parser = parse_duration)]
+        rpo_threshold: Option<Duration>,
+    },
+    /// List policies.
+    List {
+        #[command(flatten)]
+        v: VaultArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ProtectArgs {
+    #[command(flatten)]
+    v: VaultArg,
+    vm: String,
+    /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one (repeatable).
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = parse_disk)]
+    disks: Vec<(String, DiskSource)>,
+    #[arg(long)]
+    policy: Option<String>,
+    #[arg(long)]
+    resource_group: Option<String>,
+    #[arg(long)]
+    network: Option<String>,
+    #[arg(long)]
+    subnet: Option<String>,
+    #[arg(long)]
+    availability_set: Option<String>,
+    #[arg(long)]
+    target_resource_group: Option<String>,
+    #[arg(long)]
+    target_network: Option<String>,
+    #[arg(long)]
+    target_subnet: Option<String>,
+    #[arg(long)]
+    target_availability_set: Option<String>,
+    /// SRC=DST source network to target network (repeatable).
+    #[arg(long, value_name = "SRC=DST", value_parser = parse_pair)]
+    network_mapping: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct FailoverArgs {
+    #[command(flatten)]
+    v: VaultArg,
+    vm: String,
+    /// latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339.
+    #[arg(long, value_parser = parse_spec)]
+    point: PointSpec,
+    /// Output directory (default: VAULT/failover/TARGET-RG/VM).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 30s, 5m, 1h, 2d: {e}"))
+}
+
+fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+    if s == "off" {
+        Ok(None)
+    } else {
+        parse_duration(s).map(Some)
+    }
+}
+
+fn parse_spec(s: &str) -> Result<PointSpec, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("'{s}' is not SRC=DST")),
+    }
+}
+
+/// Parse a size like 512, 10MiB, 20GiB, 1TiB (binary units; K/M/G/T accepted too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512, 64MiB or 20GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit (use KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_disk(s: &str) -> Result<(String, DiskSource), String> {
+    let (name, path) =
+        parse_pair(s).map_err(|_| format!("'{s}' is not NAME=PATH or NAME=new:SIZE"))?;
+    let src = match path.strip_prefix("new:") {
+        Some(rest) => {
+            let (size, file) = match rest.split_once(':') {
+                Some((size, file)) => (size, PathBuf::from(file)),
+                None => (rest, PathBuf::from(format!("{name}.raw"))),
+            };
+            DiskSource::New(file, parse_size(size)?)
+        }
+        None => DiskSource::Existing(PathBuf::from(path)),
+    };
+    Ok((name, src))
+}
+
+/// Open the vault, waiting (and saying so) if another command holds it.
+fn open_vault(path: &Path, who: &str) -> Result<Vault, Error> {
+    match Vault::open(path, who, LockWait::Fail) {
+        Err(Error::Locked(holder)) => {
+            eprintln!("standby: waiting for the vault lock, held by {holder}");
+            Vault::open(path, who, LockWait::Block)
+        }
+        other => other,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("standby: {}", output::one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn who(what: &str) -> String {
+    format!("standby {what}")
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Init { vault } => {
+            Vault::init(&vault)?;
+            println!("created vault {}", vault.display());
+            println!(
+                "next: export STANDBY_VAULT={} and `standby protect VM --disk NAME=PATH`",
+                vault.display()
+            );
+        }
+        Command::Policy(PolicyCmd::Set {
+            v,
+            name,
+            crash_interval,
+            app_interval,
+            retention,
+            any_moment_window,
+            thin_after,
+            rpo_threshold,
+        }) => {
+            let mut vault = open_vault(&v.vault, &who("policy set"))?;
+            let mut p = vault.catalog().policy(&name).unwrap_or_default();
+            if let Some(d) = crash_interval {
+                p.crash_interval = d;
+            }
+            if let Some(d) = app_interval {
+                p.app_interval = d;
+            }
+            if let Some(d) = retention {
+                p.retention = d;
+            }
+            if let Some(d) = any_moment_window {
+                p.any_moment_window = d;
+            }
+            if let Some(d) = thin_after {
+                p.thin_after = d;
+            }
+            if let Some(d) = rpo_threshold {
+                p.rpo_threshold = d;
+            }
+            vault.set_policy(&name, &p)?;
+            println!("policy {name}: {}", output::policy_line(&p));
+        }
+        Command::Policy(PolicyCmd::List { v, json }) => {
+            let vault = open_vault(&v.vault, &who("policy list"))?;
+            output::policies(vault.catalog(), json);
+        }
+        Command::Protect(a) => protect(a)?,
+        Command::Process {
+            v,
+            vm,
+            follow,
+            every,
+        } => return process(&v.vault, vm, follow, every),
+        Command::Point {
+            v,
+            vm,
+            app_consistent,
+            name,
+        } => {
+            let mut vault = open_vault(&v.vault, &who("point"))?;
+            let c = if app_consistent {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            };
+            let p = vault.cut_point(&vm, c, name.as_deref())?;
+            println!(
+                "cut point {} of {vm} at seq {} ({}, {})",
+                p.id,
+                p.seq,
+                output::kind(p.kind),
+                rfc3339(p.time_us)
+            );
+        }
+        Command::Points { v, vm, json } => {
+            let vault = open_vault(&v.vault, &who("points"))?;
+            let points = vault.points_with_bytes(&vm)?;
+            output::points(&vm, &points, json);
+        }
+        Command::Status { v, vm, json } => {
+            let vault = open_vault(&v.vault, &who("status"))?;
+            let names: Vec<String> = match vm {
+                Some(n) => vec![n],
+                None => vault.catalog().vms.keys().cloned().collect(),
+            };
+            let mut all = Vec::new();
+            for n in &names {
+                all.push(vault.status(n)?);
+            }
+            output::status(&all, json);
+        }
+        Command::Failover(f) => failover(f, false, None)?,
+        Command::TestFailover { f, network } => failover(f, true, network)?,
+        Command::FailoverCommit { v, vm } => {
+            let mut vault = open_vault(&v.vault, &who("failover-commit"))?;
+            vault.failover_commit(&vm)?;
+            println!("failover of {vm} committed; its recovery points are deleted");
+        }
+        Command::TestFailoverCleanup { v, vm } => {
+            let mut vault = open_vault(&v.vault, &who("test-failover-cleanup"))?;
+            let dir = vault.test_failover_cleanup(&vm)?;
+            println!("removed the test failover of {vm} ({})", dir.display());
+        }
+        Command::Verify { v, vm, point, json } => {
+            let vault = open_vault(&v.vault, &who("verify"))?;
+            let (report, p) = vault.verify(&vm, point)?;
+            let clean = report.is_clean();
+            output::verify(&vm, &report, p.as_ref(), json);
+            if !clean {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Demo { dir } => demo::run(dir)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn protect(a: ProtectArgs) -> Result<(), Error> {
+    let mut vault = open_vault(&a.v.vault, &who("protect"))?;
+    let req = ProtectRequest {
+        vm: a.vm.clone(),
+        disks: a.disks.into_iter().map(|(n, s)| (n, Some(s))).collect(),
+        policy: a.policy,
+        source: PlacementOverrides {
+            resource_group: a.resource_group,
+            network: a.network,
+            subnet: a.subnet,
+            availability_set: a.availability_set,
+        },
+        target: PlacementOverrides {
+            resource_group: a.target_resource_group,
+            network: a.target_network,
+            subnet: a.target_subnet,
+            availability_set: a.target_availability_set,
+        },
+        network_mapping: a.network_mapping,
+    };
+    let mut bar = progress::Bar::new();
+    let r = vault.protect(&req, &mut bar)?;
+    let rec = vault.catalog().vm(&a.vm)?;
+    println!(
+        "protected {}: {} disk(s), shipped {} of {} allocated (holes and zero runs skipped); initial point {} at seq {}",
+        a.vm,
+        rec.disks.len(),
+        bytes(r.shipped_bytes),
+        bytes(r.scanned_bytes),
+        r.initial_point.id,
+        r.initial_point.seq
+    );
+    println!(
+        "target: resource group {}, network {}, subnet {}{}",
+        rec.target.resource_group,
+        rec.target.network,
+        rec.target.subnet,
+        rec.target
+            .availability_set
+            .as_ref()
+            .map(|s| format!(", availability set {s}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn process(
+    path: &Path,
+    vm: Option<String>,
+    follow: bool,
+    every: Duration,
+) -> Result<ExitCode, Error> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if follow {
+        let s = stop.clone();
+        ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst))
+            .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
+    }
+    loop {
+        {
+            let mut vault = open_vault(
+                path,
+                &who(if follow {
+                    "process --follow"
+                } else {
+                    "process"
+                }),
+            )?;
+            let names = match &vm {
+                Some(n) => vec![n.clone()],
+                None => vault.processable_vms(),
+            };
+            for n in names {
+                let r = vault.process(&n)?;
+                if !follow
+                    || r.applied > 0
+                    || !r.points.is_empty()
+                    || !r.prune.pruned_points.is_empty()
+                {
+                    println!(
+                        "{n}: applied {} records ({}), {} new point(s), {} pruned, durable to seq {}",
+                        r.applied,
+                        bytes(r.applied_bytes),
+                        r.points.len(),
+                        r.prune.pruned_points.len(),
+                        r.durable_seq
+                    );
+                }
+            }
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let until = std::time::Instant::now() + every;
+        while std::time::Instant::now() < until {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("standby: stopped");
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+fn failover(f: FailoverArgs, test: bool, network: Option<String>) -> Result<(), Error> {
+    let mut vault = open_vault(
+        &f.v.vault,
+        &who(if test { "test-failover" } else { "failover" }),
+    )?;
+    let mut bar = progress::Bar::new();
+    let r = vault.failover(
+        &f.vm,
+        f.point,
+        f.out.as_deref(),
+        test,
+        network.as_deref(),
+        &mut bar,
+    )?;
+    output::failover(&r);
+    Ok(())
+}

@@ -201,7 +201,7 @@ pub fn validate(entry: &Entry<'_>) -> Result<(), String> {
 }
 
 fn check_aligned(offset: u64, len: u64) -> Result<(), String> {
-    if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+    if !offset.is_multiple_of(SECTOR_BYTES) || !len.is_multiple_of(SECTOR_BYTES) {
         return Err(format!(
             "offset {offset} and length {len} must be multiples of {SECTOR_BYTES} bytes"
         ));

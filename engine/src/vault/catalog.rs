@@ -153,7 +153,10 @@ pub struct Catalog {
 impl Catalog {
     pub fn new(vault_id: String, created_us: u64) -> Catalog {
         let mut policies = BTreeMap::new();
-        policies.insert("default".to_string(), PolicyRecord::from(&Policy::default()));
+        policies.insert(
+            "default".to_string(),
+            PolicyRecord::from(&Policy::default()),
+        );
         Catalog {
             vault_id,
             created_us,
@@ -171,20 +174,24 @@ impl Catalog {
     }
 
     pub fn policy(&self, name: &str) -> Result<Policy> {
-        self.policies
-            .get(name)
-            .map(Policy::from)
-            .ok_or_else(|| Error::NotFound(format!("unknown policy '{name}' (see `standby policy list`)")))
+        self.policies.get(name).map(Policy::from).ok_or_else(|| {
+            Error::NotFound(format!(
+                "unknown policy '{name}' (see `standby policy list`)"
+            ))
+        })
     }
 }
 
 fn unknown_vm(name: &str) -> Error {
-    Error::NotFound(format!("unknown VM '{name}' (see `standby status` for the protected VMs)"))
+    Error::NotFound(format!(
+        "unknown VM '{name}' (see `standby status` for the protected VMs)"
+    ))
 }
 
 /// Encode a catalog file.
 pub fn encode(c: &Catalog) -> Result<Vec<u8>> {
-    let payload = serde_json::to_vec_pretty(c).map_err(|e| Error::Invalid(format!("catalog does not serialize: {e}")))?;
+    let payload = serde_json::to_vec_pretty(c)
+        .map_err(|e| Error::Invalid(format!("catalog does not serialize: {e}")))?;
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -227,7 +234,12 @@ pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
     if crc32fast::hash(payload) != u32::from_le_bytes([b[20], b[21], b[22], b[23]]) {
         return Err(corrupt(20, "vault catalog checksum mismatch"));
     }
-    serde_json::from_slice(payload).map_err(|e| corrupt(HEADER_BYTES as u64, &format!("vault catalog does not parse: {e}")))
+    serde_json::from_slice(payload).map_err(|e| {
+        corrupt(
+            HEADER_BYTES as u64,
+            &format!("vault catalog does not parse: {e}"),
+        )
+    })
 }
 
 pub fn load(dir: &Path) -> Result<Catalog> {

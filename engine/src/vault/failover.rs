@@ -6,7 +6,9 @@
 //! synced, and renamed into place before the catalog records the failover; a crash leaves
 //! the previous failover (or none) intact.
 
-use super::{now_us, resolve_existing, spec::rfc3339, FailoverRecord, PointSpec, Progress, Vault, VmState};
+use super::{
+    now_us, resolve_existing, spec::rfc3339, FailoverRecord, PointSpec, Progress, Vault, VmState,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::process::Processor;
 use crate::replica::{PointInfo, PointKind, View};
@@ -63,7 +65,9 @@ impl Vault {
                 )));
             }
             if rec.state == VmState::FailedOver {
-                return Err(Error::Conflict(format!("VM '{vm}' is failed over; a test failover needs a protected VM")));
+                return Err(Error::Conflict(format!(
+                    "VM '{vm}' is failed over; a test failover needs a protected VM"
+                )));
             }
         } else if rec.test_failover.is_some() {
             return Err(Error::Conflict(format!(
@@ -85,7 +89,9 @@ impl Vault {
         }
         let view = match spec {
             PointSpec::Latest => {
-                let p = replica.latest_point().ok_or_else(|| super::unknown_point(vm, "yet"))?;
+                let p = replica
+                    .latest_point()
+                    .ok_or_else(|| super::unknown_point(vm, "yet"))?;
                 replica.view_point(p.id)?
             }
             PointSpec::Seq(seq) => replica.view_seq(seq)?,
@@ -107,7 +113,9 @@ impl Vault {
                 .join(vm),
         };
         let dir = std::path::absolute(&dir).map_err(|e| Error::io(&dir, e))?;
-        let parent = dir.parent().ok_or_else(|| Error::Invalid(format!("{} has no parent directory", dir.display())))?;
+        let parent = dir
+            .parent()
+            .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", dir.display())))?;
         std::fs::create_dir_all(parent).at(parent)?;
         if dir.exists() && !self.owns_output(&rec, &dir) {
             return Err(Error::Conflict(format!(
@@ -145,13 +153,19 @@ impl Vault {
         let manifest = vm_json(&report, &rec.network_mapping);
         let mpath = tmp.join("vm.json");
         std::fs::write(&mpath, manifest).at(&mpath)?;
-        std::fs::File::open(&mpath).and_then(|f| f.sync_all()).at(&mpath)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
+        std::fs::File::open(&mpath)
+            .and_then(|f| f.sync_all())
+            .at(&mpath)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .at(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).at(&dir)?;
         }
         std::fs::rename(&tmp, &dir).at(&dir)?;
-        std::fs::File::open(parent).and_then(|f| f.sync_all()).at(parent)?;
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .at(parent)?;
         let frec = FailoverRecord {
             point_id: report.point.as_ref().map(|p| p.id),
             seq: report.seq,
@@ -173,7 +187,9 @@ impl Vault {
 
     /// Whether `dir` is this VM's own earlier failover output (so it may be replaced).
     fn owns_output(&self, rec: &super::VmRecord, dir: &Path) -> bool {
-        rec.failover.as_ref().is_some_and(|f| Path::new(&f.dir) == dir)
+        rec.failover
+            .as_ref()
+            .is_some_and(|f| Path::new(&f.dir) == dir)
     }
 
     fn materialize_all(
@@ -184,7 +200,9 @@ impl Vault {
         dir: &Path,
         progress: &mut dyn Progress,
     ) -> Result<Vec<FailoverDisk>> {
-        let total: u64 = (0..disks.len()).map(|i| view.allocated_bytes(i as u16).unwrap_or(0)).sum();
+        let total: u64 = (0..disks.len())
+            .map(|i| view.allocated_bytes(i as u16).unwrap_or(0))
+            .sum();
         progress.begin("materializing", total);
         let mut out = Vec::new();
         for (i, d) in disks.iter().enumerate() {
@@ -208,7 +226,9 @@ impl Vault {
     pub fn failover_commit(&mut self, vm: &str) -> Result<()> {
         let rec = self.live_vm(vm)?;
         if rec.state != VmState::FailedOver {
-            return Err(Error::Conflict(format!("VM '{vm}' is not failed over; run `standby failover {vm} --point …` first")));
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is not failed over; run `standby failover {vm} --point …` first"
+            )));
         }
         let vm_dir = self.vm_dir(vm);
         self.catalog.vm_mut(vm)?.committed = true;
@@ -223,7 +243,9 @@ impl Vault {
     pub fn test_failover_cleanup(&mut self, vm: &str) -> Result<PathBuf> {
         let rec = self.catalog.vm(vm)?;
         let Some(t) = rec.test_failover.clone() else {
-            return Err(Error::Conflict(format!("VM '{vm}' has no test failover to clean up")));
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' has no test failover to clean up"
+            )));
         };
         let dir = PathBuf::from(&t.dir);
         if dir.exists() {
@@ -299,4 +321,24 @@ fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, Stri
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
     s.push('\n');
     s
+}
+
+/// A streaming sha256 printed as lowercase hex, the form vm.json uses.
+#[derive(Default)]
+pub struct Sha256Hex(Sha256);
+
+impl Sha256Hex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    pub fn hex(self) -> String {
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }

@@ -61,8 +61,10 @@ pub fn acquire(dir: &Path, who: &str, wait: LockWait) -> Result<VaultLock> {
     }
     let note = format!("pid {}: {who}\n", std::process::id());
     f.set_len(0).map_err(|e| Error::io(&path, e))?;
-    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&path, e))?;
-    f.write_all(note.as_bytes()).map_err(|e| Error::io(&path, e))?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(&path, e))?;
+    f.write_all(note.as_bytes())
+        .map_err(|e| Error::io(&path, e))?;
     Ok(VaultLock { _file: f })
 }
 

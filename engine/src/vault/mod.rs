@@ -20,8 +20,10 @@ pub mod lock;
 pub mod spec;
 mod status;
 
-pub use catalog::{Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, VmRecord, VmState};
-pub use failover::{FailoverDisk, FailoverReport};
+pub use catalog::{
+    Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, VmRecord, VmState,
+};
+pub use failover::{sha256_sparse, FailoverDisk, FailoverReport, Sha256Hex};
 pub use lock::LockWait;
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
@@ -63,7 +65,9 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -131,11 +135,17 @@ impl Vault {
     /// Create a vault in `root` (created if missing; an existing directory must be empty).
     pub fn init(root: &Path) -> Result<()> {
         if root.join(catalog::FILE_NAME).exists() {
-            return Err(Error::Conflict(format!("{} is already a Standby vault", root.display())));
+            return Err(Error::Conflict(format!(
+                "{} is already a Standby vault",
+                root.display()
+            )));
         }
         if root.exists() {
             if !root.is_dir() {
-                return Err(Error::Invalid(format!("{} exists and is not a directory", root.display())));
+                return Err(Error::Invalid(format!(
+                    "{} exists and is not a directory",
+                    root.display()
+                )));
             }
             let mut entries = std::fs::read_dir(root).at(root)?;
             if entries.next().is_some() {
@@ -194,7 +204,9 @@ impl Vault {
     pub fn set_policy(&mut self, name: &str, policy: &Policy) -> Result<()> {
         check_name("policy", name)?;
         policy.validate()?;
-        self.catalog.policies.insert(name.to_string(), PolicyRecord::from(policy));
+        self.catalog
+            .policies
+            .insert(name.to_string(), PolicyRecord::from(policy));
         self.save()
     }
 
@@ -206,7 +218,11 @@ impl Vault {
 
     /// Enable replication of a VM: register it, ship every allocated extent of its disks
     /// (holes and zero runs skipped) and cut the `initial` point.
-    pub fn protect(&mut self, req: &ProtectRequest, progress: &mut dyn Progress) -> Result<ProtectReport> {
+    pub fn protect(
+        &mut self,
+        req: &ProtectRequest,
+        progress: &mut dyn Progress,
+    ) -> Result<ProtectReport> {
         check_name("VM", &req.vm)?;
         if self.catalog.vms.contains_key(&req.vm) {
             return Err(Error::Conflict(format!(
@@ -217,7 +233,9 @@ impl Vault {
         let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
         let policy = self.catalog.policy(&policy_name)?;
         if req.disks.is_empty() {
-            return Err(Error::Invalid("a VM needs at least one --disk NAME=PATH".into()));
+            return Err(Error::Invalid(
+                "a VM needs at least one --disk NAME=PATH".into(),
+            ));
         }
         let mut disks = Vec::new();
         for (name, src) in &req.disks {
@@ -225,25 +243,34 @@ impl Vault {
             if disks.iter().any(|d: &DiskRecord| &d.name == name) {
                 return Err(Error::Invalid(format!("disk '{name}' is named twice")));
             }
-            let src = src
-                .as_ref()
-                .ok_or_else(|| Error::Invalid(format!("disk '{name}' needs a source: --disk {name}=PATH or {name}=new:SIZE")))?;
+            let src = src.as_ref().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "disk '{name}' needs a source: --disk {name}=PATH or {name}=new:SIZE"
+                ))
+            })?;
             let (path, size) = match src {
                 DiskSource::Existing(p) => {
                     let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
                     if !meta.is_file() {
-                        return Err(Error::Invalid(format!("source disk {} is not a raw image file", p.display())));
+                        return Err(Error::Invalid(format!(
+                            "source disk {} is not a raw image file",
+                            p.display()
+                        )));
                     }
                     (p.clone(), meta.len())
                 }
                 DiskSource::New(p, size) => {
                     if p.exists() {
-                        return Err(Error::Conflict(format!("{} already exists; new:SIZE creates a new image", p.display())));
+                        return Err(Error::Conflict(format!(
+                            "{} already exists; new:SIZE creates a new image",
+                            p.display()
+                        )));
                     }
                     (p.clone(), *size)
                 }
             };
-            if size == 0 || size % crate::SECTOR_BYTES != 0 || size > crate::replica::MAX_DISK_BYTES {
+            if size == 0 || !size.is_multiple_of(crate::SECTOR_BYTES) || size > crate::replica::MAX_DISK_BYTES
+            {
                 return Err(Error::Invalid(format!(
                     "disk '{name}' is {size} bytes: a disk must be a non-zero multiple of 512 bytes, at most 64 TiB"
                 )));
@@ -257,29 +284,60 @@ impl Vault {
         }
         for (name, src) in &req.disks {
             if let Some(DiskSource::New(p, size)) = src {
-                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(p).map_err(|e| Error::io(p, e))?;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(p)
+                    .map_err(|e| Error::io(p, e))?;
                 f.set_len(*size).map_err(|e| Error::io(p, e))?;
                 f.sync_all().map_err(|e| Error::io(p, e))?;
                 let _ = name;
             }
         }
         let source = Placement {
-            resource_group: req.source.resource_group.clone().unwrap_or_else(|| "default".into()),
-            network: req.source.network.clone().unwrap_or_else(|| "default-net".into()),
-            subnet: req.source.subnet.clone().unwrap_or_else(|| "default".into()),
+            resource_group: req
+                .source
+                .resource_group
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            network: req
+                .source
+                .network
+                .clone()
+                .unwrap_or_else(|| "default-net".into()),
+            subnet: req
+                .source
+                .subnet
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             availability_set: req.source.availability_set.clone(),
         };
         let target = Placement {
-            resource_group: req.target.resource_group.clone().unwrap_or_else(|| format!("{}-asr", source.resource_group)),
-            network: req.target.network.clone().unwrap_or_else(|| format!("{}-asr", source.network)),
-            subnet: req.target.subnet.clone().unwrap_or_else(|| source.subnet.clone()),
+            resource_group: req
+                .target
+                .resource_group
+                .clone()
+                .unwrap_or_else(|| format!("{}-asr", source.resource_group)),
+            network: req
+                .target
+                .network
+                .clone()
+                .unwrap_or_else(|| format!("{}-asr", source.network)),
+            subnet: req
+                .target
+                .subnet
+                .clone()
+                .unwrap_or_else(|| source.subnet.clone()),
             availability_set: req
                 .target
                 .availability_set
                 .clone()
                 .or_else(|| source.availability_set.as_ref().map(|s| format!("{s}-asr"))),
         };
-        for (what, v) in [("resource group", &target.resource_group), ("network", &target.network)] {
+        for (what, v) in [
+            ("resource group", &target.resource_group),
+            ("network", &target.network),
+        ] {
             check_name(what, v)?;
         }
         let mut network_mapping = BTreeMap::new();
@@ -311,9 +369,17 @@ impl Vault {
         let specs: Vec<DiskSpec> = record
             .disks
             .iter()
-            .map(|d| DiskSpec { name: d.name.clone(), size_bytes: d.size_bytes })
+            .map(|d| DiskSpec {
+                name: d.name.clone(),
+                size_bytes: d.size_bytes,
+            })
             .collect();
-        let replica = Replica::create(self.vfs.clone(), vm_dir.join("replica"), &specs, ReplicaConfig::default())?;
+        let replica = Replica::create(
+            self.vfs.clone(),
+            vm_dir.join("replica"),
+            &specs,
+            ReplicaConfig::default(),
+        )?;
         let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::default())?;
         let cache = Arc::new(cache);
         self.catalog.vms.insert(req.vm.clone(), record.clone());
@@ -342,7 +408,12 @@ impl Vault {
 
     fn open_replica(&self, vm: &str) -> Result<Replica> {
         self.live_vm(vm)?;
-        Ok(Replica::open(self.vfs.clone(), self.vm_dir(vm).join("replica"), ReplicaConfig::default())?.0)
+        Ok(Replica::open(
+            self.vfs.clone(),
+            self.vm_dir(vm).join("replica"),
+            ReplicaConfig::default(),
+        )?
+        .0)
     }
 
     /// A VM whose recovery points still exist.
@@ -360,12 +431,18 @@ impl Vault {
     pub fn agent(&self, vm: &str) -> Result<Agent> {
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
-            return Err(Error::Conflict(format!("VM '{vm}' is failed over: its source disks are no longer replicated")));
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is failed over: its source disks are no longer replicated"
+            )));
         }
         let disks = rec
             .disks
             .iter()
-            .map(|d| SourceDisk { name: d.name.clone(), path: PathBuf::from(&d.source), size_bytes: d.size_bytes })
+            .map(|d| SourceDisk {
+                name: d.name.clone(),
+                path: PathBuf::from(&d.source),
+                size_bytes: d.size_bytes,
+            })
             .collect();
         Agent::open(self.open_cache(vm)?, disks)
     }
@@ -374,7 +451,9 @@ impl Vault {
     pub fn process(&mut self, vm: &str) -> Result<PassReport> {
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
-            return Err(Error::Conflict(format!("VM '{vm}' is failed over and no longer processed")));
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is failed over and no longer processed"
+            )));
         }
         let policy = self.vm_policy(vm)?;
         let cache = self.open_cache(vm)?;
@@ -390,24 +469,41 @@ impl Vault {
         self.catalog
             .vms
             .values()
-            .filter(|v| !v.committed && matches!(v.state, VmState::Protected | VmState::TestFailover | VmState::ResyncRequired))
+            .filter(|v| {
+                !v.committed
+                    && matches!(
+                        v.state,
+                        VmState::Protected | VmState::TestFailover | VmState::ResyncRequired
+                    )
+            })
             .map(|v| v.name.clone())
             .collect()
     }
 
     /// Cut a recovery point now: a marker goes through the log, ordered with the writes,
     /// and the log is processed up to it.
-    pub fn cut_point(&mut self, vm: &str, consistency: Consistency, name: Option<&str>) -> Result<PointInfo> {
+    pub fn cut_point(
+        &mut self,
+        vm: &str,
+        consistency: Consistency,
+        name: Option<&str>,
+    ) -> Result<PointInfo> {
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
-            return Err(Error::Conflict(format!("VM '{vm}' is failed over and no longer processed")));
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is failed over and no longer processed"
+            )));
         }
         if let Some(n) = name {
             if n.len() > crate::record::MAX_NAME_BYTES {
                 return Err(Error::Invalid("point name is too long".into()));
             }
         }
-        let marker = Marker { consistency, name: name.map(str::to_string), group: None };
+        let marker = Marker {
+            consistency,
+            name: name.map(str::to_string),
+            group: None,
+        };
         let cache = self.open_cache(vm)?;
         let seq = cache.append(&Entry::Marker(&marker))?;
         cache.wait_durable(seq)?;
@@ -429,7 +525,11 @@ impl Vault {
 
     /// Check every checksum of a VM's change log and replica (or, with `spec`, report only
     /// damage that point reads).
-    pub fn verify(&self, vm: &str, spec: Option<PointSpec>) -> Result<(VerifyReport, Option<PointInfo>)> {
+    pub fn verify(
+        &self,
+        vm: &str,
+        spec: Option<PointSpec>,
+    ) -> Result<(VerifyReport, Option<PointInfo>)> {
         let replica = self.open_replica(vm)?;
         let mut report = replica.verify()?;
         // The change log: reading every retained record verifies every frame.
@@ -441,7 +541,13 @@ impl Vault {
                 Ok(Some(_)) => report.frames_checked += 1,
                 Ok(None) => break,
                 Err(Error::Corrupt { path, offset, what }) => {
-                    report.damage.push(crate::replica::Damage { path, offset, what, points: vec![], latest: true });
+                    report.damage.push(crate::replica::Damage {
+                        path,
+                        offset,
+                        what,
+                        points: vec![],
+                        latest: true,
+                    });
                     break;
                 }
                 Err(e) => return Err(e),
@@ -451,7 +557,9 @@ impl Vault {
         let point = match spec {
             None => None,
             Some(PointSpec::Id(id)) => {
-                let p = replica.point(id).ok_or_else(|| unknown_point(vm, &id.to_string()))?;
+                let p = replica
+                    .point(id)
+                    .ok_or_else(|| unknown_point(vm, &id.to_string()))?;
                 report.damage.retain(|d| d.points.contains(&id));
                 Some(p)
             }
@@ -470,27 +578,40 @@ impl Vault {
 }
 
 pub(crate) fn unknown_point(vm: &str, what: &str) -> Error {
-    Error::NotFound(format!("VM '{vm}' has no recovery point {what} (see `standby points {vm}`)"))
+    Error::NotFound(format!(
+        "VM '{vm}' has no recovery point {what} (see `standby points {vm}`)"
+    ))
 }
 
 /// Resolve a spec that names an existing point (not `latest`, `seq:` or `time:`).
 pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> Result<PointInfo> {
     let points = replica.points();
     match spec {
-        PointSpec::LatestProcessed => points.last().cloned().ok_or_else(|| unknown_point(vm, "yet")),
+        PointSpec::LatestProcessed => points
+            .last()
+            .cloned()
+            .ok_or_else(|| unknown_point(vm, "yet")),
         PointSpec::LatestAppConsistent => points
             .iter()
             .rev()
             .find(|p| p.kind == PointKind::AppConsistent)
             .cloned()
             .ok_or_else(|| unknown_point(vm, "that is app-consistent")),
-        PointSpec::Id(id) => replica.point(id).ok_or_else(|| unknown_point(vm, &id.to_string())),
-        other => Err(Error::Invalid(format!("'{other}' does not name a single recovery point"))),
+        PointSpec::Id(id) => replica
+            .point(id)
+            .ok_or_else(|| unknown_point(vm, &id.to_string())),
+        other => Err(Error::Invalid(format!(
+            "'{other}' does not name a single recovery point"
+        ))),
     }
 }
 
 /// Ship every allocated, non-zero 4 KiB block of each disk into the log.
-fn initial_replication(cache: &Cache, disks: &[DiskRecord], progress: &mut dyn Progress) -> Result<(u64, u64)> {
+fn initial_replication(
+    cache: &Cache,
+    disks: &[DiskRecord],
+    progress: &mut dyn Progress,
+) -> Result<(u64, u64)> {
     const CHUNK: usize = 1 << 20;
     const BLOCK: usize = 4096;
     let mut extents = Vec::new();
@@ -522,7 +643,11 @@ fn initial_replication(cache: &Cache, disks: &[DiskRecord], progress: &mut dyn P
                     (false, None) => run_start = Some(b),
                     (true, Some(s)) => {
                         let data = &buf[s..b.min(n)];
-                        last = cache.append(&Entry::Write { disk, offset: at + s as u64, data })?;
+                        last = cache.append(&Entry::Write {
+                            disk,
+                            offset: at + s as u64,
+                            data,
+                        })?;
                         shipped += data.len() as u64;
                         run_start = None;
                     }
@@ -539,4 +664,11 @@ fn initial_replication(cache: &Cache, disks: &[DiskRecord], progress: &mut dyn P
     }
     progress.end();
     Ok((shipped, total))
+}
+
+impl Vault {
+    /// The retained points of a VM with the bytes each one's layer holds.
+    pub fn points_with_bytes(&self, vm: &str) -> Result<Vec<(PointInfo, u64)>> {
+        Ok(self.open_replica(vm)?.points_with_bytes())
+    }
 }

@@ -73,7 +73,14 @@ mod tests {
 
     #[test]
     fn every_form_parses_and_prints_back() {
-        for s in ["latest", "latest-processed", "latest-app-consistent", "17", "seq:99", "time:2026-11-26T10:00:00Z"] {
+        for s in [
+            "latest",
+            "latest-processed",
+            "latest-app-consistent",
+            "17",
+            "seq:99",
+            "time:2026-11-26T10:00:00Z",
+        ] {
             let spec: PointSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
         }

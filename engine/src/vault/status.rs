@@ -77,7 +77,8 @@ impl Vault {
             record: rec.clone(),
         };
         if rec.committed {
-            st.reasons.push("failover committed: replication has ended".into());
+            st.reasons
+                .push("failover committed: replication has ended".into());
             return Ok(st);
         }
         let replica = self.open_replica(vm)?;
@@ -104,7 +105,9 @@ impl Vault {
         let rpo = if records == 0 {
             0.0
         } else {
-            let newest = replica.applied_time_us().max(st.last_point.as_ref().map_or(0, |p| p.time_us));
+            let newest = replica
+                .applied_time_us()
+                .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
             now.saturating_sub(newest) as f64 / 1e6
         };
         match rec.state {
@@ -113,16 +116,22 @@ impl Vault {
                 st.rpo_seconds = Some(rpo);
                 if rpo > threshold as f64 {
                     st.health = Health::Critical;
-                    st.reasons.push(format!("RPO {rpo:.0} s exceeds the policy's threshold of {threshold} s"));
+                    st.reasons.push(format!(
+                        "RPO {rpo:.0} s exceeds the policy's threshold of {threshold} s"
+                    ));
                 } else if rpo > threshold as f64 / 2.0 {
                     st.health = Health::Warning;
-                    st.reasons.push(format!("RPO {rpo:.0} s is past half the threshold of {threshold} s"));
+                    st.reasons.push(format!(
+                        "RPO {rpo:.0} s is past half the threshold of {threshold} s"
+                    ));
                 }
                 if rec.state == VmState::ResyncRequired {
                     st.health = st.health.max(Health::Warning);
                     st.reasons.push(format!(
                         "resync required: {}",
-                        rec.resync_reason.clone().unwrap_or_else(|| "changes were tracked in the dirty bitmap".into())
+                        rec.resync_reason
+                            .clone()
+                            .unwrap_or_else(|| "changes were tracked in the dirty bitmap".into())
                     ));
                 }
                 if st.last_point.is_none() {
@@ -130,7 +139,9 @@ impl Vault {
                     st.reasons.push("no recovery point yet".into());
                 }
                 if records > 0 {
-                    st.reasons.push(format!("{records} records ({bytes} bytes) waiting to be processed"));
+                    st.reasons.push(format!(
+                        "{records} records ({bytes} bytes) waiting to be processed"
+                    ));
                 }
             }
         }

@@ -1,0 +1,335 @@
+//! How the CLI shows things: tables with units for people, one JSON document for scripts.
+//! The JSON field names are a contract (add fields, never rename them).
+
+use serde_json::{json, Value};
+use standby_engine::policy::Policy;
+use standby_engine::replica::{PointInfo, PointKind, VerifyReport};
+use standby_engine::vault::{Catalog, FailoverReport, VmStatus};
+use standby_engine::Error;
+
+pub fn rfc3339(us: u64) -> String {
+    standby_engine::vault::spec::rfc3339(us)
+}
+
+pub fn kind(k: PointKind) -> &'static str {
+    match k {
+        PointKind::Initial => "initial",
+        PointKind::CrashConsistent => "crash-consistent",
+        PointKind::AppConsistent => "app-consistent",
+    }
+}
+
+/// Bytes with a binary unit: 512 B, 4.0 KiB, 1.5 GiB.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn secs(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// An error as one line (no backtrace, no chain of causes on separate lines).
+pub fn one_line(e: &Error) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+pub fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into())
+    );
+}
+
+pub fn policy_line(p: &Policy) -> String {
+    format!(
+        "crash points every {}, app-consistent {}, retention {}, thinning after {}, any-moment window {}, RPO threshold {}",
+        secs(p.crash_interval),
+        p.app_interval.map(secs).unwrap_or_else(|| "off".into()),
+        secs(p.retention),
+        secs(p.thin_after),
+        secs(p.any_moment_window),
+        secs(p.rpo_threshold)
+    )
+}
+
+pub fn policies(c: &Catalog, as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = c
+            .policies
+            .iter()
+            .map(|(name, r)| {
+                json!({
+                    "name": name,
+                    "crash_interval_seconds": r.crash_interval_s,
+                    "app_interval_seconds": r.app_interval_s,
+                    "retention_seconds": r.retention_s,
+                    "thin_after_seconds": r.thin_after_s,
+                    "any_moment_window_seconds": r.any_moment_window_s,
+                    "rpo_threshold_seconds": r.rpo_threshold_s,
+                })
+            })
+            .collect();
+        print_json(&json!({ "policies": v }));
+        return;
+    }
+    for name in c.policies.keys() {
+        if let Ok(p) = c.policy(name) {
+            println!("{name:<12} {}", policy_line(&p));
+        }
+    }
+}
+
+fn point_json(p: &PointInfo, bytes: Option<u64>) -> Value {
+    let mut v = json!({
+        "id": p.id,
+        "seq": p.seq,
+        "time": rfc3339(p.time_us),
+        "kind": kind(p.kind),
+        "name": p.name,
+    });
+    if let Some(b) = bytes {
+        v["bytes"] = json!(b);
+    }
+    if let Some(g) = &p.group {
+        v["group"] = json!(g);
+    }
+    v
+}
+
+pub fn points(vm: &str, points: &[(PointInfo, u64)], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = points
+            .iter()
+            .map(|(p, b)| point_json(p, Some(*b)))
+            .collect();
+        print_json(&json!({ "vm": vm, "points": v }));
+        return;
+    }
+    if points.is_empty() {
+        println!("{vm} has no recovery points");
+        return;
+    }
+    println!(
+        "{:>6} {:>12}  {:<20}  {:<16}  {:>10}  NAME",
+        "ID", "SEQ", "TIME", "KIND", "BYTES"
+    );
+    for (p, b) in points {
+        println!(
+            "{:>6} {:>12}  {:<20}  {:<16}  {:>10}  {}",
+            p.id,
+            p.seq,
+            rfc3339(p.time_us),
+            kind(p.kind),
+            bytes(*b),
+            p.name.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub fn status(all: &[VmStatus], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = all.iter().map(status_json).collect();
+        print_json(&json!({ "vms": v }));
+        return;
+    }
+    if all.is_empty() {
+        println!("no VMs are protected in this vault (see `standby protect --help`)");
+        return;
+    }
+    for s in all {
+        let r = &s.record;
+        println!(
+            "{}  state {}  health {}",
+            r.name,
+            r.state.as_str(),
+            s.health.as_str()
+        );
+        for reason in &s.reasons {
+            println!("  - {reason}");
+        }
+        if let Some(rpo) = s.rpo_seconds {
+            println!("  RPO {rpo:.1} s (threshold {} s)", s.rpo_threshold_seconds);
+        }
+        println!(
+            "  backlog {} records, {}; cache {}",
+            s.backlog_records,
+            bytes(s.backlog_bytes),
+            bytes(s.cache_bytes)
+        );
+        match &s.last_point {
+            Some(p) => println!(
+                "  last point {} ({}, {}), {} point(s) retained",
+                p.id,
+                kind(p.kind),
+                rfc3339(p.time_us),
+                s.points
+            ),
+            None => println!("  no recovery point"),
+        }
+        println!(
+            "  target: resource group {}, network {}, subnet {}{}",
+            r.target.resource_group,
+            r.target.network,
+            r.target.subnet,
+            r.target
+                .availability_set
+                .as_ref()
+                .map(|a| format!(", availability set {a}"))
+                .unwrap_or_default()
+        );
+        for d in &s.disks {
+            println!(
+                "  disk {:<10} {:>10} replicated of {:>10}  {}",
+                d.name,
+                bytes(d.replicated_bytes),
+                bytes(d.size_bytes),
+                d.source
+            );
+        }
+        if let Some(f) = &r.failover {
+            println!("  failover at seq {} in {}", f.seq, f.dir);
+        }
+        if let Some(f) = &r.test_failover {
+            println!(
+                "  test failover at seq {} in {} (network {})",
+                f.seq, f.dir, f.network
+            );
+        }
+    }
+}
+
+fn status_json(s: &VmStatus) -> Value {
+    let r = &s.record;
+    json!({
+        "vm": r.name,
+        "state": r.state.as_str(),
+        "health": s.health.as_str(),
+        "reasons": s.reasons,
+        "rpo_seconds": s.rpo_seconds,
+        "rpo_threshold_seconds": s.rpo_threshold_seconds,
+        "backlog_records": s.backlog_records,
+        "backlog_bytes": s.backlog_bytes,
+        "cache_bytes": s.cache_bytes,
+        "points": s.points,
+        "last_point": s.last_point.as_ref().map(|p| point_json(p, None)),
+        "policy": r.policy,
+        "committed": r.committed,
+        "source": {
+            "resource_group": r.source.resource_group,
+            "network": r.source.network,
+            "subnet": r.source.subnet,
+            "availability_set": r.source.availability_set,
+        },
+        "target": {
+            "resource_group": r.target.resource_group,
+            "network": r.target.network,
+            "subnet": r.target.subnet,
+            "availability_set": r.target.availability_set,
+        },
+        "network_mapping": r.network_mapping,
+        "disks": s.disks.iter().map(|d| json!({
+            "name": d.name,
+            "source": d.source,
+            "size_bytes": d.size_bytes,
+            "replicated_bytes": d.replicated_bytes,
+        })).collect::<Vec<_>>(),
+        "failover": r.failover.as_ref().map(|f| json!({"seq": f.seq, "point": f.point_id, "dir": f.dir, "network": f.network})),
+        "test_failover": r.test_failover.as_ref().map(|f| json!({"seq": f.seq, "point": f.point_id, "dir": f.dir, "network": f.network})),
+    })
+}
+
+pub fn failover(r: &FailoverReport) {
+    let what = if r.test { "test failover" } else { "failover" };
+    match &r.point {
+        Some(p) => println!(
+            "{what} of {} to point {} ({}, seq {}, {})",
+            r.vm,
+            p.id,
+            kind(p.kind),
+            p.seq,
+            rfc3339(p.time_us)
+        ),
+        None => println!(
+            "{what} of {} to seq {} ({})",
+            r.vm,
+            r.seq,
+            rfc3339(r.time_us)
+        ),
+    }
+    println!(
+        "  resource group {}, network {}, subnet {}{}",
+        r.resource_group,
+        r.network,
+        r.subnet,
+        r.availability_set
+            .as_ref()
+            .map(|a| format!(", availability set {a}"))
+            .unwrap_or_default()
+    );
+    for d in &r.disks {
+        println!(
+            "  {}  {} ({} allocated)  sha256 {}",
+            d.path.display(),
+            bytes(d.size_bytes),
+            bytes(d.allocated_bytes),
+            d.sha256
+        );
+    }
+    println!("  manifest {}", r.manifest.display());
+}
+
+pub fn verify(vm: &str, r: &VerifyReport, point: Option<&PointInfo>, as_json: bool) {
+    if as_json {
+        print_json(&json!({
+            "vm": vm,
+            "point": point.map(|p| p.id),
+            "sound": r.is_clean(),
+            "indexes_checked": r.indexes_checked,
+            "frames_checked": r.frames_checked,
+            "frame_bytes_checked": r.frame_bytes_checked,
+            "damage": r.damage.iter().map(|d| json!({
+                "file": d.path.to_string_lossy(),
+                "offset": d.offset,
+                "what": d.what,
+                "points": d.points,
+                "latest": d.latest,
+            })).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    if r.is_clean() {
+        println!(
+            "{vm}: sound ({} indexes, {} frames, {} checked)",
+            r.indexes_checked,
+            r.frames_checked,
+            bytes(r.frame_bytes_checked)
+        );
+        return;
+    }
+    println!("{vm}: DAMAGED ({} piece(s))", r.damage.len());
+    for d in &r.damage {
+        let pts: Vec<String> = d.points.iter().map(|p| p.to_string()).collect();
+        println!(
+            "  {} at byte {}: {}; affects points [{}]{}",
+            d.path.display(),
+            d.offset,
+            d.what,
+            pts.join(", "),
+            if d.latest {
+                " and the latest state"
+            } else {
+                ""
+            }
+        );
+    }
+}
