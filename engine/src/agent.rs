@@ -67,7 +67,11 @@ impl Agent {
     pub fn open(cache: Arc<Cache>, disks: Vec<SourceDisk>) -> Result<Agent> {
         let mut opened = Vec::with_capacity(disks.len());
         for d in disks {
-            let f = OpenOptions::new().read(true).write(true).open(&d.path).at(&d.path)?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d.path)
+                .at(&d.path)?;
             let len = f.metadata().at(&d.path)?.len();
             if len != d.size_bytes {
                 return Err(Error::Invalid(format!(
@@ -123,7 +127,10 @@ impl Agent {
             .disks
             .get(disk as usize)
             .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
-        if offset.checked_add(len).is_none_or(|end| end > d.0.size_bytes) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > d.0.size_bytes)
+        {
             return Err(Error::Invalid(format!(
                 "{len} bytes at offset {offset} run past the end of disk '{}' ({} bytes)",
                 d.0.name, d.0.size_bytes
@@ -136,33 +143,55 @@ impl Agent {
     /// too if `fua`). Offset and length must be multiples of 512.
     pub fn write(&self, disk: u16, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         self.check(disk, offset, data.len() as u64)?;
-        self.submit(&Entry::Write { disk, offset, data }, || Pending {
-            disk,
-            offset,
-            change: Change::Data(data.to_vec()),
-        }, fua)
+        self.submit(
+            &Entry::Write { disk, offset, data },
+            || Pending {
+                disk,
+                offset,
+                change: Change::Data(data.to_vec()),
+            },
+            fua,
+        )
     }
 
     /// Make `len` bytes at `offset` read as zeros (NBD WRITE_ZEROES, or TRIM if `trim`).
     pub fn zero(&self, disk: u16, offset: u64, len: u64, trim: bool, fua: bool) -> Result<u64> {
         self.check(disk, offset, len)?;
-        self.submit(&Entry::Zero { disk, offset, len, trim }, || Pending {
-            disk,
-            offset,
-            change: Change::Zero(len),
-        }, fua)
+        self.submit(
+            &Entry::Zero {
+                disk,
+                offset,
+                len,
+                trim,
+            },
+            || Pending {
+                disk,
+                offset,
+                change: Change::Zero(len),
+            },
+            fua,
+        )
     }
 
     /// Write a recovery-point marker, ordered with the writes; returns once it is durable.
     pub fn marker(&self, marker: &Marker) -> Result<u64> {
-        self.submit(&Entry::Marker(marker), || Pending {
-            disk: 0,
-            offset: 0,
-            change: Change::Nothing,
-        }, true)
+        self.submit(
+            &Entry::Marker(marker),
+            || Pending {
+                disk: 0,
+                offset: 0,
+                change: Change::Nothing,
+            },
+            true,
+        )
     }
 
-    fn submit(&self, entry: &Entry<'_>, pending: impl FnOnce() -> Pending, durable: bool) -> Result<u64> {
+    fn submit(
+        &self,
+        entry: &Entry<'_>,
+        pending: impl FnOnce() -> Pending,
+        durable: bool,
+    ) -> Result<u64> {
         if self.state.read().pending_bytes > MAX_PENDING_BYTES {
             self.flush_log_and_drain()?;
         }
@@ -207,7 +236,9 @@ impl Agent {
             }
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
             match &p.change {
-                Change::Data(data) => dst.copy_from_slice(&data[(s - p_start) as usize..(e - p_start) as usize]),
+                Change::Data(data) => {
+                    dst.copy_from_slice(&data[(s - p_start) as usize..(e - p_start) as usize])
+                }
                 _ => dst.fill(0),
             }
         }
@@ -247,7 +278,9 @@ impl Agent {
             let mut st = self.state.write();
             while applied < durable {
                 let next = applied + 1;
-                let Some(p) = st.pending.remove(&next) else { break };
+                let Some(p) = st.pending.remove(&next) else {
+                    break;
+                };
                 if let Change::Data(d) = &p.change {
                     st.pending_bytes -= d.len() as u64;
                 }
@@ -277,7 +310,9 @@ impl Agent {
                 self.check(*disk, *offset, data.len() as u64)?;
                 self.write_source(*disk, *offset, data)
             }
-            Op::Zero { disk, offset, len, .. } => {
+            Op::Zero {
+                disk, offset, len, ..
+            } => {
                 self.check(*disk, *offset, *len)?;
                 self.zero_source(*disk, *offset, *len)
             }
@@ -308,4 +343,3 @@ impl Agent {
         self.cache.close()
     }
 }
-

@@ -75,7 +75,11 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { len } else { (hole as u64).min(len) };
+        let hole = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
         let s = data / 512 * 512;
         let e = hole.div_ceil(512) * 512;
         out.push((s, e.min(len)));
