@@ -315,13 +315,24 @@ impl Replica {
     }
 
     /// A view of the state at wall-clock `time_us`: every change recorded at or before it.
+    ///
+    /// The answer is the state after the last change at or before `time_us`, which lies
+    /// between the newest known seq at or before it and the next known seq after it (seqs
+    /// of records that left no entry, such as markers, are not known); any viewable seq in
+    /// that gap shows the same state, and the newest one is used. A time whose changes were
+    /// coalesced away (outside the any-moment window) is refused.
     pub fn view_time(&self, time_us: u64) -> Result<View> {
         let mut best: Option<u64> = None;
-        let mut consider = |seq: u64| best = Some(best.map_or(seq, |b: u64| b.max(seq)));
-        for p in &self.manifest.points {
-            if p.info.time_us <= time_us {
-                consider(p.info.seq);
+        let mut upper = self.applied_seq + 1;
+        let mut known = |seq: u64, t: u64| {
+            if t <= time_us {
+                best = Some(best.map_or(seq, |b| b.max(seq)));
+            } else {
+                upper = upper.min(seq);
             }
+        };
+        for p in &self.manifest.points {
+            known(p.info.seq, p.info.time_us);
         }
         for l in self
             .layers
@@ -331,18 +342,33 @@ impl Replica {
         {
             let n = l.partition_point(|e| e.time_us <= time_us);
             if n > 0 {
-                consider(l[n - 1].seq);
+                known(l[n - 1].seq, l[n - 1].time_us);
+            }
+            if let Some(e) = l.get(n) {
+                known(e.seq, e.time_us);
             }
         }
-        if self.applied_time_us <= time_us {
-            consider(self.applied_seq);
-        }
-        match best {
-            Some(seq) => self.view_seq(seq),
-            None => Err(Error::NotFound(format!(
+        known(self.applied_seq, self.applied_time_us);
+        let Some(best) = best else {
+            return Err(Error::NotFound(format!(
                 "nothing was replicated at or before time {time_us} µs"
-            ))),
-        }
+            )));
+        };
+        let seq = self
+            .viewable_ranges()
+            .into_iter()
+            .filter_map(|(a, b)| {
+                let hi = b.min(upper.saturating_sub(1));
+                (hi >= a.max(best)).then_some(hi)
+            })
+            .max()
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "time {time_us} µs is outside the any-moment window (changes around it \
+                     were coalesced); pick a recovery point"
+                ))
+            })?;
+        self.view_seq(seq)
     }
 
     /// The open layer's entries up to `seq`, as a pinned snapshot.
