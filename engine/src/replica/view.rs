@@ -119,6 +119,20 @@ impl View {
         Ok(out)
     }
 
+    /// Allocated runs of `disk` within `[offset, offset+len)`, clipped to it (for block
+    /// status queries of a mount).
+    pub fn extents_in(&self, disk: u16, offset: u64, len: u64) -> Result<Vec<AllocatedExtent>> {
+        let (_, map) = self.disk(disk)?;
+        let mut out: Vec<AllocatedExtent> = Vec::new();
+        for (s, l, _) in map.overlapping(offset, offset.saturating_add(len)) {
+            match out.last_mut() {
+                Some(e) if e.offset + e.len == s => e.len += l,
+                _ => out.push(AllocatedExtent { offset: s, len: l }),
+            }
+        }
+        Ok(out)
+    }
+
     /// Frames `(file_id, frame_offset)` this view reads.
     pub(crate) fn frames_read(&self) -> std::collections::BTreeSet<(u64, u64)> {
         self.maps
