@@ -114,10 +114,22 @@ impl VFile for RealFile {
             )
         };
         if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+            return Ok(());
         }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // The filesystem cannot punch holes: keep the contract (zeros), free nothing.
+            let end = offset.saturating_add(len).min(self.len()?);
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = offset;
+            while at < end {
+                let n = ((end - at) as usize).min(zeros.len());
+                self.0.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        Err(err)
     }
 }
 

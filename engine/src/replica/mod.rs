@@ -259,6 +259,23 @@ impl Replica {
         self.manifest.points.last().map(|p| p.info.clone())
     }
 
+    /// The newest app-consistent point.
+    pub fn latest_app_consistent_point(&self) -> Option<PointInfo> {
+        self.manifest
+            .points
+            .iter()
+            .rev()
+            .find(|p| p.info.kind == PointKind::AppConsistent)
+            .map(|p| p.info.clone())
+    }
+
+    /// Make everything applied durable and close the replica; returns the durable seq.
+    /// Dropping a replica without closing it is like a crash of the process: what was
+    /// applied but not flushed is redone from the change log on the next open.
+    pub fn close(mut self) -> Result<u64> {
+        self.flush()
+    }
+
     /// True if something was applied since the newest point (or since creation).
     pub fn changed_since_last_point(&self) -> bool {
         self.applied_seq > self.manifest.sealed_seq()
