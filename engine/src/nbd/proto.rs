@@ -1,0 +1,360 @@
+//! The NBD wire protocol (fixed newstyle handshake, transmission requests and replies), as
+//! specified in `doc/proto.md` of the NetworkBlockDevice/nbd project. All integers are
+//! big-endian (network order). This module only encodes and decodes; it owns no sockets.
+//!
+//! Handshake (server first):
+//! ```text
+//! S: "NBDMAGIC" (8)  "IHAVEOPT" (8)  handshake flags u16 (FIXED_NEWSTYLE | NO_ZEROES)
+//! C: client flags u32
+//! C: "IHAVEOPT" (8)  option u32  length u32  data[length]        (repeated)
+//! S: 0x0003e889045565a9 (8)  option u32  reply type u32  length u32  data[length]
+//! ```
+//! Transmission:
+//! ```text
+//! C: 0x25609513 u32  flags u16  type u16  cookie u64  offset u64  length u32  [data]
+//! S: 0x67446698 u32  error u32  cookie u64  [data]                          (simple)
+//! S: 0x668e33ef u32  flags u16  type u16  cookie u64  length u32  payload   (structured)
+//! ```
+//! Untrusted bytes become a [`Request`] only through [`Request::parse`], which checks the
+//! magic, the command and the flags; bounds against the export are checked by the server.
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
+pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+const KNOWN_CMD_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+/// The only metadata context served.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Longest option payload accepted (a name is at most 4096 bytes; queries add a little).
+pub const MAX_OPTION_BYTES: u32 = 64 << 10;
+/// Largest READ or WRITE payload served in one request.
+pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
+pub const REQUEST_BYTES: usize = 28;
+
+/// A transmission-phase request header, validated for magic, command and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub command: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// Why a request header was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Bad magic: the stream is not NBD (or is out of sync); the connection must end.
+    BadMagic(u32),
+    /// A well-formed request the server will answer with this errno.
+    Refuse {
+        cookie: u64,
+        errno: u32,
+        why: String,
+    },
+}
+
+impl Request {
+    /// Parse the 28-byte header.
+    pub fn parse(b: &[u8; REQUEST_BYTES]) -> Result<Request, RequestError> {
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if magic != REQUEST_MAGIC {
+            return Err(RequestError::BadMagic(magic));
+        }
+        let mut u = [0u8; 8];
+        u.copy_from_slice(&b[8..16]);
+        let cookie = u64::from_be_bytes(u);
+        u.copy_from_slice(&b[16..24]);
+        let r = Request {
+            flags: u16::from_be_bytes([b[4], b[5]]),
+            command: u16::from_be_bytes([b[6], b[7]]),
+            cookie,
+            offset: u64::from_be_bytes(u),
+            length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+        };
+        if r.flags & !KNOWN_CMD_FLAGS != 0 {
+            return Err(RequestError::Refuse {
+                cookie,
+                errno: EINVAL,
+                why: format!("unknown command flags {:#x}", r.flags),
+            });
+        }
+        Ok(r)
+    }
+
+    pub fn encode(&self) -> [u8; REQUEST_BYTES] {
+        let mut b = [0u8; REQUEST_BYTES];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+
+    /// Whether a payload of `length` bytes follows this header on the wire.
+    pub fn has_payload(&self) -> bool {
+        self.command == CMD_WRITE
+    }
+}
+
+pub fn simple_reply(cookie: u64, errno: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&errno.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+/// Header of one structured reply chunk carrying `len` payload bytes.
+pub fn structured_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A structured error chunk (final): errno and a human message.
+pub fn structured_error(cookie: u64, errno: u32, msg: &str) -> Vec<u8> {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut b = structured_header(
+        cookie,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        6 + msg.len() as u32,
+    )
+    .to_vec();
+    b.extend_from_slice(&errno.to_be_bytes());
+    b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    b.extend_from_slice(msg);
+    b
+}
+
+/// An option reply.
+pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC_OPT.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// A cursor over untrusted option data: every read is bounds-checked.
+pub struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(b: &'a [u8]) -> Self {
+        Cursor { b, at: 0 }
+    }
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.b.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_be_bytes([s[0], s[1]]))
+    }
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    /// A string prefixed by a u32 length, at most 4096 bytes, UTF-8.
+    pub fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        if n > 4096 {
+            return None;
+        }
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.at == self.b.len()
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = &self.b[self.at..];
+        self.at = self.b.len();
+        s
+    }
+}
+
+/// The data of NBD_OPT_INFO / NBD_OPT_GO: an export name and the info types requested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoRequest {
+    pub name: String,
+    pub infos: Vec<u16>,
+}
+
+impl InfoRequest {
+    pub fn parse(data: &[u8]) -> Option<InfoRequest> {
+        let mut c = Cursor::new(data);
+        let name = c.string()?;
+        let n = c.u16()? as usize;
+        let mut infos = Vec::with_capacity(n.min(16));
+        for _ in 0..n {
+            infos.push(c.u16()?);
+        }
+        c.is_empty().then_some(InfoRequest { name, infos })
+    }
+}
+
+/// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub export: String,
+    pub queries: Vec<String>,
+}
+
+impl MetaRequest {
+    pub fn parse(data: &[u8]) -> Option<MetaRequest> {
+        let mut c = Cursor::new(data);
+        let export = c.string()?;
+        let n = c.u32()? as usize;
+        if n > 1024 {
+            return None;
+        }
+        let mut queries = Vec::with_capacity(n.min(16));
+        for _ in 0..n {
+            queries.push(c.string()?);
+        }
+        c.is_empty().then_some(MetaRequest { export, queries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_input_is_refused() {
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
+        assert_eq!(Request::parse(&r.encode()), Ok(r));
+        let mut b = r.encode();
+        b[0] ^= 1;
+        assert!(matches!(Request::parse(&b), Err(RequestError::BadMagic(_))));
+        let mut b = r.encode();
+        b[4] = 0x80;
+        assert!(matches!(
+            Request::parse(&b),
+            Err(RequestError::Refuse { errno: EINVAL, .. })
+        ));
+    }
+
+    #[test]
+    fn option_data_parsers_never_overrun() {
+        let mut go = Vec::new();
+        go.extend_from_slice(&2u32.to_be_bytes());
+        go.extend_from_slice(b"os");
+        go.extend_from_slice(&1u16.to_be_bytes());
+        go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        assert_eq!(
+            InfoRequest::parse(&go),
+            Some(InfoRequest {
+                name: "os".into(),
+                infos: vec![INFO_BLOCK_SIZE]
+            })
+        );
+        for cut in 0..go.len() {
+            assert_eq!(InfoRequest::parse(&go[..cut]), None);
+        }
+        let mut long = go.clone();
+        long.push(0);
+        assert_eq!(InfoRequest::parse(&long), None);
+        let huge = [0xffu8; 16];
+        assert_eq!(InfoRequest::parse(&huge), None);
+        assert_eq!(MetaRequest::parse(&huge), None);
+    }
+}
