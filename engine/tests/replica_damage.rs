@@ -32,7 +32,7 @@ fn flips_are_caught(bytes: &[u8], decode: impl Fn(&[u8]) -> bool) {
 
 #[test]
 fn every_decoder_refuses_flipped_bytes() {
-    flips_are_caught(&DataHeader::new(3).encode(), |b| {
+    flips_are_caught(&DataHeader::new(3, 1 << 20).encode(), |b| {
         decode_data_header(b).is_ok()
     });
     let mut frame = Vec::new();

@@ -12,12 +12,14 @@
 //!  12     4  incompat       feature bits a reader must know, or refuse the file
 //!  16     4  compat         feature bits a reader may ignore
 //!  20     8  file_id        also the file name; every frame's crc is bound to it
-//!  28     8  reserved       0
+//!  28     8  prev_end       length of the previous data file when this one was started
+//!                            (0 for a replica's first file)
 //!  36     4  crc32          seeded with HEADER_SEED over file_id ‖ bytes 0..36
 //! ```
 //!
-//! Invariant: a data file's header is written and synced (with its directory entry)
-//! before any frame is appended to it.
+//! Invariant: a data file's directory entry is synced before any frame is appended to it,
+//! and a scan that crosses from one file into the next checks that the previous file still
+//! ends at `prev_end`: a later file's frames never count when an earlier file lost some.
 
 use super::codec::{bad, check_features, seeded_crc, Cursor, FormatError};
 
@@ -32,12 +34,17 @@ const HEADER_SEED: u32 = 0x5354_4448; // "STDH"
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHeader {
     pub file_id: u64,
+    pub prev_end: u64,
     pub compat: u32,
 }
 
 impl DataHeader {
-    pub fn new(file_id: u64) -> Self {
-        DataHeader { file_id, compat: 0 }
+    pub fn new(file_id: u64, prev_end: u64) -> Self {
+        DataHeader {
+            file_id,
+            prev_end,
+            compat: 0,
+        }
     }
 
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
@@ -48,6 +55,7 @@ impl DataHeader {
         b[12..16].copy_from_slice(&KNOWN_INCOMPAT.to_le_bytes());
         b[16..20].copy_from_slice(&self.compat.to_le_bytes());
         b[20..28].copy_from_slice(&self.file_id.to_le_bytes());
+        b[28..36].copy_from_slice(&self.prev_end.to_le_bytes());
         let crc = seeded_crc(HEADER_SEED, self.file_id, &[&b[0..36]]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
         b
@@ -66,7 +74,7 @@ pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, FormatError> {
     let incompat = c.u32()?;
     let compat = c.u32()?;
     let file_id = c.u64()?;
-    let _reserved = c.u64()?;
+    let prev_end = c.u64()?;
     let crc = c.u32()?;
     if seeded_crc(HEADER_SEED, file_id, &[&b[0..36]]) != crc {
         return Err(bad("data file header checksum mismatch"));
@@ -75,7 +83,11 @@ pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, FormatError> {
     if header_bytes != HEADER_BYTES {
         return Err(bad("data file header has a bad length"));
     }
-    Ok(DataHeader { file_id, compat })
+    Ok(DataHeader {
+        file_id,
+        prev_end,
+        compat,
+    })
 }
 
 /// File name of a data file.
@@ -104,7 +116,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_every_flipped_bit_is_caught() {
-        let h = DataHeader::new(0x1234);
+        let h = DataHeader::new(0x1234, 4096);
         let b = h.encode();
         assert_eq!(decode_data_header(&b), Ok(h));
         for i in 0..b.len() {
@@ -125,7 +137,7 @@ mod tests {
 
     #[test]
     fn unknown_incompat_refused_unknown_compat_ignored() {
-        let mut b = DataHeader::new(9).encode();
+        let mut b = DataHeader::new(9, 0).encode();
         b[19] = 0x80;
         reseal(&mut b);
         assert!(decode_data_header(&b).is_ok());

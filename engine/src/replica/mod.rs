@@ -122,6 +122,8 @@ struct OpenLayer {
     last_frame_time_us: u64,
     /// Every frame up to this seq is fdatasynced.
     synced_seq: u64,
+    /// Data files rotated away from whose frames are not yet synced, oldest first.
+    unsynced: Vec<(u64, Arc<dyn VFile>)>,
 }
 
 /// One VM's replica. See the module comment.
@@ -184,7 +186,7 @@ impl Replica {
         let first = 1;
         let path = data_dir.join(datafile::file_name(first));
         let f = vfs.create_new(&path).at(&path)?;
-        f.write_all_at(&datafile::DataHeader::new(first).encode(), 0)
+        f.write_all_at(&datafile::DataHeader::new(first, 0).encode(), 0)
             .at(&path)?;
         f.sync_data().at(&path)?;
         vfs.sync_dir(&data_dir).at(&data_dir)?;
@@ -434,11 +436,14 @@ impl Replica {
         Ok(())
     }
 
-    /// Close the current data file (durably) and start the next one.
+    /// Start the next data file. The old one is synced by the next flush (with the new
+    /// one, oldest first), not here: recovery ends the open layer at the first frame that
+    /// did not survive, in whichever file, so nothing needs to be durable before a flush
+    /// says so, and applying never waits for the disk.
     fn rotate(&mut self) -> Result<()> {
-        let old = self.store.path(self.open.file_id);
-        self.open.file.sync_data().at(&old)?;
-        self.open.synced_seq = self.open.last_frame_seq;
+        self.open
+            .unsynced
+            .push((self.open.file_id, self.open.file.clone()));
         let id = self.open.file_id + 1;
         let path = self.store.path(id);
         let vfs = &self.store.vfs;
@@ -447,9 +452,8 @@ impl Replica {
             vfs.remove(&path).at(&path)?;
         }
         let f = vfs.create_new(&path).at(&path)?;
-        f.write_all_at(&datafile::DataHeader::new(id).encode(), 0)
+        f.write_all_at(&datafile::DataHeader::new(id, self.open.end).encode(), 0)
             .at(&path)?;
-        f.sync_data().at(&path)?;
         vfs.sync_dir(&self.store.data_dir)
             .at(&self.store.data_dir)?;
         self.store.insert(id, f.clone());
@@ -463,11 +467,20 @@ impl Replica {
     /// the change log may now be trimmed.
     pub fn flush(&mut self) -> Result<u64> {
         self.check_writable()?;
-        let path = self.store.path(self.open.file_id);
-        let f = self.open.file.clone();
-        self.guard(|_| f.sync_data().at(&path))?;
-        self.open.synced_seq = self.open.last_frame_seq;
+        self.guard(|r| r.sync_data_files())?;
         Ok(self.durable_seq())
+    }
+
+    /// fdatasync every data file with unsynced frames, oldest first.
+    fn sync_data_files(&mut self) -> Result<()> {
+        for (id, f) in &self.open.unsynced {
+            f.sync_data().at(&self.store.path(*id))?;
+        }
+        self.open.unsynced.clear();
+        let path = self.store.path(self.open.file_id);
+        self.open.file.sync_data().at(&path)?;
+        self.open.synced_seq = self.open.last_frame_seq;
+        Ok(())
     }
 
     /// Cut a recovery point at `applied_seq`: seal the open layer.
@@ -516,9 +529,7 @@ impl Replica {
     }
 
     fn seal(&mut self, info: PointInfo) -> Result<()> {
-        let path = self.store.path(self.open.file_id);
-        self.open.file.sync_data().at(&path)?;
-        self.open.synced_seq = self.open.last_frame_seq;
+        self.sync_data_files()?;
         let base = self.manifest.sealed_seq();
         let layer = LayerIndex {
             layer_id: self.manifest.next_layer_id,

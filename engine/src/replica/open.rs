@@ -275,30 +275,37 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
     let mut last_seq = m.sealed_seq();
     let mut last_time = 0;
     let mut current: Option<(u64, Arc<dyn VFile>, u64)> = None;
-    let count = ids.len();
-    for (i, id) in ids.into_iter().enumerate() {
-        let is_last = i + 1 == count;
+    // Index in `ids` where the open layer ended early (a torn write): files after it hold
+    // nothing a flush ever promised and are removed.
+    let mut ended_at: Option<usize> = None;
+    for (i, &id) in ids.iter().enumerate() {
         let path = store.path(id);
         let file = store.file(id)?;
         let len = file.len().at(&path)?;
         let mut hb = [0u8; DATA_HEADER_BYTES];
         let n = file.read_full_at(&mut hb, 0).at(&path)?;
         match decode_data_header(&hb[..n]) {
-            Ok(h) if h.file_id == id => {}
-            Ok(_) => {
+            Ok(h) if h.file_id != id => {
                 return Err(Error::corrupt(
                     &path,
                     0,
                     "data file header names another file",
                 ))
             }
+            Ok(h) => {
+                if let Some((_, _, prev_len)) = &current {
+                    if h.prev_end != *prev_len {
+                        // The previous file lost frames this one follows: they (and this
+                        // file) were never made durable by a flush.
+                        ended_at = Some(i);
+                        break;
+                    }
+                }
+            }
             Err(e) => {
-                if is_last && id != m.open_file_id && !matches!(e, FormatError::Unsupported(_)) {
-                    // Its creation was torn: nothing in it was ever durable.
-                    store.forget(id);
-                    vfs.remove(&path).at(&path)?;
-                    vfs.sync_dir(data_dir).at(data_dir)?;
-                    report.removed_files += 1;
+                if id != m.open_file_id && !matches!(e, FormatError::Unsupported(_)) {
+                    // Its creation was torn: nothing in it (or after it) was ever durable.
+                    ended_at = Some(i);
                     break;
                 }
                 return Err(e.at(&path, 0));
@@ -338,12 +345,13 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
             let h = match verdict {
                 Ok(h) => h,
                 Err(e) => {
-                    if !is_last {
-                        return Err(e.at(&path, pos));
-                    }
+                    // A torn tail: the first frame that did not fully reach the disk ends
+                    // the open layer, in whichever file it is.
                     file.set_len(pos).at(&path)?;
                     file.sync_data().at(&path)?;
                     report.truncated = Some((path.clone(), pos, len - pos, e.to_string()));
+                    ended_at = Some(i + 1);
+                    current = Some((id, file.clone(), pos));
                     break;
                 }
             };
@@ -379,7 +387,19 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
             entries.push(entry);
             pos += h.frame_bytes() as u64;
         }
+        if ended_at.is_some() {
+            break;
+        }
         current = Some((id, file, pos));
+    }
+    if let Some(i) = ended_at {
+        for &id in &ids[i..] {
+            store.forget(id);
+            let p = store.path(id);
+            vfs.remove(&p).at(&p)?;
+            report.removed_files += 1;
+        }
+        vfs.sync_dir(data_dir).at(data_dir)?;
     }
     let Some((file_id, file, end)) = current else {
         return Err(Error::corrupt(
@@ -396,6 +416,7 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
     let last_frame_seq = if entries.is_empty() { 0 } else { last_seq };
     Ok(OpenLayer {
         synced_seq: last_frame_seq,
+        unsynced: Vec::new(),
         last_frame_seq,
         last_frame_time_us: last_time,
         entries,
