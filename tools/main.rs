@@ -41,15 +41,11 @@ Examples:
     after_help = EXAMPLES
 )]
 struct Cli {
+    /// The vault directory (or set STANDBY_VAULT).
+    #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT", global = true)]
+    vault: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Args, Clone)]
-struct VaultArg {
-    /// The vault directory (or set STANDBY_VAULT).
-    #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT")]
-    vault: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -73,8 +69,6 @@ enum Command {
         after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow"
     )]
     Process {
-        #[command(flatten)]
-        v: VaultArg,
         /// Only this VM.
         vm: Option<String>,
         /// Keep processing until interrupted (Ctrl-C or SIGTERM stop cleanly).
@@ -89,8 +83,6 @@ enum Command {
         after_help = "Example:\n  standby point web01 --app-consistent --name before-upgrade"
     )]
     Point {
-        #[command(flatten)]
-        v: VaultArg,
         vm: String,
         /// Mark the point app-consistent (the guest was quiesced).
         #[arg(long)]
@@ -101,8 +93,6 @@ enum Command {
     /// List a VM's recovery points.
     #[command(after_help = "Example:\n  standby points web01 --json")]
     Points {
-        #[command(flatten)]
-        v: VaultArg,
         vm: String,
         #[arg(long)]
         json: bool,
@@ -110,8 +100,6 @@ enum Command {
     /// Replication state, health, RPO and backlog of every VM (or one).
     #[command(after_help = "Example:\n  standby status web01 --json")]
     Status {
-        #[command(flatten)]
-        v: VaultArg,
         vm: Option<String>,
         #[arg(long)]
         json: bool,
@@ -122,11 +110,7 @@ enum Command {
     )]
     Failover(FailoverArgs),
     /// End a failover: it becomes final and the VM's recovery points are deleted.
-    FailoverCommit {
-        #[command(flatten)]
-        v: VaultArg,
-        vm: String,
-    },
+    FailoverCommit { vm: String },
     /// Materialize a point into an isolated network while replication keeps running.
     #[command(after_help = "Example:\n  standby test-failover web01 --point latest-processed")]
     TestFailover {
@@ -137,16 +121,10 @@ enum Command {
         network: Option<String>,
     },
     /// Remove a test failover's disks.
-    TestFailoverCleanup {
-        #[command(flatten)]
-        v: VaultArg,
-        vm: String,
-    },
+    TestFailoverCleanup { vm: String },
     /// Check every checksum of a VM's log and replica; exit 0 only if all is sound.
     #[command(after_help = "Example:\n  standby verify web01 --point latest-app-consistent")]
     Verify {
-        #[command(flatten)]
-        v: VaultArg,
         vm: String,
         /// Only report damage this point reads.
         #[arg(long, value_parser = parse_spec)]
@@ -170,8 +148,6 @@ enum PolicyCmd {
         after_help = "Example:\n  standby policy set gold --crash-interval 1m --app-interval off --retention 72h"
     )]
     Set {
-        #[command(flatten)]
-        v: VaultArg,
         name: String,
         /// How often crash-consistent points are cut (at least 1s).
         #[arg(long, value_parser = parse_duration)]
@@ -194,8 +170,6 @@ enum PolicyCmd {
     },
     /// List policies.
     List {
-        #[command(flatten)]
-        v: VaultArg,
         #[arg(long)]
         json: bool,
     },
@@ -203,8 +177,6 @@ enum PolicyCmd {
 
 #[derive(Args)]
 struct ProtectArgs {
-    #[command(flatten)]
-    v: VaultArg,
     vm: String,
     /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one (repeatable).
     #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = parse_disk)]
@@ -234,8 +206,6 @@ struct ProtectArgs {
 
 #[derive(Args)]
 struct FailoverArgs {
-    #[command(flatten)]
-    v: VaultArg,
     vm: String,
     /// latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339.
     #[arg(long, value_parser = parse_spec)]
@@ -309,15 +279,13 @@ fn parse_disk(s: &str) -> Result<(String, DiskSource), String> {
     Ok((name, src))
 }
 
-/// Open the vault, waiting (and saying so) if another command holds it.
+/// Open the vault; a command that finds a lock busy says who holds it, then waits.
 fn open_vault(path: &Path, who: &str) -> Result<Vault, Error> {
-    match Vault::open(path, who, LockWait::Fail) {
-        Err(Error::Locked(holder)) => {
-            eprintln!("standby: waiting for the vault lock, held by {holder}");
-            Vault::open(path, who, LockWait::Block)
-        }
-        other => other,
-    }
+    let mut v = Vault::open(path, who, LockWait::Block)?;
+    v.on_wait(Box::new(|holder| {
+        eprintln!("standby: waiting for the lock, held by {holder}")
+    }));
+    Ok(v)
 }
 
 fn main() -> ExitCode {
@@ -338,11 +306,21 @@ fn main() -> ExitCode {
     }
 }
 
+static VAULT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// The vault this command works on.
+fn vault() -> Result<PathBuf, Error> {
+    VAULT.get().cloned().flatten().ok_or_else(|| {
+        Error::Invalid("no vault given: pass --vault VAULT or set STANDBY_VAULT".into())
+    })
+}
+
 fn who(what: &str) -> String {
     format!("standby {what}")
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let _ = VAULT.set(cli.vault.clone());
     match cli.command {
         Command::Init { vault } => {
             Vault::init(&vault)?;
@@ -353,7 +331,6 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             );
         }
         Command::Policy(PolicyCmd::Set {
-            v,
             name,
             crash_interval,
             app_interval,
@@ -362,7 +339,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             thin_after,
             rpo_threshold,
         }) => {
-            let mut vault = open_vault(&v.vault, &who("policy set"))?;
+            let mut vault = open_vault(&vault()?, &who("policy set"))?;
             let mut p = vault.catalog().policy(&name).unwrap_or_default();
             if let Some(d) = crash_interval {
                 p.crash_interval = d;
@@ -385,24 +362,18 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             vault.set_policy(&name, &p)?;
             println!("policy {name}: {}", output::policy_line(&p));
         }
-        Command::Policy(PolicyCmd::List { v, json }) => {
-            let vault = open_vault(&v.vault, &who("policy list"))?;
+        Command::Policy(PolicyCmd::List { json }) => {
+            let vault = open_vault(&vault()?, &who("policy list"))?;
             output::policies(vault.catalog(), json);
         }
         Command::Protect(a) => protect(a)?,
-        Command::Process {
-            v,
-            vm,
-            follow,
-            every,
-        } => return process(&v.vault, vm, follow, every),
+        Command::Process { vm, follow, every } => return process(&vault()?, vm, follow, every),
         Command::Point {
-            v,
             vm,
             app_consistent,
             name,
         } => {
-            let mut vault = open_vault(&v.vault, &who("point"))?;
+            let mut vault = open_vault(&vault()?, &who("point"))?;
             let c = if app_consistent {
                 Consistency::App
             } else {
@@ -417,13 +388,13 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 rfc3339(p.time_us)
             );
         }
-        Command::Points { v, vm, json } => {
-            let vault = open_vault(&v.vault, &who("points"))?;
+        Command::Points { vm, json } => {
+            let vault = open_vault(&vault()?, &who("points"))?;
             let points = vault.points_with_bytes(&vm)?;
             output::points(&vm, &points, json);
         }
-        Command::Status { v, vm, json } => {
-            let vault = open_vault(&v.vault, &who("status"))?;
+        Command::Status { vm, json } => {
+            let vault = open_vault(&vault()?, &who("status"))?;
             let names: Vec<String> = match vm {
                 Some(n) => vec![n],
                 None => vault.catalog().vms.keys().cloned().collect(),
@@ -436,18 +407,18 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Failover(f) => failover(f, false, None)?,
         Command::TestFailover { f, network } => failover(f, true, network)?,
-        Command::FailoverCommit { v, vm } => {
-            let mut vault = open_vault(&v.vault, &who("failover-commit"))?;
+        Command::FailoverCommit { vm } => {
+            let mut vault = open_vault(&vault()?, &who("failover-commit"))?;
             vault.failover_commit(&vm)?;
             println!("failover of {vm} committed; its recovery points are deleted");
         }
-        Command::TestFailoverCleanup { v, vm } => {
-            let mut vault = open_vault(&v.vault, &who("test-failover-cleanup"))?;
+        Command::TestFailoverCleanup { vm } => {
+            let mut vault = open_vault(&vault()?, &who("test-failover-cleanup"))?;
             let dir = vault.test_failover_cleanup(&vm)?;
             println!("removed the test failover of {vm} ({})", dir.display());
         }
-        Command::Verify { v, vm, point, json } => {
-            let vault = open_vault(&v.vault, &who("verify"))?;
+        Command::Verify { vm, point, json } => {
+            let vault = open_vault(&vault()?, &who("verify"))?;
             let (report, p) = vault.verify(&vm, point)?;
             let clean = report.is_clean();
             output::verify(&vm, &report, p.as_ref(), json);
@@ -461,7 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 fn protect(a: ProtectArgs) -> Result<(), Error> {
-    let mut vault = open_vault(&a.v.vault, &who("protect"))?;
+    let mut vault = open_vault(&vault()?, &who("protect"))?;
     let req = ProtectRequest {
         vm: a.vm.clone(),
         disks: a.disks.into_iter().map(|(n, s)| (n, Some(s))).collect(),
@@ -569,7 +540,7 @@ fn process(
 
 fn failover(f: FailoverArgs, test: bool, network: Option<String>) -> Result<(), Error> {
     let mut vault = open_vault(
-        &f.v.vault,
+        &vault()?,
         &who(if test { "test-failover" } else { "failover" }),
     )?;
     let mut bar = progress::Bar::new();

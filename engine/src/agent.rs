@@ -253,26 +253,24 @@ impl Agent {
 
     fn flush_log_and_drain(&self) -> Result<u64> {
         let durable = self.cache.sync()?;
-        self.drain_to(durable)?;
+        self.drain_to(durable, true)?;
         Ok(durable)
     }
 
-    /// Apply pending changes that are durable in the log to the source images (in order),
-    /// then sync them and record how far they are.
-    pub fn drain(&self) -> Result<()> {
-        self.drain_to(self.cache.durable_seq())
+    /// Apply pending changes that are durable in the log to the source images, in order.
+    /// With `persist`, also sync the images and record how far they are (which lets the log
+    /// trim what they no longer need); without, the images only catch up in the page cache.
+    pub fn drain(&self, persist: bool) -> Result<()> {
+        self.drain_to(self.cache.durable_seq(), persist)
     }
 
-    fn drain_to(&self, durable: u64) -> Result<()> {
+    fn drain_to(&self, durable: u64, persist: bool) -> Result<()> {
         let _one = self.drain.lock();
         let mut applied = {
             let st = self.state.read();
             st.applied_seq
         };
-        if durable <= applied {
-            return Ok(());
-        }
-        {
+        if durable > applied {
             // Readers wait while the images change under them: they would otherwise see a
             // change both in the image and (gone) from the pending set at once, or neither.
             let mut st = self.state.write();
@@ -291,6 +289,9 @@ impl Agent {
                 applied = next;
             }
             st.applied_seq = applied;
+        }
+        if !persist || self.cache.source_seq()? == Some(applied) {
+            return Ok(());
         }
         self.sync_sources()?;
         self.cache.set_source_seq(applied)
@@ -341,5 +342,56 @@ impl Agent {
     pub fn close(self) -> Result<()> {
         self.flush()?;
         self.cache.close()
+    }
+}
+
+/// One disk of the agent as an NBD block device: reads see every acknowledged write;
+/// writes, trims and write-zeroes go through the log first; FLUSH and FUA make them durable.
+pub struct AgentDisk {
+    agent: Arc<Agent>,
+    disk: u16,
+    size: u64,
+}
+
+impl AgentDisk {
+    pub fn new(agent: Arc<Agent>, disk: u16) -> Result<AgentDisk> {
+        let size = agent
+            .disks
+            .get(disk as usize)
+            .map(|(d, _)| d.size_bytes)
+            .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
+        Ok(AgentDisk { agent, disk, size })
+    }
+}
+
+impl crate::nbd::BlockDevice for AgentDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn min_block_bytes(&self) -> u32 {
+        crate::SECTOR_BYTES as u32
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> crate::nbd::DevResult<()> {
+        Ok(self.agent.read(self.disk, offset, buf)?)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::nbd::DevResult<()> {
+        self.agent.write(self.disk, offset, data, fua)?;
+        Ok(())
+    }
+    fn flush(&self) -> crate::nbd::DevResult<()> {
+        // Durable in the log is durable: the log is the source image's write-ahead log.
+        self.agent.cache.sync()?;
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> crate::nbd::DevResult<()> {
+        self.agent.zero(self.disk, offset, len, true, fua)?;
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> crate::nbd::DevResult<()> {
+        self.agent.zero(self.disk, offset, len, false, fua)?;
+        Ok(())
     }
 }

@@ -57,6 +57,7 @@ impl Vault {
         test_network: Option<&str>,
         progress: &mut dyn Progress,
     ) -> Result<FailoverReport> {
+        let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?.clone();
         if test {
             if rec.test_failover.is_some() {
@@ -94,8 +95,12 @@ impl Vault {
                     .ok_or_else(|| super::unknown_point(vm, "yet"))?;
                 replica.view_point(p.id)?
             }
-            PointSpec::Seq(seq) => replica.view_seq(seq)?,
-            PointSpec::Time(t) => replica.view_time(t)?,
+            PointSpec::Seq(seq) => replica
+                .view_seq(seq)
+                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
+            PointSpec::Time(t) => replica
+                .view_time(t)
+                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
             other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
         };
         let rg = rec.target.resource_group.clone();
@@ -173,15 +178,17 @@ impl Vault {
             network: report.network.clone(),
             time_us: now_us(),
         };
-        let vmrec = self.catalog.vm_mut(vm)?;
-        if test {
-            vmrec.test_failover = Some(frec);
-            vmrec.state = VmState::TestFailover;
-        } else {
-            vmrec.failover = Some(frec);
-            vmrec.state = VmState::FailedOver;
-        }
-        self.save()?;
+        self.update(|c| {
+            let vmrec = c.vm_mut(vm)?;
+            if test {
+                vmrec.test_failover = Some(frec);
+                vmrec.state = VmState::TestFailover;
+            } else {
+                vmrec.failover = Some(frec);
+                vmrec.state = VmState::FailedOver;
+            }
+            Ok(())
+        })?;
         Ok(report)
     }
 
@@ -231,8 +238,12 @@ impl Vault {
             )));
         }
         let vm_dir = self.vm_dir(vm);
-        self.catalog.vm_mut(vm)?.committed = true;
-        self.save()?;
+        let lock = self.lock_vm(vm)?;
+        self.update(|c| {
+            c.vm_mut(vm)?.committed = true;
+            Ok(())
+        })?;
+        drop(lock);
         if vm_dir.exists() {
             std::fs::remove_dir_all(&vm_dir).at(&vm_dir)?;
         }
@@ -251,14 +262,42 @@ impl Vault {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).at(&dir)?;
         }
-        let rec = self.catalog.vm_mut(vm)?;
-        rec.test_failover = None;
-        if rec.state == VmState::TestFailover {
-            rec.state = VmState::Protected;
-        }
-        self.save()?;
+        self.update(|c| {
+            let rec = c.vm_mut(vm)?;
+            rec.test_failover = None;
+            if rec.state == VmState::TestFailover {
+                rec.state = VmState::Protected;
+            }
+            Ok(())
+        })?;
         Ok(dir)
     }
+}
+
+/// Say plainly that a `seq:`/`time:` moment cannot be recovered, and what can.
+fn outside_window(
+    replica: &crate::replica::Replica,
+    vm: &str,
+    spec: &PointSpec,
+    e: Error,
+) -> Error {
+    if !matches!(e, Error::NotFound(_) | Error::Invalid(_)) {
+        return e;
+    }
+    let oldest = replica
+        .points()
+        .first()
+        .map(|p| format!("; the oldest point is {} at {}", p.id, rfc3339(p.time_us)))
+        .unwrap_or_default();
+    let ranges: Vec<String> = replica
+        .viewable_ranges()
+        .iter()
+        .map(|(a, b)| format!("seq:{a}..seq:{b}"))
+        .collect();
+    Error::NotFound(format!(
+        "VM '{vm}' cannot be recovered to {spec}: it is outside the any-moment window (recoverable: {}{oldest}); pick a point from `standby points {vm}`",
+        if ranges.is_empty() { "the points only".to_string() } else { ranges.join(", ") }
+    ))
 }
 
 /// sha256 of a (sparse) image over its full virtual size; holes hash as zeros without

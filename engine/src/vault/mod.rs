@@ -115,12 +115,46 @@ pub struct ProtectReport {
     pub scanned_bytes: u64,
 }
 
-/// An open vault, holding its lock.
+/// Called with the holder's description before a command blocks on a busy lock.
+pub type OnWait = Box<dyn Fn(&str) + Send + Sync>;
+
+/// An open vault. It holds no lock itself: catalog changes take the vault lock for the
+/// moment of the change (re-reading the catalog under it), and whatever opens a VM's log
+/// or replica holds that VM's lock (`vms/VM/lock`) for as long as it does — a running
+/// agent for its whole life.
 pub struct Vault {
     root: PathBuf,
     vfs: Arc<dyn Vfs>,
     catalog: Catalog,
+    who: String,
+    wait: LockWait,
+    on_wait: Option<OnWait>,
+}
+
+/// A VM's change log open through the agent's write tap, with the VM's lock held.
+pub struct AgentHandle {
+    agent: Agent,
     _lock: lock::VaultLock,
+}
+
+impl std::ops::Deref for AgentHandle {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+impl AgentHandle {
+    /// Flush everything, close the log and release the VM.
+    pub fn close(self) -> Result<()> {
+        self.agent.close()
+    }
+
+    /// Split into the agent and the guard of the VM lock (keep the guard alive while the
+    /// agent is used).
+    pub fn into_parts(self) -> (Agent, lock::VaultLock) {
+        (self.agent, self._lock)
+    }
 }
 
 fn random_id() -> String {
@@ -165,7 +199,8 @@ impl Vault {
         Ok(())
     }
 
-    /// Open a vault, taking its lock (`who` says who holds it, for others waiting).
+    /// Open a vault. `who` is recorded in the locks this command takes, so others can say
+    /// whom they wait for; `wait` says whether a busy lock fails at once or is waited for.
     pub fn open(root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
         if !root.join(catalog::FILE_NAME).exists() {
             return Err(Error::NotFound(format!(
@@ -174,14 +209,65 @@ impl Vault {
                 root.display()
             )));
         }
-        let lock = lock::acquire(root, who, wait)?;
         let catalog = catalog::load(root)?;
         Ok(Vault {
             root: root.to_path_buf(),
             vfs: Arc::new(RealFs),
             catalog,
-            _lock: lock,
+            who: who.to_string(),
+            wait,
+            on_wait: None,
         })
+    }
+
+    /// Be told (with the holder's description) before this vault blocks on a busy lock.
+    pub fn on_wait(&mut self, f: OnWait) {
+        self.on_wait = Some(f);
+    }
+
+    fn acquire(&self, dir: &Path, wait: LockWait) -> Result<lock::VaultLock> {
+        match lock::acquire(dir, &self.who, LockWait::Fail) {
+            Err(Error::Locked(holder)) if wait == LockWait::Block => {
+                if let Some(f) = &self.on_wait {
+                    f(&holder);
+                }
+                lock::acquire(dir, &self.who, LockWait::Block)
+            }
+            other => other,
+        }
+    }
+
+    /// Change the catalog: under the vault lock, re-read it, apply `f`, store it.
+    fn update<T>(&mut self, f: impl FnOnce(&mut Catalog) -> Result<T>) -> Result<T> {
+        let _lock = self.acquire(&self.root, LockWait::Block)?;
+        let mut fresh = catalog::load(&self.root)?;
+        let out = f(&mut fresh)?;
+        catalog::store(&*self.vfs, &self.root, &fresh)?;
+        self.catalog = fresh;
+        Ok(out)
+    }
+
+    /// Take a VM's lock (waiting per the vault's setting).
+    fn lock_vm(&self, vm: &str) -> Result<lock::VaultLock> {
+        self.catalog.vm(vm)?;
+        let dir = self.vm_dir(vm);
+        if !dir.exists() {
+            return Err(Error::NotFound(format!(
+                "VM '{vm}' has no replication data (was its failover committed?)"
+            )));
+        }
+        self.acquire(&dir, self.wait)
+    }
+
+    /// Take a VM's lock only if it is free (`Error::Locked` names the holder otherwise).
+    pub fn try_lock_vm(&self, vm: &str) -> Result<lock::VaultLock> {
+        self.catalog.vm(vm)?;
+        lock::acquire(&self.vm_dir(vm), &self.who, LockWait::Fail)
+    }
+
+    /// Where a running agent of `vm` listens for control requests.
+    pub fn agent_socket(&self, vm: &str) -> PathBuf {
+        self.vm_dir(vm).join("agent.sock")
     }
 
     pub fn root(&self) -> &Path {
@@ -192,10 +278,6 @@ impl Vault {
         &self.catalog
     }
 
-    fn save(&self) -> Result<()> {
-        catalog::store(&*self.vfs, &self.root, &self.catalog)
-    }
-
     fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
     }
@@ -204,10 +286,11 @@ impl Vault {
     pub fn set_policy(&mut self, name: &str, policy: &Policy) -> Result<()> {
         check_name("policy", name)?;
         policy.validate()?;
-        self.catalog
-            .policies
-            .insert(name.to_string(), PolicyRecord::from(policy));
-        self.save()
+        let rec = PolicyRecord::from(policy);
+        self.update(|c| {
+            c.policies.insert(name.to_string(), rec);
+            Ok(())
+        })
     }
 
     /// The policy a VM follows.
@@ -269,7 +352,9 @@ impl Vault {
                     (p.clone(), *size)
                 }
             };
-            if size == 0 || !size.is_multiple_of(crate::SECTOR_BYTES) || size > crate::replica::MAX_DISK_BYTES
+            if size == 0
+                || !size.is_multiple_of(crate::SECTOR_BYTES)
+                || size > crate::replica::MAX_DISK_BYTES
             {
                 return Err(Error::Invalid(format!(
                     "disk '{name}' is {size} bytes: a disk must be a non-zero multiple of 512 bytes, at most 64 TiB"
@@ -382,17 +467,45 @@ impl Vault {
         )?;
         let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::default())?;
         let cache = Arc::new(cache);
-        self.catalog.vms.insert(req.vm.clone(), record.clone());
-        self.save()?;
+        let _vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
+        let vm_name = req.vm.clone();
+        self.update(|c| {
+            if c.vms.contains_key(&vm_name) {
+                return Err(Error::Conflict(format!(
+                    "VM '{vm_name}' is already protected"
+                )));
+            }
+            c.vms.insert(vm_name.clone(), record.clone());
+            Ok(())
+        })?;
         let (shipped, scanned) = initial_replication(&cache, &record.disks, progress)?;
+        // The initial point sits at its own record, so it has a sequence number and a time
+        // even when the disks were empty.
+        let marker = Marker {
+            consistency: Consistency::Crash,
+            name: Some("initial".into()),
+            group: None,
+        };
+        cache.append(&Entry::Marker(&marker))?;
         let durable = cache.sync()?;
         cache.set_source_seq(durable)?;
-        let mut processor = Processor::new(cache.clone(), replica, policy)?;
-        let initial_point = processor.cut_point(PointKind::Initial, None)?;
-        drop(processor);
+        // Apply the initial copy as one layer (no interval points inside it), cut the
+        // `initial` point, then let the log trim it.
+        let _ = policy;
+        let mut replica = replica;
+        let mut reader = cache.reader(replica.applied_seq() + 1)?;
+        while let Some(rec) = reader.next_record()? {
+            replica.apply(&rec)?;
+        }
+        let initial_point = replica.cut_point(PointKind::Initial, Some("initial"))?;
+        let applied = replica.flush()?;
+        cache.set_checkpoint(applied.min(cache.durable_seq()))?;
+        drop(replica);
         cache.close()?;
-        self.catalog.vm_mut(&req.vm)?.state = VmState::Protected;
-        self.save()?;
+        self.update(|c| {
+            c.vm_mut(&vm_name)?.state = VmState::Protected;
+            Ok(())
+        })?;
         Ok(ProtectReport {
             initial_point,
             shipped_bytes: shipped,
@@ -428,7 +541,8 @@ impl Vault {
     }
 
     /// The write tap of a VM (what the NBD agent serves; tests and the demo write through it).
-    pub fn agent(&self, vm: &str) -> Result<Agent> {
+    pub fn agent(&self, vm: &str) -> Result<AgentHandle> {
+        let lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
@@ -444,11 +558,15 @@ impl Vault {
                 size_bytes: d.size_bytes,
             })
             .collect();
-        Agent::open(self.open_cache(vm)?, disks)
+        Ok(AgentHandle {
+            agent: Agent::open(self.open_cache(vm)?, disks)?,
+            _lock: lock,
+        })
     }
 
     /// Apply a VM's pending changes into its replica, cutting and pruning points per policy.
     pub fn process(&mut self, vm: &str) -> Result<PassReport> {
+        let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
@@ -520,6 +638,7 @@ impl Vault {
 
     /// The retained points of a VM, oldest first.
     pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>> {
+        let _lock = self.lock_vm(vm)?;
         Ok(self.open_replica(vm)?.points())
     }
 
@@ -669,6 +788,7 @@ fn initial_replication(
 impl Vault {
     /// The retained points of a VM with the bytes each one's layer holds.
     pub fn points_with_bytes(&self, vm: &str) -> Result<Vec<(PointInfo, u64)>> {
+        let _lock = self.lock_vm(vm)?;
         Ok(self.open_replica(vm)?.points_with_bytes())
     }
 }
