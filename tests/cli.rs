@@ -101,7 +101,7 @@ impl Model {
             let disk = (self.next() % 2) as usize;
             let len = 512 * (1 + self.next() % 64) as usize;
             let off = (self.next() % ((self.disks[disk].len() - len) as u64 / 512)) as usize * 512;
-            if self.next() % 10 == 0 {
+            if self.next().is_multiple_of(10) {
                 last = agent
                     .zero(disk as u16, off as u64, len as u64, true, false)
                     .unwrap();

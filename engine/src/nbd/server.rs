@@ -28,12 +28,15 @@ impl Default for ServerConfig {
     }
 }
 
+/// Open connections: a handle to shut each socket down, and its thread.
+type Conns = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
+
 /// A running NBD server. Dropping it (or [`Server::stop`]) closes every connection.
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+    conns: Conns,
 }
 
 impl Server {
@@ -47,7 +50,7 @@ impl Server {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let conns: Conns = Arc::new(Mutex::new(Vec::new()));
         let (s2, c2) = (stop.clone(), conns.clone());
         let accept = std::thread::Builder::new()
             .name("nbd-accept".into())
@@ -504,7 +507,7 @@ impl Connection {
             return Err(DevError::no_space("write past the end of the export"));
         }
         let min = dev.min_block_bytes() as u64;
-        if offset % min != 0 || len % min != 0 {
+        if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
             return Err(DevError::invalid(format!(
                 "writes must be aligned to {min} bytes"
             )));
