@@ -3,12 +3,13 @@
 //! on stderr and exit status 1 (2 for usage errors). Nothing here touches vault files
 //! directly.
 
+mod agent;
 mod demo;
 mod output;
 mod progress;
 
 use clap::{Args, Parser, Subcommand};
-use output::{bytes, rfc3339};
+use output::bytes;
 use standby_engine::record::Consistency;
 use standby_engine::vault::{
     DiskSource, LockWait, PlacementOverrides, PointSpec, ProtectRequest, Vault,
@@ -78,9 +79,22 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
         every: Duration,
     },
+    /// Serve a VM's disks over NBD through the write tap, and replicate them.
+    #[command(
+        after_help = "Every write, trim and write-zeroes is appended to the VM's change log before it is\nacknowledged and reaches the source image only once durable there. The agent also\nprocesses the log into the replica per the VM's policy; `point`, `points` and `status`\ngo through it while it runs. Ctrl-C or SIGTERM stop it cleanly.\n\nExamples:\n  standby agent web01 --listen 127.0.0.1:10809\n  qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/os,format=raw ..."
+    )]
+    Agent {
+        vm: String,
+        /// Address to serve NBD on (loopback unless told otherwise).
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// How often the log is processed into the replica.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+        process_every: Duration,
+    },
     /// Cut a recovery point now (ordered with the VM's writes).
     #[command(
-        after_help = "Example:\n  standby point web01 --app-consistent --name before-upgrade"
+        after_help = "Examples:\n  standby point web01 --app-consistent --name before-upgrade\n  standby point web01 --app-consistent --quiesce-command 'ssh web01 fsfreeze -f /data' \\\n      --thaw-command 'ssh web01 fsfreeze -u /data'"
     )]
     Point {
         vm: String,
@@ -89,6 +103,12 @@ enum Command {
         app_consistent: bool,
         #[arg(long)]
         name: Option<String>,
+        /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest.
+        #[arg(long, requires = "app_consistent")]
+        quiesce_command: Option<String>,
+        /// Run this after the marker (always, even if cutting failed).
+        #[arg(long, requires = "app_consistent")]
+        thaw_command: Option<String>,
     },
     /// List a VM's recovery points.
     #[command(after_help = "Example:\n  standby points web01 --json")]
@@ -368,30 +388,60 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Protect(a) => protect(a)?,
         Command::Process { vm, follow, every } => return process(&vault()?, vm, follow, every),
+        Command::Agent {
+            vm,
+            listen,
+            process_every,
+        } => {
+            let vault = open_vault(&vault()?, &who(&format!("agent {vm}")))?;
+            agent::run(
+                vault,
+                &vm,
+                agent::Options {
+                    listen,
+                    process_every,
+                },
+            )?;
+        }
         Command::Point {
             vm,
             app_consistent,
             name,
+            quiesce_command,
+            thaw_command,
         } => {
             let mut vault = open_vault(&vault()?, &who("point"))?;
-            let c = if app_consistent {
-                Consistency::App
-            } else {
-                Consistency::Crash
-            };
-            let p = vault.cut_point(&vm, c, name.as_deref())?;
+            vault.catalog().vm(&vm)?;
+            if let Some(cmd) = &quiesce_command {
+                run_hook("quiesce", cmd)?;
+            }
+            let result = cut_point(&mut vault, &vm, app_consistent, name.as_deref());
+            if let Some(cmd) = &thaw_command {
+                run_hook("thaw", cmd)?;
+            }
+            let p = result?;
             println!(
                 "cut point {} of {vm} at seq {} ({}, {})",
-                p.id,
-                p.seq,
-                output::kind(p.kind),
-                rfc3339(p.time_us)
+                p["id"],
+                p["seq"],
+                p["kind"].as_str().unwrap_or(""),
+                p["time"].as_str().unwrap_or("")
             );
         }
         Command::Points { vm, json } => {
             let vault = open_vault(&vault()?, &who("points"))?;
-            let points = vault.points_with_bytes(&vm)?;
-            output::points(&vm, &points, json);
+            vault.catalog().vm(&vm)?;
+            match agent::ask(
+                &vault.agent_socket(&vm),
+                &serde_json::json!({"op": "points"}),
+            ) {
+                Some(reply) => {
+                    let v = reply?;
+                    let docs = v["points"].as_array().cloned().unwrap_or_default();
+                    output::point_docs(&vm, &docs, json);
+                }
+                None => output::points(&vm, &vault.points_with_bytes(&vm)?, json),
+            }
         }
         Command::Status { vm, json } => {
             let vault = open_vault(&vault()?, &who("status"))?;
@@ -399,11 +449,24 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 Some(n) => vec![n],
                 None => vault.catalog().vms.keys().cloned().collect(),
             };
-            let mut all = Vec::new();
+            let mut docs = Vec::new();
             for n in &names {
-                all.push(vault.status(n)?);
+                match vault.status(n) {
+                    Ok(st) => docs.push(output::status_json(&st)),
+                    Err(Error::Locked(holder)) => {
+                        // A running agent owns the VM and has the live figures.
+                        match agent::ask(
+                            &vault.agent_socket(n),
+                            &serde_json::json!({"op": "status"}),
+                        ) {
+                            Some(reply) => docs.push(reply?["status"].clone()),
+                            None => return Err(Error::Locked(holder)),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            output::status(&all, json);
+            output::status_docs(&docs, json);
         }
         Command::Failover(f) => failover(f, false, None)?,
         Command::TestFailover { f, network } => failover(f, true, network)?,
@@ -429,6 +492,40 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Demo { dir } => demo::run(dir)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Cut a point through the running agent if there is one, else directly.
+fn cut_point(
+    vault: &mut Vault,
+    vm: &str,
+    app: bool,
+    name: Option<&str>,
+) -> Result<serde_json::Value, Error> {
+    let req = serde_json::json!({"op": "point", "app": app, "name": name});
+    if let Some(reply) = agent::ask(&vault.agent_socket(vm), &req) {
+        return Ok(reply?["point"].clone());
+    }
+    let c = if app {
+        Consistency::App
+    } else {
+        Consistency::Crash
+    };
+    let p = vault.cut_point(vm, c, name)?;
+    Ok(output::point_json(&p, None))
+}
+
+/// Run an operator's hook with `sh -c`; a failure stops the command.
+fn run_hook(what: &str, cmd: &str) -> Result<(), Error> {
+    let status = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map_err(|e| Error::Invalid(format!("cannot run the {what} command: {e}")))?;
+    if !status.success() {
+        return Err(Error::Invalid(format!(
+            "the {what} command failed ({status}): {cmd}"
+        )));
+    }
+    Ok(())
 }
 
 fn protect(a: ProtectArgs) -> Result<(), Error> {
@@ -504,6 +601,14 @@ fn process(
                 None => vault.processable_vms(),
             };
             for n in names {
+                if vm.is_none() || follow {
+                    if let Err(Error::Locked(holder)) = vault.try_lock_vm(&n).map(drop) {
+                        if !follow {
+                            println!("{n}: processed by {holder}");
+                        }
+                        continue;
+                    }
+                }
                 let r = vault.process(&n)?;
                 if !follow
                     || r.applied > 0

@@ -89,7 +89,7 @@ pub fn policies(c: &Catalog, as_json: bool) {
     }
 }
 
-fn point_json(p: &PointInfo, bytes: Option<u64>) -> Value {
+pub fn point_json(p: &PointInfo, bytes: Option<u64>) -> Value {
     let mut v = json!({
         "id": p.id,
         "seq": p.seq,
@@ -107,15 +107,20 @@ fn point_json(p: &PointInfo, bytes: Option<u64>) -> Value {
 }
 
 pub fn points(vm: &str, points: &[(PointInfo, u64)], as_json: bool) {
+    let docs: Vec<Value> = points
+        .iter()
+        .map(|(p, b)| point_json(p, Some(*b)))
+        .collect();
+    point_docs(vm, &docs, as_json);
+}
+
+/// Print point documents (built here, or received from a running agent).
+pub fn point_docs(vm: &str, docs: &[Value], as_json: bool) {
     if as_json {
-        let v: Vec<Value> = points
-            .iter()
-            .map(|(p, b)| point_json(p, Some(*b)))
-            .collect();
-        print_json(&json!({ "vm": vm, "points": v }));
+        print_json(&json!({ "vm": vm, "points": docs }));
         return;
     }
-    if points.is_empty() {
+    if docs.is_empty() {
         println!("{vm} has no recovery points");
         return;
     }
@@ -123,92 +128,113 @@ pub fn points(vm: &str, points: &[(PointInfo, u64)], as_json: bool) {
         "{:>6} {:>12}  {:<20}  {:<16}  {:>10}  NAME",
         "ID", "SEQ", "TIME", "KIND", "BYTES"
     );
-    for (p, b) in points {
+    for p in docs {
         println!(
             "{:>6} {:>12}  {:<20}  {:<16}  {:>10}  {}",
-            p.id,
-            p.seq,
-            rfc3339(p.time_us),
-            kind(p.kind),
-            bytes(*b),
-            p.name.as_deref().unwrap_or("")
+            p["id"].as_u64().unwrap_or(0),
+            p["seq"].as_u64().unwrap_or(0),
+            p["time"].as_str().unwrap_or(""),
+            p["kind"].as_str().unwrap_or(""),
+            bytes(p["bytes"].as_u64().unwrap_or(0)),
+            p["name"].as_str().unwrap_or("")
         );
     }
 }
 
 pub fn status(all: &[VmStatus], as_json: bool) {
+    let docs: Vec<Value> = all.iter().map(status_json).collect();
+    status_docs(&docs, as_json);
+}
+
+/// Print status documents (built here, or received from a running agent).
+pub fn status_docs(docs: &[Value], as_json: bool) {
     if as_json {
-        let v: Vec<Value> = all.iter().map(status_json).collect();
-        print_json(&json!({ "vms": v }));
+        print_json(&json!({ "vms": docs }));
         return;
     }
-    if all.is_empty() {
+    if docs.is_empty() {
         println!("no VMs are protected in this vault (see `standby protect --help`)");
         return;
     }
-    for s in all {
-        let r = &s.record;
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    for d in docs {
         println!(
             "{}  state {}  health {}",
-            r.name,
-            r.state.as_str(),
-            s.health.as_str()
+            s(&d["vm"]),
+            s(&d["state"]),
+            s(&d["health"])
         );
-        for reason in &s.reasons {
-            println!("  - {reason}");
+        if let Some(pid) = d["agent_pid"].as_u64() {
+            println!("  agent running (pid {pid})");
         }
-        if let Some(rpo) = s.rpo_seconds {
-            println!("  RPO {rpo:.1} s (threshold {} s)", s.rpo_threshold_seconds);
+        for reason in d["reasons"].as_array().into_iter().flatten() {
+            println!("  - {}", s(reason));
+        }
+        if let Some(rpo) = d["rpo_seconds"].as_f64() {
+            println!(
+                "  RPO {rpo:.1} s (threshold {} s)",
+                n(&d["rpo_threshold_seconds"])
+            );
         }
         println!(
             "  backlog {} records, {}; cache {}",
-            s.backlog_records,
-            bytes(s.backlog_bytes),
-            bytes(s.cache_bytes)
+            n(&d["backlog_records"]),
+            bytes(n(&d["backlog_bytes"])),
+            bytes(n(&d["cache_bytes"]))
         );
-        match &s.last_point {
-            Some(p) => println!(
+        let p = &d["last_point"];
+        if p.is_object() {
+            println!(
                 "  last point {} ({}, {}), {} point(s) retained",
-                p.id,
-                kind(p.kind),
-                rfc3339(p.time_us),
-                s.points
-            ),
-            None => println!("  no recovery point"),
+                n(&p["id"]),
+                s(&p["kind"]),
+                s(&p["time"]),
+                n(&d["points"])
+            );
+        } else {
+            println!("  no recovery point");
         }
+        let t = &d["target"];
         println!(
             "  target: resource group {}, network {}, subnet {}{}",
-            r.target.resource_group,
-            r.target.network,
-            r.target.subnet,
-            r.target
-                .availability_set
-                .as_ref()
+            s(&t["resource_group"]),
+            s(&t["network"]),
+            s(&t["subnet"]),
+            t["availability_set"]
+                .as_str()
                 .map(|a| format!(", availability set {a}"))
                 .unwrap_or_default()
         );
-        for d in &s.disks {
+        for disk in d["disks"].as_array().into_iter().flatten() {
             println!(
                 "  disk {:<10} {:>10} replicated of {:>10}  {}",
-                d.name,
-                bytes(d.replicated_bytes),
-                bytes(d.size_bytes),
-                d.source
+                s(&disk["name"]),
+                bytes(n(&disk["replicated_bytes"])),
+                bytes(n(&disk["size_bytes"])),
+                s(&disk["source"])
             );
         }
-        if let Some(f) = &r.failover {
-            println!("  failover at seq {} in {}", f.seq, f.dir);
+        if d["failover"].is_object() {
+            println!(
+                "  failover at seq {} in {}",
+                n(&d["failover"]["seq"]),
+                s(&d["failover"]["dir"])
+            );
         }
-        if let Some(f) = &r.test_failover {
+        if d["test_failover"].is_object() {
+            let f = &d["test_failover"];
             println!(
                 "  test failover at seq {} in {} (network {})",
-                f.seq, f.dir, f.network
+                n(&f["seq"]),
+                s(&f["dir"]),
+                s(&f["network"])
             );
         }
     }
 }
 
-fn status_json(s: &VmStatus) -> Value {
+pub fn status_json(s: &VmStatus) -> Value {
     let r = &s.record;
     json!({
         "vm": r.name,

@@ -564,6 +564,13 @@ impl Vault {
         })
     }
 
+    /// The processor of a VM whose log the caller already has open through
+    /// [`Vault::agent`] (which holds the VM's lock): the agent process runs it.
+    pub fn processor_for(&self, vm: &str, handle: &AgentHandle) -> Result<Processor> {
+        let policy = self.vm_policy(vm)?;
+        Processor::new(handle.cache().clone(), self.open_replica(vm)?, policy)
+    }
+
     /// Apply a VM's pending changes into its replica, cutting and pruning points per policy.
     pub fn process(&mut self, vm: &str) -> Result<PassReport> {
         let _lock = self.lock_vm(vm)?;
@@ -606,6 +613,7 @@ impl Vault {
         consistency: Consistency,
         name: Option<&str>,
     ) -> Result<PointInfo> {
+        let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
@@ -649,6 +657,7 @@ impl Vault {
         vm: &str,
         spec: Option<PointSpec>,
     ) -> Result<(VerifyReport, Option<PointInfo>)> {
+        let _lock = self.lock_vm(vm)?;
         let replica = self.open_replica(vm)?;
         let mut report = replica.verify()?;
         // The change log: reading every retained record verifies every frame.

@@ -5,8 +5,9 @@
 //! VM's present state is recoverable and the RPO is 0.
 
 use super::{now_us, Vault, VmRecord, VmState};
+use crate::cache::Cache;
 use crate::error::Result;
-use crate::replica::{PointInfo, PointKind};
+use crate::replica::{PointInfo, PointKind, Replica};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Health {
@@ -58,11 +59,24 @@ pub fn kind_str(k: PointKind) -> &'static str {
 }
 
 impl Vault {
-    /// Status of one VM.
+    /// Status of one VM. If a running agent owns the VM this fails at once with
+    /// `Error::Locked` naming it (ask the agent instead: it has the live figures).
     pub fn status(&self, vm: &str) -> Result<VmStatus> {
+        let rec = self.catalog.vm(vm)?;
+        if rec.committed {
+            return self.base_status(vm);
+        }
+        let _lock = self.try_lock_vm(vm)?;
+        let replica = self.open_replica(vm)?;
+        let cache = self.open_cache(vm)?;
+        let st = self.status_of(vm, &cache, &replica);
+        cache.close()?;
+        st
+    }
+
+    fn base_status(&self, vm: &str) -> Result<VmStatus> {
         let rec = self.catalog.vm(vm)?.clone();
-        let policy = self.vm_policy(vm)?;
-        let threshold = policy.rpo_threshold.as_secs();
+        let threshold = self.vm_policy(vm)?.rpo_threshold.as_secs();
         let mut st = VmStatus {
             health: Health::Healthy,
             reasons: Vec::new(),
@@ -79,13 +93,17 @@ impl Vault {
         if rec.committed {
             st.reasons
                 .push("failover committed: replication has ended".into());
-            return Ok(st);
         }
-        let replica = self.open_replica(vm)?;
-        let cache = self.open_cache(vm)?;
+        Ok(st)
+    }
+
+    /// Status of a VM from its open log and replica (for the process that owns them).
+    pub fn status_of(&self, vm: &str, cache: &Cache, replica: &Replica) -> Result<VmStatus> {
+        let mut st = self.base_status(vm)?;
+        let rec = st.record.clone();
+        let threshold = st.rpo_threshold_seconds;
         let cstats = cache.stats();
         let (records, bytes) = cache.backlog(replica.applied_seq());
-        cache.close()?;
         st.backlog_records = records;
         st.backlog_bytes = bytes;
         st.cache_bytes = cstats.stored_bytes;
