@@ -92,6 +92,21 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
         process_every: Duration,
     },
+    /// Serve every disk of a recovery point over NBD, read-only, without a restore.
+    #[command(
+        after_help = "POINT is anything failover accepts. Start-up costs the point's index, not its data;\nblock status reports holes, so copies stay sparse. With --writable, writes go to a\nthrow-away copy-on-write overlay: the point never changes. Ctrl-C stops it.\n\nExamples:\n  standby mount web01 --point latest-app-consistent\n  qemu-img convert -O raw nbd://127.0.0.1:10810/os os.raw\n  nbdfuse /mnt/os nbd://127.0.0.1:10810/os & mount -o ro,loop /mnt/os/nbd /mnt/fs"
+    )]
+    Mount {
+        vm: String,
+        #[arg(long, value_parser = parse_spec)]
+        point: PointSpec,
+        /// Address to serve NBD on (loopback unless told otherwise).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        listen: String,
+        /// Accept writes into a throw-away copy-on-write overlay.
+        #[arg(long)]
+        writable: bool,
+    },
     /// Cut a recovery point now (ordered with the VM's writes).
     #[command(
         after_help = "Examples:\n  standby point web01 --app-consistent --name before-upgrade\n  standby point web01 --app-consistent --quiesce-command 'ssh web01 fsfreeze -f /data' \\\n      --thaw-command 'ssh web01 fsfreeze -u /data'"
@@ -388,6 +403,15 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Protect(a) => protect(a)?,
         Command::Process { vm, follow, every } => return process(&vault()?, vm, follow, every),
+        Command::Mount {
+            vm,
+            point,
+            listen,
+            writable,
+        } => {
+            let vault = open_vault(&vault()?, &who(&format!("mount {vm}")))?;
+            mount(&vault, &vm, point, &listen, writable)?;
+        }
         Command::Agent {
             vm,
             listen,
@@ -492,6 +516,75 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Demo { dir } => demo::run(dir)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn mount(
+    vault: &Vault,
+    vm: &str,
+    spec: PointSpec,
+    listen: &str,
+    writable: bool,
+) -> Result<(), Error> {
+    use standby_engine::mount::MountDisk;
+    use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
+    let m = vault.mount(vm, spec)?;
+    let mut exports: Vec<(String, std::sync::Arc<dyn BlockDevice>)> = Vec::new();
+    for (i, name) in m.disks.iter().enumerate() {
+        let dev = if writable {
+            let scratch = m
+                .scratch
+                .join(format!("mount-{}-{name}.overlay", std::process::id()));
+            MountDisk::writable(m.view.clone(), i as u16, &scratch)?
+        } else {
+            MountDisk::read_only(m.view.clone(), i as u16)?
+        };
+        exports.push((name.clone(), std::sync::Arc::new(dev)));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst))
+        .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
+    let mut server = Server::start(
+        listen,
+        std::sync::Arc::new(ExportList(exports)),
+        ServerConfig::default(),
+    )
+    .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
+    let addr = server.local_addr();
+    let what = match m.view.point() {
+        Some(p) => format!(
+            "point {} ({}, seq {}, {})",
+            p.id,
+            output::kind(p.kind),
+            p.seq,
+            output::rfc3339(p.time_us)
+        ),
+        None => format!(
+            "seq {} ({})",
+            m.view.seq(),
+            output::rfc3339(m.view.time_us())
+        ),
+    };
+    println!(
+        "mounted {vm} at {what}, {} on {addr} (pid {})",
+        if writable {
+            "writable (throw-away overlay)"
+        } else {
+            "read-only"
+        },
+        std::process::id()
+    );
+    for name in &m.disks {
+        println!("  nbd://{addr}/{name}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+    eprintln!("standby: mount of {vm} stopped");
+    Ok(())
 }
 
 /// Cut a point through the running agent if there is one, else directly.

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cache;
 pub mod error;
 pub mod fsutil;
+pub mod mount;
 pub mod nbd;
 pub mod policy;
 pub mod process;

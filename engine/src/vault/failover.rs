@@ -16,6 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One materialized disk.
 #[derive(Debug, Clone, Serialize)]
@@ -75,34 +76,7 @@ impl Vault {
                 "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
             )));
         }
-        let policy = self.vm_policy(vm)?;
-        let mut replica = self.open_replica(vm)?;
-        if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
-            // Lowest RPO: process everything pending and cut a point at the end.
-            let cache = self.open_cache(vm)?;
-            let mut p = Processor::new(cache.clone(), replica, policy)?;
-            p.run_pass()?;
-            if p.replica().changed_since_last_point() {
-                p.cut_point(PointKind::CrashConsistent, None)?;
-            }
-            replica = p.into_replica();
-            cache.close()?;
-        }
-        let view = match spec {
-            PointSpec::Latest => {
-                let p = replica
-                    .latest_point()
-                    .ok_or_else(|| super::unknown_point(vm, "yet"))?;
-                replica.view_point(p.id)?
-            }
-            PointSpec::Seq(seq) => replica
-                .view_seq(seq)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
-            PointSpec::Time(t) => replica
-                .view_time(t)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
-            other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
-        };
+        let view = self.resolve_view(vm, &rec, spec)?;
         let rg = rec.target.resource_group.clone();
         let network = match (test, test_network) {
             (true, Some(n)) => n.to_string(),
@@ -192,6 +166,57 @@ impl Vault {
         Ok(report)
     }
 
+    /// The view `spec` names (the caller holds the VM's lock). `latest` first processes
+    /// everything pending and cuts a point, unless the VM is failed over.
+    pub(crate) fn resolve_view(
+        &self,
+        vm: &str,
+        rec: &super::VmRecord,
+        spec: PointSpec,
+    ) -> Result<View> {
+        let policy = self.vm_policy(vm)?;
+        let mut replica = self.open_replica(vm)?;
+        if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
+            // Lowest RPO: process everything pending and cut a point at the end.
+            let cache = self.open_cache(vm)?;
+            let mut p = Processor::new(cache.clone(), replica, policy)?;
+            p.run_pass()?;
+            if p.replica().changed_since_last_point() {
+                p.cut_point(PointKind::CrashConsistent, None)?;
+            }
+            replica = p.into_replica();
+            cache.close()?;
+        }
+        Ok(match spec {
+            PointSpec::Latest => {
+                let p = replica
+                    .latest_point()
+                    .ok_or_else(|| super::unknown_point(vm, "yet"))?;
+                replica.view_point(p.id)?
+            }
+            PointSpec::Seq(seq) => replica
+                .view_seq(seq)
+                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
+            PointSpec::Time(t) => replica
+                .view_time(t)
+                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
+            other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
+        })
+    }
+
+    /// A point of a VM for mounting: its view, held with the VM's lock until dropped.
+    pub fn mount(&self, vm: &str, spec: PointSpec) -> Result<MountHandle> {
+        let lock = self.lock_vm(vm)?;
+        let rec = self.live_vm(vm)?.clone();
+        let view = Arc::new(self.resolve_view(vm, &rec, spec)?);
+        Ok(MountHandle {
+            view,
+            disks: rec.disks.iter().map(|d| d.name.clone()).collect(),
+            scratch: self.vm_dir(vm),
+            _lock: lock,
+        })
+    }
+
     /// Whether `dir` is this VM's own earlier failover output (so it may be replaced).
     fn owns_output(&self, rec: &super::VmRecord, dir: &Path) -> bool {
         rec.failover
@@ -272,6 +297,15 @@ impl Vault {
         })?;
         Ok(dir)
     }
+}
+
+/// A mounted point: its view and disk names; the VM stays locked while this lives.
+pub struct MountHandle {
+    pub view: Arc<View>,
+    pub disks: Vec<String>,
+    /// Where writable mounts keep their throw-away overlays.
+    pub scratch: PathBuf,
+    _lock: super::lock::VaultLock,
 }
 
 /// Say plainly that a `seq:`/`time:` moment cannot be recovered, and what can.

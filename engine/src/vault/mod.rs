@@ -23,7 +23,7 @@ mod status;
 pub use catalog::{
     Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, VmRecord, VmState,
 };
-pub use failover::{sha256_sparse, FailoverDisk, FailoverReport, Sha256Hex};
+pub use failover::{sha256_sparse, FailoverDisk, FailoverReport, MountHandle, Sha256Hex};
 pub use lock::LockWait;
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
