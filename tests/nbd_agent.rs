@@ -373,10 +373,10 @@ fn kill_9_of_the_agent_mid_burst_loses_no_acknowledged_write() {
             acked.push(rest.trim().parse::<usize>().unwrap() / 65536);
             if acked.len() == 60 {
                 agent.kill().unwrap(); // SIGKILL, mid-burst
-                agent.wait().unwrap();
             }
         }
     }
+    agent.wait().unwrap();
     let _ = io.wait();
     assert!(
         acked.len() >= 60 && acked.len() < n,
