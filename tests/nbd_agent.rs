@@ -376,6 +376,7 @@ fn kill_9_of_the_agent_mid_burst_loses_no_acknowledged_write() {
             }
         }
     }
+    let _ = agent.kill(); // in case the burst ended before the kill
     agent.wait().unwrap();
     let _ = io.wait();
     assert!(
