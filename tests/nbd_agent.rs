@@ -29,6 +29,10 @@ fn free_port() -> u16 {
 
 impl Env {
     fn new() -> Env {
+        Env::with(&[])
+    }
+
+    fn with(extra: &[&str]) -> Env {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let env = Env {
@@ -37,15 +41,17 @@ impl Env {
             _tmp: tmp,
         };
         env.ok(&["init", env.vault.to_str().unwrap()]);
-        env.ok(&[
-            "protect",
-            "vm",
-            "--disk",
-            &format!("os=new:{}MiB", OS >> 20),
-            "--disk",
-            &format!("data=new:{}MiB", DATA >> 20),
-        ]);
+        let os = format!("os=new:{}MiB", OS >> 20);
+        let data = format!("data=new:{}MiB", DATA >> 20);
+        let mut args = vec!["protect", "vm", "--disk", &os, "--disk", &data];
+        args.extend_from_slice(extra);
+        env.ok(&args);
         env
+    }
+
+    fn state(&self) -> String {
+        let st: Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
+        st["vms"][0]["state"].as_str().unwrap().to_string()
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -410,4 +416,95 @@ fn kill_9_of_the_agent_mid_burst_loses_no_acknowledged_write() {
             "acknowledged write {i} missing from the replica"
         );
     }
+}
+
+#[test]
+fn a_full_cache_falls_back_to_the_dirty_bitmap_and_resyncs_without_losing_a_write() {
+    let env = Env::with(&["--cache-capacity", "8KiB"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // Processing (which frees the log) starts 5 s after the agent does.
+    let mut agent = env.serve(&["agent", "vm", "--listen", &addr, "--process-every", "5s"]);
+    let mut m = Model {
+        disks: vec![vec![0; OS], vec![0; DATA]],
+    };
+    let cmds: Vec<String> = (0..64)
+        .map(|i| format!("write -P {} {} 64k", 1 + i % 200, (i * 3 % 64) * 65536 * 3))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    m.run(&addr, 0, &cmds);
+    m.run(
+        &addr,
+        1,
+        &["write -P 0x42 0 2M", "discard 512k 64k", "flush"],
+    );
+    // The VM kept running; its writes were tracked, not replicated.
+    assert_eq!(env.state(), "resync-required");
+    // Once processing frees the log, the dirty blocks are shipped and protection resumes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while env.state() != "protected" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resync never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Reads through the agent and the replica agree with what the VM wrote.
+    let latest = m.sums();
+    interrupt(&mut agent);
+    let out = env.root.join("tf");
+    env.ok(&[
+        "test-failover",
+        "vm",
+        "--point",
+        "latest",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        image_sums(&out),
+        latest,
+        "a write is missing from the replica after the resync"
+    );
+}
+
+#[test]
+fn an_agent_killed_while_the_cache_was_full_resyncs_everything_on_restart() {
+    let env = Env::with(&["--cache-capacity", "8KiB"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = env.serve(&["agent", "vm", "--listen", &addr, "--process-every", "1h"]);
+    let mut m = Model {
+        disks: vec![vec![0; OS], vec![0; DATA]],
+    };
+    // qemu-io writes constant patterns, which compress ~200:1: many writes fill 8 KiB.
+    let cmds: Vec<String> = (0..48)
+        .map(|i| format!("write -P {} {} 64k", 0x51 + i % 7, i * 65536 * 2))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    m.run(&addr, 0, &cmds);
+    m.run(&addr, 0, &["write -P 0x52 8M 1M", "flush"]);
+    assert_eq!(env.state(), "resync-required");
+    agent.kill().unwrap(); // the dirty bitmap dies with it
+    agent.wait().unwrap();
+    let mut agent = env.serve(&["agent", "vm", "--listen", &addr, "--process-every", "1s"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while env.state() != "protected" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full resync never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    interrupt(&mut agent);
+    let out = env.root.join("tf");
+    env.ok(&[
+        "test-failover",
+        "vm",
+        "--point",
+        "latest",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(image_sums(&out), m.sums());
 }

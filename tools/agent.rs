@@ -14,7 +14,7 @@ use standby_engine::agent::AgentDisk;
 use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
 use standby_engine::process::Processor;
 use standby_engine::record::{Consistency, Marker};
-use standby_engine::vault::Vault;
+use standby_engine::vault::{Vault, VmState};
 use standby_engine::Error;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// How often durable writes are applied to the source images (page cache only).
 const DRAIN_EVERY: Duration = Duration::from_millis(5);
+/// Most bytes of dirty blocks shipped per background round.
+const RESYNC_STEP_BYTES: u64 = 32 << 20;
 /// How often the source images are synced and the log told how far they are.
 const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -74,7 +76,12 @@ pub fn run(vault: Vault, vm: &str, opts: Options) -> Result<(), Error> {
     }
     let _ = std::io::stdout().flush();
 
-    let vault = Arc::new(vault);
+    if vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
+        // The dirty bitmap of an earlier run was lost with it: resync every allocated block.
+        eprintln!("standby: {vm} needs a resync; shipping every allocated block again");
+        agent.require_full_resync()?;
+    }
+    let vault = Arc::new(Mutex::new(vault));
     let worker = {
         let (agent, processor, stop, vault, vm) = (
             agent.clone(),
@@ -124,16 +131,56 @@ fn background(
     agent: &standby_engine::agent::Agent,
     processor: &Mutex<Processor>,
     stop: &AtomicBool,
-    vault: &Vault,
+    vault: &Mutex<Vault>,
     vm: &str,
     process_every: Duration,
 ) -> Result<(), Error> {
     let mut last_sync = Instant::now();
     let mut last_pass = Instant::now();
-    let _ = vault;
-    let _ = vm;
+    let mut flagged = vault
+        .lock()
+        .map(|v| {
+            v.catalog()
+                .vm(vm)
+                .map(|r| r.state == VmState::ResyncRequired)
+                .unwrap_or(false)
+        })
+        .unwrap_or(false);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(DRAIN_EVERY);
+        // The log was full: say so, and ship the dirty blocks as soon as it takes them.
+        if let Some(bytes) = agent.resync_pending() {
+            let mut v = vault
+                .lock()
+                .map_err(|_| Error::Invalid("vault poisoned".into()))?;
+            if !flagged {
+                eprintln!(
+                    "standby: {vm}: the change log is full; tracking writes in the dirty bitmap"
+                );
+                v.set_resync(
+                    vm,
+                    Some(format!(
+                        "the change log was full; {bytes} bytes of blocks to resync"
+                    )),
+                )?;
+                flagged = true;
+            }
+            drop(v);
+            if agent.resync_step(RESYNC_STEP_BYTES)? {
+                vault
+                    .lock()
+                    .map_err(|_| Error::Invalid("vault poisoned".into()))?
+                    .set_resync(vm, None)?;
+                flagged = false;
+                eprintln!("standby: {vm}: resync finished; replicating through the log again");
+            }
+        } else if flagged {
+            vault
+                .lock()
+                .map_err(|_| Error::Invalid("vault poisoned".into()))?
+                .set_resync(vm, None)?;
+            flagged = false;
+        }
         let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
         if let Err(e) = agent.drain(persist) {
             eprintln!("standby: agent: {}", output::one_line(&e));
@@ -169,7 +216,7 @@ fn background(
 
 fn control(
     conn: UnixStream,
-    vault: &Vault,
+    vault: &Mutex<Vault>,
     vm: &str,
     agent: &standby_engine::agent::Agent,
     processor: &Mutex<Processor>,
@@ -192,7 +239,7 @@ fn control(
 
 fn handle(
     req: &Value,
-    vault: &Vault,
+    vault: &Mutex<Vault>,
     vm: &str,
     agent: &standby_engine::agent::Agent,
     processor: &Mutex<Processor>,
@@ -226,9 +273,13 @@ fn handle(
         }
         Some("status") => {
             let p = lock()?;
-            let st = vault.status_of(vm, agent.cache(), p.replica())?;
+            let v_guard = vault
+                .lock()
+                .map_err(|_| Error::Invalid("vault poisoned".into()))?;
+            let st = v_guard.status_of(vm, agent.cache(), p.replica())?;
             let mut v = output::status_json(&st);
             v["agent_pid"] = json!(std::process::id());
+            v["resync_bytes"] = json!(agent.resync_pending());
             Ok(json!({"ok": true, "status": v}))
         }
         Some("points") => {

@@ -237,6 +237,10 @@ struct ProtectArgs {
     /// SRC=DST source network to target network (repeatable).
     #[arg(long, value_name = "SRC=DST", value_parser = parse_pair)]
     network_mapping: Vec<(String, String)>,
+    /// Limit the VM's change log (e.g. 4GiB); when it is full the agent tracks writes in a
+    /// dirty bitmap and resyncs them later. Default: no limit.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    cache_capacity: Option<u64>,
 }
 
 #[derive(Args)]
@@ -640,6 +644,7 @@ fn protect(a: ProtectArgs) -> Result<(), Error> {
             availability_set: a.target_availability_set,
         },
         network_mapping: a.network_mapping,
+        cache_capacity_bytes: a.cache_capacity,
     };
     let mut bar = progress::Bar::new();
     let r = vault.protect(&req, &mut bar)?;

@@ -59,6 +59,86 @@ pub struct Agent {
     state: RwLock<State>,
     /// Serializes draining (applying pending changes to the source images).
     drain: Mutex<()>,
+    /// `Some` while the log cannot take writes (full): they go straight to the source
+    /// images and their blocks are marked here until a resync ships them.
+    mode: RwLock<Option<Dirty>>,
+}
+
+/// Blocks written while the log could not take them, per disk, in bounded memory: the
+/// block size grows with the disks so the whole map stays under `MAX_DIRTY_BITS` bits.
+pub struct Dirty {
+    block_bytes: u64,
+    bits: Vec<Vec<u64>>,
+    count: u64,
+}
+
+const MAX_DIRTY_BITS: u64 = 64 << 20; // 8 MiB of bitmap
+const MIN_DIRTY_BLOCK: u64 = 64 << 10;
+
+impl Dirty {
+    fn new(sizes: &[u64]) -> Dirty {
+        let total: u64 = sizes.iter().sum();
+        let mut block_bytes = MIN_DIRTY_BLOCK;
+        while total / block_bytes > MAX_DIRTY_BITS {
+            block_bytes *= 2;
+        }
+        let bits = sizes
+            .iter()
+            .map(|s| vec![0u64; s.div_ceil(block_bytes).div_ceil(64) as usize])
+            .collect();
+        Dirty {
+            block_bytes,
+            bits,
+            count: 0,
+        }
+    }
+
+    fn mark(&mut self, disk: u16, offset: u64, len: u64) {
+        let Some(words) = self.bits.get_mut(disk as usize) else {
+            return;
+        };
+        let first = offset / self.block_bytes;
+        let last = (offset + len.max(1) - 1) / self.block_bytes;
+        for b in first..=last {
+            let (w, bit) = ((b / 64) as usize, b % 64);
+            if let Some(word) = words.get_mut(w) {
+                if *word & (1 << bit) == 0 {
+                    *word |= 1 << bit;
+                    self.count += 1;
+                }
+            }
+        }
+    }
+
+    /// The first dirty block: (disk, block index).
+    fn first(&self) -> Option<(u16, u64)> {
+        for (d, words) in self.bits.iter().enumerate() {
+            for (w, word) in words.iter().enumerate() {
+                if *word != 0 {
+                    return Some((d as u16, w as u64 * 64 + word.trailing_zeros() as u64));
+                }
+            }
+        }
+        None
+    }
+
+    fn clear(&mut self, disk: u16, block: u64) {
+        if let Some(word) = self
+            .bits
+            .get_mut(disk as usize)
+            .and_then(|w| w.get_mut((block / 64) as usize))
+        {
+            if *word & (1 << (block % 64)) != 0 {
+                *word &= !(1 << (block % 64));
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// Bytes still to resync (whole blocks).
+    pub fn bytes(&self) -> u64 {
+        self.count * self.block_bytes
+    }
 }
 
 impl Agent {
@@ -93,6 +173,7 @@ impl Agent {
             cache,
             disks: opened,
             drain: Mutex::new(()),
+            mode: RwLock::new(None),
         };
         agent.replay(synced)?;
         Ok(agent)
@@ -195,7 +276,22 @@ impl Agent {
         if self.state.read().pending_bytes > MAX_PENDING_BYTES {
             self.flush_log_and_drain()?;
         }
-        let seq = self.cache.append(entry)?;
+        // Appending and recording the pending change happen under the mode's read lock, so
+        // a switch to bitmap mode (write lock) sees every appended change in `pending`.
+        let mode = self.mode.read();
+        if mode.is_some() {
+            drop(mode);
+            return self.direct(entry, durable);
+        }
+        let seq = match self.cache.append(entry) {
+            Ok(seq) => seq,
+            Err(Error::CacheFull { .. }) if !matches!(entry, Entry::Marker(_)) => {
+                drop(mode);
+                self.enter_bitmap_mode()?;
+                return self.direct(entry, durable);
+            }
+            Err(e) => return Err(e),
+        };
         let p = pending();
         let bytes = match &p.change {
             Change::Data(d) => d.len() as u64,
@@ -206,12 +302,147 @@ impl Agent {
             st.pending.insert(seq, p);
             st.pending_bytes += bytes;
         }
+        drop(mode);
         if durable {
             self.cache.wait_durable(seq)?;
         } else {
             self.cache.wait_written(seq)?;
         }
         Ok(seq)
+    }
+
+    /// The log is full: make everything it took durable and applied, then track writes in
+    /// the dirty bitmap instead.
+    fn enter_bitmap_mode(&self) -> Result<()> {
+        let mut mode = self.mode.write();
+        if mode.is_some() {
+            return Ok(());
+        }
+        self.flush_log_and_drain()?;
+        let sizes: Vec<u64> = self.disks.iter().map(|(d, _)| d.size_bytes).collect();
+        *mode = Some(Dirty::new(&sizes));
+        Ok(())
+    }
+
+    /// A write while the log cannot take it: straight to the source image, block marked.
+    /// Returns 0 (no sequence number: the change will be shipped by the resync).
+    fn direct(&self, entry: &Entry<'_>, durable: bool) -> Result<u64> {
+        let mut mode = self.mode.write();
+        let Some(dirty) = mode.as_mut() else {
+            drop(mode);
+            return Err(Error::Conflict(
+                "internal: bitmap mode ended under a write".into(),
+            ));
+        };
+        match *entry {
+            Entry::Write { disk, offset, data } => {
+                self.write_source(disk, offset, data)?;
+                dirty.mark(disk, offset, data.len() as u64);
+            }
+            Entry::Zero {
+                disk, offset, len, ..
+            } => {
+                self.zero_source(disk, offset, len)?;
+                dirty.mark(disk, offset, len);
+            }
+            Entry::Marker(_) => {
+                return Err(Error::Conflict(
+                    "the change log is full: a resync must finish before points can be cut".into(),
+                ))
+            }
+        }
+        if durable {
+            self.sync_sources()?;
+        }
+        Ok(0)
+    }
+
+    /// Bytes of blocks waiting for a resync, if the agent is tracking writes in its dirty
+    /// bitmap because the log could not take them.
+    pub fn resync_pending(&self) -> Option<u64> {
+        self.mode.read().as_ref().map(|d| d.bytes())
+    }
+
+    /// Mark every allocated block of every source disk for a resync (after the bitmap was
+    /// lost, e.g. the agent was killed while the log was full).
+    pub fn require_full_resync(&self) -> Result<()> {
+        self.enter_bitmap_mode()?;
+        let mut mode = self.mode.write();
+        let dirty = mode
+            .as_mut()
+            .ok_or_else(|| Error::Conflict("internal: no bitmap".into()))?;
+        for (i, (d, f)) in self.disks.iter().enumerate() {
+            for (s, e) in crate::fsutil::data_ranges(f, d.size_bytes).at(&d.path)? {
+                dirty.mark(i as u16, s, e - s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ship up to `max_bytes` of dirty blocks from the source images into the log. Returns
+    /// `Ok(true)` once the bitmap is empty and every shipped block is durable (the agent is
+    /// back to normal), `Ok(false)` if blocks remain (the log may still be full).
+    pub fn resync_step(&self, max_bytes: u64) -> Result<bool> {
+        let mut shipped = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let mut mode = self.mode.write();
+            let Some(dirty) = mode.as_mut() else {
+                return Ok(true);
+            };
+            let Some((disk, block)) = dirty.first() else {
+                // Everything shipped: durable first, then back to the log.
+                self.cache.sync()?;
+                *mode = None;
+                return Ok(true);
+            };
+            if shipped >= max_bytes {
+                return Ok(false);
+            }
+            let (d, f) = &self.disks[disk as usize];
+            let offset = block * dirty.block_bytes;
+            let len = dirty.block_bytes.min(d.size_bytes - offset);
+            buf.resize(len as usize, 0);
+            f.read_exact_at(&mut buf, offset).at(&d.path)?;
+            // Ship in pieces a record can carry; holes and zero runs as zero records.
+            let mut at = 0usize;
+            while at < buf.len() {
+                let n = (buf.len() - at).min(crate::record::MAX_WRITE_BYTES);
+                let piece = &buf[at..at + n];
+                let entry = if piece.iter().all(|&b| b == 0) {
+                    Entry::Zero {
+                        disk,
+                        offset: offset + at as u64,
+                        len: n as u64,
+                        trim: false,
+                    }
+                } else {
+                    Entry::Write {
+                        disk,
+                        offset: offset + at as u64,
+                        data: piece,
+                    }
+                };
+                match self.cache.append(&entry) {
+                    Ok(seq) => {
+                        // The source already holds it: a placeholder keeps the drain in order.
+                        self.state.write().pending.insert(
+                            seq,
+                            Pending {
+                                disk,
+                                offset: 0,
+                                change: Change::Nothing,
+                            },
+                        );
+                    }
+                    Err(Error::CacheFull { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+                at += n;
+            }
+            dirty.clear(disk, block);
+            shipped += len;
+        }
     }
 
     /// Read `buf.len()` bytes at `offset` of `disk`, seeing every acknowledged write.
@@ -245,9 +476,22 @@ impl Agent {
         Ok(())
     }
 
+    /// Make every acknowledged change durable, as NBD FLUSH promises: in the log (the
+    /// source images' write-ahead log), or in the source images while the log is full.
+    pub fn make_durable(&self) -> Result<()> {
+        self.cache.sync()?;
+        if self.mode.read().is_some() {
+            self.sync_sources()?;
+        }
+        Ok(())
+    }
+
     /// Make every acknowledged change durable in the log and in the source images.
     pub fn flush(&self) -> Result<()> {
         self.flush_log_and_drain()?;
+        if self.mode.read().is_some() {
+            self.sync_sources()?;
+        }
         Ok(())
     }
 
@@ -382,8 +626,7 @@ impl crate::nbd::BlockDevice for AgentDisk {
         Ok(())
     }
     fn flush(&self) -> crate::nbd::DevResult<()> {
-        // Durable in the log is durable: the log is the source image's write-ahead log.
-        self.agent.cache.sync()?;
+        self.agent.make_durable()?;
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> crate::nbd::DevResult<()> {

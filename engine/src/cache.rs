@@ -66,6 +66,21 @@ impl Default for CacheConfig {
     }
 }
 
+impl CacheConfig {
+    /// The default settings with a capacity limit. Segments are kept to an eighth of the
+    /// limit (at most the default size), so trimming frees space in steps a full log can use.
+    pub fn with_capacity(capacity_bytes: Option<u64>) -> CacheConfig {
+        let mut c = CacheConfig {
+            capacity_bytes,
+            ..CacheConfig::default()
+        };
+        if let Some(cap) = capacity_bytes {
+            c.segment_max_bytes = (cap / 8).clamp(4096, c.segment_max_bytes);
+        }
+        c
+    }
+}
+
 /// What opening the log found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -444,6 +459,32 @@ impl Cache {
         let doomed: Vec<u64> = {
             let mut st = sh.state.lock();
             st.checkpoint = seq;
+            // A tail segment wholly below the checkpoint would never be freed (a full log
+            // takes no appends, so it never rolls): roll it now, so it can go too.
+            let old_tail = st.tail_id;
+            let t = &st.segments[&old_tail];
+            if t.last_seq >= t.base_seq && t.last_seq <= seq && st.pending.is_empty() {
+                let id = old_tail + 1;
+                let base_seq = st.next_seq;
+                st.segments.insert(
+                    id,
+                    SegInfo {
+                        base_seq,
+                        last_seq: base_seq - 1,
+                        bytes: SEGMENT_HEADER_BYTES as u64,
+                        durable_bytes: 0,
+                    },
+                );
+                st.tail_id = id;
+                st.total_bytes += SEGMENT_HEADER_BYTES as u64;
+                st.pending.push_back(Chunk {
+                    segment_id: id,
+                    create_with_base_seq: Some(base_seq),
+                    bytes: Vec::new(),
+                    last_seq: base_seq - 1,
+                });
+                sh.work.notify_one();
+            }
             let tail = st.tail_id;
             let ids: Vec<u64> = st
                 .segments
@@ -739,6 +780,9 @@ fn write_chunks(
                 len: SEGMENT_HEADER_BYTES as u64,
                 dirty_seq: 0,
             };
+        }
+        if chunk.bytes.is_empty() {
+            continue; // a roll without records (see set_checkpoint)
         }
         let path = sh.dir.join(segment::file_name(tail.id));
         tail.file.write_all_at(&chunk.bytes, tail.len).at(&path)?;

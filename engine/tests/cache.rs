@@ -649,3 +649,45 @@ fn kill_9_of_the_writing_process_loses_no_record_reported_written() {
         }
     }
 }
+
+#[test]
+fn a_full_log_whose_only_segment_is_below_the_checkpoint_still_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // One big segment: the whole log is its tail, which appends alone never roll.
+    let config = CacheConfig {
+        segment_max_bytes: 64 << 20,
+        capacity_bytes: Some(64 << 10),
+        ..CacheConfig::default()
+    };
+    let (cache, _) = Cache::open(dir.path(), config.clone()).unwrap();
+    let data = payload(1, 4096);
+    let mut last = 0;
+    while let Ok(seq) = cache.append(&Entry::Write {
+        disk: 0,
+        offset: 0,
+        data: &data,
+    }) {
+        last = seq;
+    }
+    cache.sync().unwrap();
+    assert_eq!(
+        cache.set_checkpoint(last).unwrap(),
+        1,
+        "the old tail is deleted"
+    );
+    let seq = cache
+        .append_wait(
+            &Entry::Write {
+                disk: 0,
+                offset: 0,
+                data: &data,
+            },
+            Ack::Durable,
+        )
+        .unwrap();
+    assert_eq!(seq, last + 1);
+    drop(cache);
+    let (cache, report) = Cache::open(dir.path(), config).unwrap();
+    assert_eq!((report.first_seq, report.last_seq), (last + 1, last + 1));
+    assert_eq!(read_all(&cache).len(), 1);
+}

@@ -95,6 +95,8 @@ pub struct ProtectRequest {
     pub source: PlacementOverrides,
     pub target: PlacementOverrides,
     pub network_mapping: Vec<(String, String)>,
+    /// Limit on the VM's change log (see [`VmRecord::cache_capacity_bytes`]).
+    pub cache_capacity_bytes: Option<u64>,
 }
 
 /// Optional placement settings; unset ones take defaults.
@@ -443,6 +445,7 @@ impl Vault {
             committed: false,
             test_failover: None,
             resync_reason: None,
+            cache_capacity_bytes: req.cache_capacity_bytes,
         };
         // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
         // next protect of that name.
@@ -465,7 +468,8 @@ impl Vault {
             &specs,
             ReplicaConfig::default(),
         )?;
-        let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::default())?;
+        let config = CacheConfig::with_capacity(record.cache_capacity_bytes);
+        let (cache, _) = Cache::open(vm_dir.join("cache"), config)?;
         let cache = Arc::new(cache);
         let _vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
         let vm_name = req.vm.clone();
@@ -478,7 +482,9 @@ impl Vault {
             c.vms.insert(vm_name.clone(), record.clone());
             Ok(())
         })?;
-        let (shipped, scanned) = initial_replication(&cache, &record.disks, progress)?;
+        let mut replica = replica;
+        let (shipped, scanned) =
+            initial_replication(&cache, &mut replica, &record.disks, progress)?;
         // The initial point sits at its own record, so it has a sequence number and a time
         // even when the disks were empty.
         let marker = Marker {
@@ -486,17 +492,16 @@ impl Vault {
             name: Some("initial".into()),
             group: None,
         };
-        cache.append(&Entry::Marker(&marker))?;
+        if let Err(Error::CacheFull { .. }) = cache.append(&Entry::Marker(&marker)) {
+            drain_into(&cache, &mut replica)?;
+            cache.append(&Entry::Marker(&marker))?;
+        }
         let durable = cache.sync()?;
         cache.set_source_seq(durable)?;
         // Apply the initial copy as one layer (no interval points inside it), cut the
         // `initial` point, then let the log trim it.
         let _ = policy;
-        let mut replica = replica;
-        let mut reader = cache.reader(replica.applied_seq() + 1)?;
-        while let Some(rec) = reader.next_record()? {
-            replica.apply(&rec)?;
-        }
+        drain_into(&cache, &mut replica)?;
         let initial_point = replica.cut_point(PointKind::Initial, Some("initial"))?;
         let applied = replica.flush()?;
         cache.set_checkpoint(applied.min(cache.durable_seq()))?;
@@ -514,8 +519,9 @@ impl Vault {
     }
 
     fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {
-        self.live_vm(vm)?;
-        let (cache, _) = Cache::open(self.vm_dir(vm).join("cache"), CacheConfig::default())?;
+        let rec = self.live_vm(vm)?;
+        let config = CacheConfig::with_capacity(rec.cache_capacity_bytes);
+        let (cache, _) = Cache::open(self.vm_dir(vm).join("cache"), config)?;
         Ok(Arc::new(cache))
     }
 
@@ -587,6 +593,28 @@ impl Vault {
         drop(p);
         cache.close()?;
         Ok(report)
+    }
+
+    /// Record that a VM needs a resync (`Some(reason)`) or has finished one (`None`).
+    pub fn set_resync(&mut self, vm: &str, reason: Option<String>) -> Result<()> {
+        self.update(|c| {
+            let rec = c.vm_mut(vm)?;
+            match reason {
+                Some(r) => {
+                    if matches!(rec.state, VmState::Protected | VmState::InitialReplication) {
+                        rec.state = VmState::ResyncRequired;
+                    }
+                    rec.resync_reason = Some(r);
+                }
+                None => {
+                    if rec.state == VmState::ResyncRequired {
+                        rec.state = VmState::Protected;
+                    }
+                    rec.resync_reason = None;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// VMs that `process` without a name works through.
@@ -735,8 +763,22 @@ pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> 
 }
 
 /// Ship every allocated, non-zero 4 KiB block of each disk into the log.
+/// Apply everything durable in the log to the replica and let the log trim it (during
+/// protect: the initial copy goes into one layer, and a capacity-limited log never fills).
+fn drain_into(cache: &Cache, replica: &mut Replica) -> Result<()> {
+    cache.sync()?;
+    let mut reader = cache.reader(replica.applied_seq() + 1)?;
+    while let Some(rec) = reader.next_record()? {
+        replica.apply(&rec)?;
+    }
+    let applied = replica.flush()?;
+    cache.set_checkpoint(applied.min(cache.durable_seq()))?;
+    Ok(())
+}
+
 fn initial_replication(
     cache: &Cache,
+    replica: &mut Replica,
     disks: &[DiskRecord],
     progress: &mut dyn Progress,
 ) -> Result<(u64, u64)> {
@@ -771,11 +813,19 @@ fn initial_replication(
                     (false, None) => run_start = Some(b),
                     (true, Some(s)) => {
                         let data = &buf[s..b.min(n)];
-                        last = cache.append(&Entry::Write {
+                        let entry = Entry::Write {
                             disk,
                             offset: at + s as u64,
                             data,
-                        })?;
+                        };
+                        last = match cache.append(&entry) {
+                            Err(Error::CacheFull { .. }) => {
+                                // A capacity-limited log: apply what it holds, then go on.
+                                drain_into(cache, replica)?;
+                                cache.append(&entry)?
+                            }
+                            other => other?,
+                        };
                         shipped += data.len() as u64;
                         run_start = None;
                     }
