@@ -508,3 +508,129 @@ fn an_agent_killed_while_the_cache_was_full_resyncs_everything_on_restart() {
     ]);
     assert_eq!(image_sums(&out), m.sums());
 }
+
+/// Unmounts (and ends FUSE mounts) on drop, so a failing test leaves no mount behind.
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = Command::new("umount").arg(p).status();
+            let _ = Command::new("fusermount3")
+                .args(["-u", p.to_str().unwrap()])
+                .status();
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// nbdfuse exposes an export as a file (the kernel's nbd driver is not needed): a
+/// filesystem made through the agent, mounted back from a recovery point, read-only.
+#[test]
+fn a_filesystem_written_through_the_agent_mounts_from_a_recovery_point() {
+    let env = Env::new();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = env.serve(&["agent", "vm", "--listen", &addr]);
+    let (fuse, fs) = (env.root.join("fuse"), env.root.join("fs"));
+    std::fs::create_dir_all(&fuse).unwrap();
+    std::fs::create_dir_all(&fs).unwrap();
+    let dev = fuse.join("nbd");
+    {
+        let mut nbdfuse = Command::new("nbdfuse")
+            .args([fuse.to_str().unwrap(), &format!("nbd://{addr}/os")])
+            .spawn()
+            .unwrap();
+        let _guard = Unmount(vec![fuse.clone(), fs.clone()]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dev.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nbdfuse did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        run("mkfs.ext4", &["-q", "-F", dev.to_str().unwrap()]);
+        run(
+            "mount",
+            &["-o", "loop", dev.to_str().unwrap(), fs.to_str().unwrap()],
+        );
+        std::fs::write(fs.join("hello.txt"), b"kept by standby\n").unwrap();
+        std::fs::write(fs.join("big.bin"), vec![0x5au8; 3 << 20]).unwrap();
+        run("umount", &[fs.to_str().unwrap()]);
+        run("fusermount3", &["-u", fuse.to_str().unwrap()]);
+        let _ = nbdfuse.wait();
+    }
+    env.ok(&["point", "vm", "--app-consistent", "--name", "fs"]);
+    // Later writes must not show up in the point.
+    qemu_io(&format!("nbd://{addr}/os"), &["write -P 0xee 0 1M".into()]);
+    interrupt(&mut agent);
+
+    let port = free_port();
+    let maddr = format!("127.0.0.1:{port}");
+    let mut mount = env.serve(&[
+        "mount",
+        "vm",
+        "--point",
+        "latest-app-consistent",
+        "--listen",
+        &maddr,
+    ]);
+    {
+        let mut nbdfuse = Command::new("nbdfuse")
+            .args(["-r", fuse.to_str().unwrap(), &format!("nbd://{maddr}/os")])
+            .spawn()
+            .unwrap();
+        let _guard = Unmount(vec![fuse.clone(), fs.clone()]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dev.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nbdfuse did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        run(
+            "mount",
+            &["-o", "ro,loop", dev.to_str().unwrap(), fs.to_str().unwrap()],
+        );
+        assert_eq!(
+            std::fs::read(fs.join("hello.txt")).unwrap(),
+            b"kept by standby\n"
+        );
+        assert_eq!(
+            std::fs::read(fs.join("big.bin")).unwrap(),
+            vec![0x5au8; 3 << 20]
+        );
+        run("umount", &[fs.to_str().unwrap()]);
+        run("fusermount3", &["-u", fuse.to_str().unwrap()]);
+        let _ = nbdfuse.wait();
+    }
+    // nbdcopy keeps the copy sparse: block status reports the holes.
+    let copy = env.root.join("copy.raw");
+    run(
+        "nbdcopy",
+        &[&format!("nbd://{maddr}/os"), copy.to_str().unwrap()],
+    );
+    interrupt(&mut mount);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!(meta.len(), OS as u64);
+    assert!(
+        meta.blocks() * 512 < OS as u64 / 2,
+        "nbdcopy wrote {} bytes of a {} byte disk",
+        meta.blocks() * 512,
+        OS
+    );
+}

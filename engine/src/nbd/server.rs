@@ -66,7 +66,13 @@ impl Server {
                             let (ex, cfg) = (exports.clone(), config.clone());
                             let h = std::thread::Builder::new().name("nbd-conn".into()).spawn(
                                 move || {
+                                    let closer = stream.try_clone();
                                     let _ = Connection::new(stream, ex, cfg).and_then(|c| c.run());
+                                    // The server keeps a handle to every socket (to shut it down
+                                    // on stop), so close it explicitly: clients wait for EOF.
+                                    if let Ok(c) = closer {
+                                        let _ = c.shutdown(Shutdown::Both);
+                                    }
                                 },
                             );
                             if let Ok(h) = h {
