@@ -979,28 +979,10 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
         vfs.sync_dir(dir).at(dir)?;
     }
     let next_seq = expected_seq.unwrap_or(checkpoint + 1).max(checkpoint + 1);
-    let tail_id = match segments.keys().next_back() {
-        Some(&id) => id,
-        None => {
-            let id = ids.last().map(|i| i + 1).unwrap_or(1);
-            create_segment(vfs, dir, id, next_seq)?;
-            segments.insert(
-                id,
-                SegInfo {
-                    base_seq: next_seq,
-                    last_seq: next_seq - 1,
-                    bytes: SEGMENT_HEADER_BYTES as u64,
-                    durable_bytes: SEGMENT_HEADER_BYTES as u64,
-                },
-            );
-            total_bytes += SEGMENT_HEADER_BYTES as u64;
-            id
-        }
-    };
-    if segments[&tail_id].last_seq + 1 != next_seq {
-        // The checkpoint is ahead of every retained record (all were trimmed and the last
-        // segment lost its records): start a fresh segment at the right sequence number.
-        let id = tail_id + 1;
+    // No segment survived, or the checkpoint is ahead of every retained record (all were
+    // trimmed and the last segment lost its records): start a fresh segment at next_seq.
+    if segments.values().next_back().is_none_or(|s| s.last_seq + 1 != next_seq) {
+        let id = ids.last().map_or(1, |i| i + 1);
         create_segment(vfs, dir, id, next_seq)?;
         segments.insert(
             id,
