@@ -335,17 +335,50 @@ impl SimFs {
             .lock()
             .clone()
             .unwrap_or_else(|| self.inner.take_snapshot());
-        let fresh = SimFs::new();
-        {
-            let mut dirs = fresh.inner.dirs.lock();
-            for (path, files) in snap {
-                let mut dir = SimDir::default();
-                for (name, (durable, written)) in files {
+        SimFs::from_files(snap.into_iter().map(|(path, files)| {
+            let files = files
+                .into_iter()
+                .map(|(name, (durable, written))| {
                     let mut bytes = durable.clone();
                     if written.len() > durable.len() && written.starts_with(&durable) {
                         let extra = (written.len() - durable.len()).min(torn_tail);
                         bytes.extend_from_slice(&written[durable.len()..durable.len() + extra]);
                     }
+                    (name, bytes)
+                })
+                .collect();
+            (path, files)
+        }))
+    }
+
+    /// A new filesystem holding everything written (a crash of the process alone: the
+    /// kernel keeps what it was given).
+    pub fn process_crash(&self) -> SimFs {
+        let files: Vec<(PathBuf, Vec<(String, Vec<u8>)>)> = self
+            .inner
+            .dirs
+            .lock()
+            .iter()
+            .map(|(path, d)| {
+                let files = d
+                    .live
+                    .iter()
+                    .map(|(n, f)| (n.clone(), f.data.lock().written.clone()))
+                    .collect();
+                (path.clone(), files)
+            })
+            .collect();
+        SimFs::from_files(files)
+    }
+
+    /// A filesystem whose files (per directory) hold these bytes, written and durable.
+    fn from_files(dirs: impl IntoIterator<Item = (PathBuf, Vec<(String, Vec<u8>)>)>) -> SimFs {
+        let fresh = SimFs::new();
+        {
+            let mut out = fresh.inner.dirs.lock();
+            for (path, files) in dirs {
+                let mut dir = SimDir::default();
+                for (name, bytes) in files {
                     let f = Arc::new(SimFile {
                         data: Mutex::new(SimData {
                             written: bytes.clone(),
@@ -356,34 +389,7 @@ impl SimFs {
                     dir.live.insert(name.clone(), f.clone());
                     dir.durable.insert(name, f);
                 }
-                dirs.insert(path, dir);
-            }
-        }
-        fresh
-    }
-
-    /// A new filesystem holding everything written (a crash of the process alone: the
-    /// kernel keeps what it was given).
-    pub fn process_crash(&self) -> SimFs {
-        let fresh = SimFs::new();
-        {
-            let src = self.inner.dirs.lock();
-            let mut dirs = fresh.inner.dirs.lock();
-            for (path, d) in src.iter() {
-                let mut dir = SimDir::default();
-                for (name, f) in &d.live {
-                    let bytes = f.data.lock().written.clone();
-                    let nf = Arc::new(SimFile {
-                        data: Mutex::new(SimData {
-                            written: bytes.clone(),
-                            durable: bytes,
-                        }),
-                        fs: fresh.inner.clone(),
-                    });
-                    dir.live.insert(name.clone(), nf.clone());
-                    dir.durable.insert(name.clone(), nf);
-                }
-                dirs.insert(path.clone(), dir);
+                out.insert(path, dir);
             }
         }
         fresh
