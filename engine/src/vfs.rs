@@ -206,6 +206,9 @@ struct SimInner {
     snapshot: Mutex<Option<Snapshot>>,
 }
 
+/// The files of one directory: name and contents.
+type DirFiles = Vec<(String, Vec<u8>)>;
+
 type Snapshot = BTreeMap<PathBuf, BTreeMap<String, (Vec<u8>, Vec<u8>)>>;
 
 /// An in-memory filesystem that can lose power. See the module comment.
@@ -354,7 +357,7 @@ impl SimFs {
     /// A new filesystem holding everything written (a crash of the process alone: the
     /// kernel keeps what it was given).
     pub fn process_crash(&self) -> SimFs {
-        let files: Vec<(PathBuf, Vec<(String, Vec<u8>)>)> = self
+        let files: Vec<(PathBuf, DirFiles)> = self
             .inner
             .dirs
             .lock()
@@ -372,7 +375,7 @@ impl SimFs {
     }
 
     /// A filesystem whose files (per directory) hold these bytes, written and durable.
-    fn from_files(dirs: impl IntoIterator<Item = (PathBuf, Vec<(String, Vec<u8>)>)>) -> SimFs {
+    fn from_files(dirs: impl IntoIterator<Item = (PathBuf, DirFiles)>) -> SimFs {
         let fresh = SimFs::new();
         {
             let mut out = fresh.inner.dirs.lock();

@@ -15,7 +15,7 @@ fn payload(i: u64, len: usize) -> Vec<u8> {
     let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|j| {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 (i as usize + j / 64) as u8
             } else {
                 x ^= x << 13;
@@ -34,10 +34,10 @@ fn op_for(i: u64) -> Op {
             disk: (i % 3) as u16,
             offset: i * 4096,
             len: 8192 * (1 + i % 5),
-            trim: i % 2 == 0,
+            trim: i.is_multiple_of(2),
         },
         5 => Op::Marker(Marker {
-            consistency: if i % 2 == 0 {
+            consistency: if i.is_multiple_of(2) {
                 Consistency::App
             } else {
                 Consistency::Crash
