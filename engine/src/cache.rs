@@ -981,7 +981,11 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
     let next_seq = expected_seq.unwrap_or(checkpoint + 1).max(checkpoint + 1);
     // No segment survived, or the checkpoint is ahead of every retained record (all were
     // trimmed and the last segment lost its records): start a fresh segment at next_seq.
-    if segments.values().next_back().is_none_or(|s| s.last_seq + 1 != next_seq) {
+    if segments
+        .values()
+        .next_back()
+        .is_none_or(|s| s.last_seq + 1 != next_seq)
+    {
         let id = ids.last().map_or(1, |i| i + 1);
         create_segment(vfs, dir, id, next_seq)?;
         segments.insert(
