@@ -151,7 +151,9 @@ fn bench(c: &mut Criterion) {
     // (Standby, the round/overlay number the next cut makes)
     let state: RefCell<(Writer, u64)> = RefCell::new((w, POINTS));
     g.throughput(Throughput::Elements(1));
-    g.measurement_time(Duration::from_millis(60));
+    // Criterion sizes samples by the wall time of a whole iteration (both sides' writes and
+    // cuts, ~0.5 s): 15 s gives about 3 pairs per sample.
+    g.measurement_time(Duration::from_secs(15));
     g.bench_function(cut, |b| {
         b.iter_custom(|iters| {
             common::paired(

@@ -169,20 +169,35 @@ pub fn qemu_convert(fmt: &str, src: &Path, out: &Path) -> (Duration, Duration) {
     (converted, start.elapsed())
 }
 
-static PAIRS: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+/// Per case: (floor time, case time) of every pair, in seconds.
+static PAIRS: Mutex<BTreeMap<String, Vec<(f64, f64)>>> = Mutex::new(BTreeMap::new());
 
-/// Note one pair's time ratio (floor time / case time) of `case`, to print its spread.
+/// Note one pair's times of `case`, to print their spread.
 pub fn note_pair(case: &str, floor: Duration, took: Duration) {
     PAIRS
         .lock()
         .entry(case.to_string())
         .or_default()
-        .push(floor.as_secs_f64() / took.as_secs_f64().max(1e-9));
+        .push((floor.as_secs_f64(), took.as_secs_f64().max(1e-9)));
 }
 
-/// `[min, median, max]` of the noted pair ratios of `case`, and how many there were.
+fn median_of(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
+
+/// Median floor time and median case time over the noted pairs of `case`.
+pub fn pair_medians(case: &str) -> Option<(Duration, Duration)> {
+    let v = PAIRS.lock().get(case)?.clone();
+    let f = median_of(v.iter().map(|p| p.0).collect())?;
+    let c = median_of(v.iter().map(|p| p.1).collect())?;
+    Some((Duration::from_secs_f64(f), Duration::from_secs_f64(c)))
+}
+
+/// `[min, median, max]` of the noted pair ratios (floor / case) of `case`, and how many.
 pub fn pair_spread(case: &str) -> Option<([f64; 3], usize)> {
-    let mut v = PAIRS.lock().get(case)?.clone();
+    let pairs = PAIRS.lock().get(case)?.clone();
+    let mut v: Vec<f64> = pairs.iter().map(|(f, c)| f / c).collect();
     if v.is_empty() {
         return None;
     }
