@@ -218,7 +218,7 @@ fn qemu_io_through_the_agent_then_every_point_by_failover_and_by_mount() {
             "discard 2M 64k",
             "write -z 3M 64k",
             "aio_write -P 0x22 6M 32k",
-            "aio_write -P 0x23 6M 16k",
+            "aio_write -P 0x23 7M 16k",
             "aio_flush",
         ],
     );

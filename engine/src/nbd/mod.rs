@@ -4,6 +4,7 @@
 
 pub mod proto;
 mod server;
+mod transmit;
 
 pub use server::{Server, ServerConfig};
 

@@ -1,0 +1,303 @@
+//! The transmission phase of one NBD connection, pipelined: this thread reads requests
+//! (a write's payload whole, before anything is applied) and hands them to a few workers,
+//! which call the device and send each reply as soon as it is ready (the protocol lets
+//! replies come in any order). So a client with many requests in flight keeps the device
+//! and the socket busy at once.
+//!
+//! Invariants: a malformed request gets the protocol's error reply, or ends the connection
+//! when the stream cannot be trusted any more (bad magic, an oversized payload); DISC and
+//! end of stream wait for every request in flight to be answered; replies never interleave.
+
+use super::proto::*;
+use super::{BlockDevice, DevError, Extent};
+use parking_lot::Mutex;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Requests executed at once per connection.
+const WORKERS: usize = 4;
+/// Requests read ahead of the workers (bounds memory: at most this many payloads).
+const QUEUE_DEPTH: usize = 16;
+
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+}
+
+struct Replies {
+    w: Mutex<BufWriter<TcpStream>>,
+    structured: bool,
+    failed: AtomicBool,
+}
+
+impl Replies {
+    fn send(&self, parts: &[&[u8]]) {
+        let mut w = self.w.lock();
+        let r = parts
+            .iter()
+            .try_for_each(|p| w.write_all(p))
+            .and_then(|_| w.flush());
+        if r.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn ok(&self, cookie: u64) {
+        if self.structured {
+            self.send(&[&structured_header(
+                cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                0,
+            )]);
+        } else {
+            self.send(&[&simple_reply(cookie, 0)]);
+        }
+    }
+
+    fn error(&self, cookie: u64, e: &DevError) {
+        if self.structured {
+            self.send(&[&structured_error(cookie, e.errno, &e.message)]);
+        } else {
+            self.send(&[&simple_reply(cookie, e.errno)]);
+        }
+    }
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Serve requests until the client disconnects (DISC or end of stream).
+pub fn serve(
+    mut r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+    structured: bool,
+    meta: bool,
+    dev: Arc<dyn BlockDevice>,
+) -> io::Result<()> {
+    let replies = Replies {
+        w: Mutex::new(w),
+        structured,
+        failed: AtomicBool::new(false),
+    };
+    let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE_DEPTH);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let (rx, replies, dev) = (rx.clone(), &replies, &dev);
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                for job in rx {
+                    execute(&**dev, job, &mut buf, replies, meta);
+                }
+            });
+        }
+        drop(rx);
+        // Reading ends the connection on error; dropping `tx` then lets the workers answer
+        // what is in flight and stop.
+        let result = read_requests(&mut r, &tx, &replies);
+        drop(tx);
+        result
+    })
+}
+
+fn read_requests(
+    r: &mut BufReader<TcpStream>,
+    tx: &crossbeam_channel::Sender<Job>,
+    replies: &Replies,
+) -> io::Result<()> {
+    loop {
+        if replies.failed.load(Ordering::SeqCst) {
+            return Err(bad("cannot send replies"));
+        }
+        let mut h = [0u8; REQUEST_BYTES];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = match Request::parse(&h) {
+            Ok(req) => req,
+            Err(RequestError::BadMagic(_)) => return Err(bad("bad request magic")),
+            Err(RequestError::Refuse { cookie, errno, why }) => {
+                // Sound enough to know whether a payload follows: skip it, refuse.
+                let cmd = u16::from_be_bytes([h[6], h[7]]);
+                let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+                if cmd == CMD_WRITE {
+                    if len > MAX_PAYLOAD_BYTES {
+                        return Err(bad("oversized write"));
+                    }
+                    io::copy(&mut r.by_ref().take(len as u64), &mut io::sink())?;
+                }
+                replies.error(
+                    cookie,
+                    &DevError {
+                        errno,
+                        message: why,
+                    },
+                );
+                continue;
+            }
+        };
+        let mut payload = Vec::new();
+        match req.command {
+            CMD_WRITE => {
+                if req.length > MAX_PAYLOAD_BYTES {
+                    // Cannot stay in sync without buffering it: hang up.
+                    return Err(bad("oversized write"));
+                }
+                payload.resize(req.length as usize, 0);
+                r.read_exact(&mut payload)?;
+            }
+            CMD_DISC => return Ok(()),
+            _ => {}
+        }
+        if tx.send(Job { req, payload }).is_err() {
+            return Err(bad("workers stopped"));
+        }
+    }
+}
+
+fn execute(dev: &dyn BlockDevice, job: Job, buf: &mut Vec<u8>, replies: &Replies, meta: bool) {
+    let req = job.req;
+    let size = dev.size();
+    let in_bounds = req
+        .offset
+        .checked_add(req.length as u64)
+        .is_some_and(|e| e <= size);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let result: Result<(), DevError> = match req.command {
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD_BYTES {
+                Err(DevError {
+                    errno: EOVERFLOW,
+                    message: "read too large".into(),
+                })
+            } else if !in_bounds {
+                Err(DevError::invalid("read past the end of the export"))
+            } else {
+                buf.resize(req.length as usize, 0);
+                match dev.read(req.offset, buf) {
+                    Ok(()) => {
+                        if replies.structured {
+                            let h = structured_header(
+                                req.cookie,
+                                REPLY_FLAG_DONE,
+                                REPLY_TYPE_OFFSET_DATA,
+                                8 + req.length,
+                            );
+                            replies.send(&[&h, &req.offset.to_be_bytes(), buf]);
+                        } else {
+                            replies.send(&[&simple_reply(req.cookie, 0), buf]);
+                        }
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        CMD_WRITE => check_write(dev, in_bounds, req.offset, req.length as u64)
+            .and_then(|_| dev.write(req.offset, &job.payload, fua)),
+        CMD_FLUSH => dev.flush(),
+        CMD_TRIM | CMD_WRITE_ZEROES => check_write(dev, in_bounds, req.offset, req.length as u64)
+            .and_then(|_| {
+                if req.command == CMD_TRIM {
+                    dev.trim(req.offset, req.length as u64, fua)
+                } else {
+                    dev.write_zeroes(req.offset, req.length as u64, fua)
+                }
+            }),
+        CMD_BLOCK_STATUS => {
+            if !replies.structured || !meta {
+                Err(DevError::invalid(
+                    "block status needs structured replies and base:allocation",
+                ))
+            } else if !in_bounds || req.length == 0 {
+                Err(DevError::invalid("block status past the end of the export"))
+            } else {
+                match dev.block_status(req.offset, req.length as u64) {
+                    Ok(extents) => {
+                        block_status(
+                            replies,
+                            req.cookie,
+                            req.length,
+                            req.flags & CMD_FLAG_REQ_ONE != 0,
+                            &extents,
+                        );
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        _ => Err(DevError::invalid(format!(
+            "unknown command {}",
+            req.command
+        ))),
+    };
+    match result {
+        Ok(()) => replies.ok(req.cookie),
+        Err(e) => replies.error(req.cookie, &e),
+    }
+}
+
+fn check_write(
+    dev: &dyn BlockDevice,
+    in_bounds: bool,
+    offset: u64,
+    len: u64,
+) -> Result<(), DevError> {
+    if dev.read_only() {
+        return Err(DevError {
+            errno: EPERM,
+            message: "the export is read-only".into(),
+        });
+    }
+    if !in_bounds {
+        return Err(DevError::no_space("write past the end of the export"));
+    }
+    let min = dev.min_block_bytes() as u64;
+    if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
+        return Err(DevError::invalid(format!(
+            "writes must be aligned to {min} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn block_status(replies: &Replies, cookie: u64, length: u32, one: bool, extents: &[Extent]) {
+    let mut descs: Vec<(u32, u32)> = Vec::new();
+    let mut covered = 0u64;
+    for e in extents {
+        if covered >= length as u64 || e.len == 0 {
+            break;
+        }
+        let len = e.len.min(length as u64 - covered).min(u32::MAX as u64) as u32;
+        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        match descs.last_mut() {
+            Some(last) if last.1 == flags && !one => last.0 = last.0.saturating_add(len),
+            _ => descs.push((len, flags)),
+        }
+        covered += len as u64;
+        if one {
+            break;
+        }
+    }
+    if descs.is_empty() {
+        descs.push((length, 0));
+    }
+    let mut payload = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+    for (l, f) in descs {
+        payload.extend_from_slice(&l.to_be_bytes());
+        payload.extend_from_slice(&f.to_be_bytes());
+    }
+    let h = structured_header(
+        cookie,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        payload.len() as u32,
+    );
+    replies.send(&[&h, &payload]);
+}
