@@ -64,12 +64,17 @@ pub struct View {
     time_us: u64,
     point: Option<PointInfo>,
     /// The last extent decoded, for reads that touch the same frame repeatedly.
-    cache: Mutex<Option<CachedExtent>>,
+    /// Recently decoded extents, most recent first (see `extent`).
+    cache: Mutex<std::collections::VecDeque<CachedExtent>>,
     _pins: Vec<Arc<LayerIndex>>,
 }
 
 /// A decoded extent and the frame `(file_id, frame_offset)` it came from.
 type CachedExtent = ((u64, u64), Arc<Vec<u8>>);
+
+/// Decoded extents a view keeps, by count and by bytes.
+const EXTENT_CACHE_ENTRIES: usize = 16;
+const EXTENT_CACHE_BYTES: usize = 64 << 20;
 
 /// Longest run a materialization gathers into one write.
 const RUN_BYTES: u64 = 8 << 20;
@@ -144,16 +149,33 @@ impl View {
     /// The whole extent of a frame (verified), cached.
     fn extent(&self, r: &DataRef) -> Result<Arc<Vec<u8>>> {
         let key = (r.file_id, r.frame_offset);
-        if let Some((k, data)) = &*self.cache.lock() {
-            if *k == key {
-                return Ok(data.clone());
+        {
+            let mut cache = self.cache.lock();
+            if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
+                // Most recently used first: a base extent split by many small overwrites
+                // stays decoded while the reader walks past them.
+                let hit = cache.remove(i).expect("index from position");
+                let data = hit.1.clone();
+                cache.push_front(hit);
+                return Ok(data);
             }
         }
         let data = Arc::new(
             self.store
                 .read_extent(r.file_id, r.frame_offset, r.frame_len)?,
         );
-        *self.cache.lock() = Some((key, data.clone()));
+        let mut cache = self.cache.lock();
+        cache.push_front((key, data.clone()));
+        let mut bytes = 0usize;
+        let mut keep = 0usize;
+        for (_, d) in cache.iter() {
+            if keep >= EXTENT_CACHE_ENTRIES || bytes + d.len() > EXTENT_CACHE_BYTES {
+                break;
+            }
+            bytes += d.len();
+            keep += 1;
+        }
+        cache.truncate(keep.max(1));
         Ok(data)
     }
 
@@ -456,7 +478,7 @@ impl Replica {
             seq,
             time_us,
             point: None,
-            cache: Mutex::new(None),
+            cache: Mutex::new(std::collections::VecDeque::new()),
             _pins: pins,
         })
     }
