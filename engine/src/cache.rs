@@ -153,6 +153,8 @@ struct State {
     sync_wanted: u64,
     /// Callers blocked in `wait_durable`.
     durable_waiters: usize,
+    /// The syncer thread is running an fdatasync.
+    sync_in_flight: bool,
     total_bytes: u64,
     checkpoint: u64,
     error: Option<String>,
@@ -627,9 +629,11 @@ struct Tail {
 }
 
 /// Whether the tail should be synced now: someone waits for durability, the log is
-/// closing, or unsynced data has waited longer than the auto-sync interval.
+/// closing, or unsynced data has waited longer than the auto-sync interval — and no sync
+/// is already running (the next one starts when it ends, covering what came meanwhile).
 fn sync_due(sh: &Shared, st: &State, tail: &Tail, dirty_since: Option<Instant>) -> bool {
     tail.dirty_seq != 0
+        && !st.sync_in_flight
         && (st.sync_wanted > st.durable_seq
             || st.closing
             || match (sh.config.auto_sync, dirty_since) {
@@ -641,6 +645,41 @@ fn sync_due(sh: &Shared, st: &State, tail: &Tail, dirty_since: Option<Instant>) 
 /// Longest the writer holds a sync back to let more concurrent writers join it.
 const MAX_COMMIT_DELAY: Duration = Duration::from_millis(1);
 
+/// One fdatasync handed to the syncer thread: the file, and what it makes durable.
+struct SyncJob {
+    segment_id: u64,
+    file: Arc<dyn VFile>,
+    seq: u64,
+    len: u64,
+}
+
+/// Runs the fdatasyncs the writer asks for, so the writer keeps writing meanwhile.
+fn syncer_loop(sh: Arc<Shared>, jobs: crossbeam_channel::Receiver<SyncJob>) {
+    for job in jobs {
+        let path = sh.dir.join(segment::file_name(job.segment_id));
+        let result = job.file.sync_data().at(&path);
+        let mut st = sh.state.lock();
+        st.sync_in_flight = false;
+        match result {
+            Ok(()) => {
+                st.syncs += 1;
+                st.durable_seq = st.durable_seq.max(job.seq);
+                if let Some(seg) = st.segments.get_mut(&job.segment_id) {
+                    seg.durable_bytes = seg.durable_bytes.max(job.len);
+                }
+            }
+            Err(e) => {
+                if st.error.is_none() {
+                    st.error = Some(e.to_string());
+                }
+            }
+        }
+        drop(st);
+        sh.progress.notify_all();
+        sh.work.notify_all();
+    }
+}
+
 fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
     let mut tail = Tail {
         id,
@@ -648,12 +687,33 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
         len,
         dirty_seq: 0,
     };
+    let (sync_tx, sync_rx) = crossbeam_channel::bounded::<SyncJob>(1);
+    let syncer = {
+        let sh = sh.clone();
+        std::thread::Builder::new()
+            .name("standby-log-sync".into())
+            .spawn(move || syncer_loop(sh, sync_rx))
+    };
+    let Ok(syncer) = syncer else {
+        fail(
+            &sh,
+            Error::Invalid("cannot start the log's sync thread".into()),
+        );
+        return;
+    };
+    writer_body(&sh, &mut tail, &sync_tx);
+    drop(sync_tx);
+    let _ = syncer.join();
+}
+
+fn writer_body(sh: &Shared, tail: &mut Tail, sync_tx: &crossbeam_channel::Sender<SyncJob>) {
     let mut dirty_since: Option<Instant> = None;
     // Group commit with a commit delay: when several writers were waiting at the last sync,
     // hold the next sync back (at most half the last sync's duration) until as many are
     // waiting again, writing what they append meanwhile. One writer never waits.
     let mut peak_waiters = 0usize;
     let mut last_sync = Duration::ZERO;
+    let mut sync_started: Option<Instant> = None;
     loop {
         let chunks = {
             let mut st = sh.state.lock();
@@ -661,10 +721,14 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                 if st.error.is_some() {
                     return;
                 }
-                if !st.pending.is_empty() || sync_due(&sh, &st, &tail, dirty_since) {
+                if let (false, Some(t)) = (st.sync_in_flight, sync_started) {
+                    last_sync = t.elapsed();
+                    sync_started = None;
+                }
+                if !st.pending.is_empty() || sync_due(sh, &st, tail, dirty_since) {
                     break;
                 }
-                if st.closing {
+                if st.closing && !st.sync_in_flight {
                     return;
                 }
                 match (sh.config.auto_sync, dirty_since) {
@@ -679,11 +743,11 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
             take_pending(&mut st)
         };
         sh.progress.notify_all();
-        if let Err(e) = write_chunks(&sh, &mut tail, chunks, &mut dirty_since) {
-            fail(&sh, e);
+        if let Err(e) = write_chunks(sh, tail, chunks, &mut dirty_since) {
+            fail(sh, e);
             return;
         }
-        if !sync_due(&sh, &sh.state.lock(), &tail, dirty_since) {
+        if !sync_due(sh, &sh.state.lock(), tail, dirty_since) {
             continue;
         }
         if peak_waiters > 1 {
@@ -704,21 +768,31 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
                     take_pending(&mut st)
                 };
                 sh.progress.notify_all();
-                if let Err(e) = write_chunks(&sh, &mut tail, chunks, &mut dirty_since) {
-                    fail(&sh, e);
+                if let Err(e) = write_chunks(sh, tail, chunks, &mut dirty_since) {
+                    fail(sh, e);
                     return;
                 }
             }
         }
-        let waiters = sh.state.lock().durable_waiters;
-        peak_waiters = waiters.max(peak_waiters.saturating_sub(1));
-        let started = Instant::now();
-        if let Err(e) = sync_tail(&sh, &mut tail) {
-            fail(&sh, e);
+        // Hand the sync to the syncer and go on writing; it reports durability itself.
+        let job = {
+            let mut st = sh.state.lock();
+            peak_waiters = st.durable_waiters.max(peak_waiters.saturating_sub(1));
+            st.sync_in_flight = true;
+            SyncJob {
+                segment_id: tail.id,
+                file: tail.file.clone(),
+                seq: tail.dirty_seq,
+                len: tail.len,
+            }
+        };
+        tail.dirty_seq = 0;
+        dirty_since = None;
+        sync_started = Some(Instant::now());
+        if sync_tx.send(job).is_err() {
+            fail(sh, Error::Invalid("the log's sync thread stopped".into()));
             return;
         }
-        last_sync = started.elapsed();
-        dirty_since = None;
     }
 }
 
@@ -759,8 +833,20 @@ fn write_chunks(
 ) -> Result<()> {
     for chunk in chunks {
         if chunk.segment_id != tail.id {
-            // Roll: the old segment becomes durable before the new one takes records.
-            if tail.dirty_seq != 0 {
+            // Roll: the old segment becomes durable before the new one takes records (else
+            // a power cut could keep the new segment and lose the old one's tail: a gap).
+            // A sync the syncer is running may cover it; wait for it, then make sure.
+            let old_durable_bytes = {
+                let mut st = sh.state.lock();
+                while st.sync_in_flight && st.error.is_none() {
+                    sh.progress.wait(&mut st);
+                }
+                if let Some(e) = &st.error {
+                    return Err(Error::Poisoned(e.clone()));
+                }
+                st.segments.get(&tail.id).map_or(0, |s| s.durable_bytes)
+            };
+            if tail.dirty_seq != 0 || old_durable_bytes < tail.len {
                 sync_tail(sh, tail)?;
             }
             let base_seq = chunk
@@ -1021,6 +1107,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
         durable_seq: next_seq - 1,
         sync_wanted: 0,
         durable_waiters: 0,
+        sync_in_flight: false,
         total_bytes,
         checkpoint,
         error: None,
