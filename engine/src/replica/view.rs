@@ -237,10 +237,62 @@ impl View {
     ) -> Result<MaterializeStats> {
         let (d, map) = self.disk(disk)?;
         f.set_len(d.size_bytes).at(path)?;
+        let pieces: Vec<(u64, u64, &DataRef)> = map.iter().collect();
+        // Split the pieces into contiguous groups of about equal bytes, one per core: each
+        // group reads, checks and decodes its extents and writes its own runs.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4);
+        let total: u64 = pieces.iter().map(|p| p.1).sum();
+        let share = total.div_ceil(workers as u64).max(1);
+        let mut groups: Vec<&[(u64, u64, &DataRef)]> = Vec::new();
+        let (mut start, mut acc) = (0usize, 0u64);
+        for (i, p) in pieces.iter().enumerate() {
+            acc += p.1;
+            if acc >= share && groups.len() + 1 < workers {
+                groups.push(&pieces[start..=i]);
+                start = i + 1;
+                acc = 0;
+            }
+        }
+        groups.push(&pieces[start..]);
+        let results: Vec<Result<MaterializeStats>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .iter()
+                .map(|g| scope.spawn(move || self.write_runs(g, f, path)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Invalid("a materialize thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
         let mut stats = MaterializeStats {
             virtual_bytes: d.size_bytes,
             ..Default::default()
         };
+        for r in results {
+            let r = r?;
+            stats.written_bytes += r.written_bytes;
+            stats.writes += r.writes;
+        }
+        f.sync_data().at(path)?;
+        Ok(stats)
+    }
+}
+
+impl View {
+    /// Write `pieces` (in offset order) into `f`, gathering adjacent ones into runs.
+    fn write_runs(
+        &self,
+        pieces: &[(u64, u64, &DataRef)],
+        f: &dyn VFile,
+        path: &Path,
+    ) -> Result<MaterializeStats> {
+        let mut stats = MaterializeStats::default();
         let mut run: Vec<u8> = Vec::new();
         let mut run_start = 0u64;
         let flush = |run: &mut Vec<u8>, start: u64, stats: &mut MaterializeStats| {
@@ -253,7 +305,7 @@ impl View {
             run.clear();
             Ok::<(), Error>(())
         };
-        for (s, l, r) in map.iter() {
+        for &(s, l, r) in pieces {
             let contiguous = !run.is_empty() && run_start + run.len() as u64 == s;
             if !contiguous || run.len() as u64 + l > RUN_BYTES {
                 flush(&mut run, run_start, &mut stats)?;
@@ -264,7 +316,6 @@ impl View {
             self.copy_piece(r, &mut run[at..])?;
         }
         flush(&mut run, run_start, &mut stats)?;
-        f.sync_data().at(path)?;
         Ok(stats)
     }
 }
