@@ -49,6 +49,15 @@ impl Env {
         env
     }
 
+    /// Poll `status` until the VM reaches `want` (60 s at most).
+    fn wait_state(&self, want: &str, failure: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.state() != want {
+            assert!(std::time::Instant::now() < deadline, "{failure}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     fn state(&self) -> String {
         let st: Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
         st["vms"][0]["state"].as_str().unwrap().to_string()
@@ -441,14 +450,7 @@ fn a_full_cache_falls_back_to_the_dirty_bitmap_and_resyncs_without_losing_a_writ
     // The VM kept running; its writes were tracked, not replicated.
     assert_eq!(env.state(), "resync-required");
     // Once processing frees the log, the dirty blocks are shipped and protection resumes.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while env.state() != "protected" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the resync never finished"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    env.wait_state("protected", "the resync never finished");
     // Reads through the agent and the replica agree with what the VM wrote.
     let latest = m.sums();
     interrupt(&mut agent);
@@ -488,14 +490,7 @@ fn an_agent_killed_while_the_cache_was_full_resyncs_everything_on_restart() {
     agent.kill().unwrap(); // the dirty bitmap dies with it
     agent.wait().unwrap();
     let mut agent = env.serve(&["agent", "vm", "--listen", &addr, "--process-every", "1s"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while env.state() != "protected" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the full resync never finished"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    env.wait_state("protected", "the full resync never finished");
     interrupt(&mut agent);
     let out = env.root.join("tf");
     env.ok(&[
@@ -507,6 +502,18 @@ fn an_agent_killed_while_the_cache_was_full_resyncs_everything_on_restart() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(image_sums(&out), m.sums());
+}
+
+/// Wait (10 s at most) for nbdfuse to show its export as a file.
+fn wait_for_file(dev: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !dev.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Unmounts (and ends FUSE mounts) on drop, so a failing test leaves no mount behind.
@@ -553,14 +560,7 @@ fn a_filesystem_written_through_the_agent_mounts_from_a_recovery_point() {
             .spawn()
             .unwrap();
         let _guard = Unmount(vec![fuse.clone(), fs.clone()]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !dev.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nbdfuse did not come up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for_file(&dev);
         run("mkfs.ext4", &["-q", "-F", dev.to_str().unwrap()]);
         run(
             "mount",
@@ -593,14 +593,7 @@ fn a_filesystem_written_through_the_agent_mounts_from_a_recovery_point() {
             .spawn()
             .unwrap();
         let _guard = Unmount(vec![fuse.clone(), fs.clone()]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !dev.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nbdfuse did not come up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for_file(&dev);
         run(
             "mount",
             &["-o", "ro,loop", dev.to_str().unwrap(), fs.to_str().unwrap()],
