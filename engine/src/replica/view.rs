@@ -65,12 +65,22 @@ pub struct View {
     point: Option<PointInfo>,
     /// The last extent decoded, for reads that touch the same frame repeatedly.
     /// Recently decoded extents, most recent first (see `extent`).
-    cache: Mutex<std::collections::VecDeque<CachedExtent>>,
+    cache: Mutex<ExtentCache>,
+    /// Wakes readers waiting for an extent another reader is decoding.
+    decoded: parking_lot::Condvar,
     _pins: Vec<Arc<LayerIndex>>,
 }
 
 /// A decoded extent and the frame `(file_id, frame_offset)` it came from.
 type CachedExtent = ((u64, u64), Arc<Vec<u8>>);
+
+/// Recently decoded extents, most recent first, and the ones being decoded right now (so
+/// concurrent readers of one extent decode it once).
+#[derive(Default)]
+struct ExtentCache {
+    entries: std::collections::VecDeque<CachedExtent>,
+    loading: Vec<(u64, u64)>,
+}
 
 /// Decoded extents a view keeps, by count and by bytes.
 const EXTENT_CACHE_ENTRIES: usize = 16;
@@ -151,32 +161,44 @@ impl View {
         let key = (r.file_id, r.frame_offset);
         {
             let mut cache = self.cache.lock();
-            if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
-                // Most recently used first: a base extent split by many small overwrites
-                // stays decoded while the reader walks past them.
-                let hit = cache.remove(i).expect("index from position");
-                let data = hit.1.clone();
-                cache.push_front(hit);
-                return Ok(data);
+            loop {
+                if let Some(i) = cache.entries.iter().position(|(k, _)| *k == key) {
+                    // Most recently used first: a base extent split by many small overwrites
+                    // stays decoded while the reader walks past them.
+                    let hit = cache.entries.remove(i).expect("index from position");
+                    let data = hit.1.clone();
+                    cache.entries.push_front(hit);
+                    return Ok(data);
+                }
+                if !cache.loading.contains(&key) {
+                    cache.loading.push(key);
+                    break;
+                }
+                self.decoded.wait(&mut cache);
             }
         }
-        let data = Arc::new(
-            self.store
-                .read_extent(r.file_id, r.frame_offset, r.frame_len)?,
-        );
+        let result = self
+            .store
+            .read_extent(r.file_id, r.frame_offset, r.frame_len)
+            .map(Arc::new);
         let mut cache = self.cache.lock();
-        cache.push_front((key, data.clone()));
-        let mut bytes = 0usize;
-        let mut keep = 0usize;
-        for (_, d) in cache.iter() {
-            if keep >= EXTENT_CACHE_ENTRIES || bytes + d.len() > EXTENT_CACHE_BYTES {
-                break;
+        cache.loading.retain(|k| *k != key);
+        if let Ok(data) = &result {
+            cache.entries.push_front((key, data.clone()));
+            let mut bytes = 0usize;
+            let mut keep = 0usize;
+            for (_, d) in cache.entries.iter() {
+                if keep >= EXTENT_CACHE_ENTRIES || bytes + d.len() > EXTENT_CACHE_BYTES {
+                    break;
+                }
+                bytes += d.len();
+                keep += 1;
             }
-            bytes += d.len();
-            keep += 1;
+            cache.entries.truncate(keep.max(1));
         }
-        cache.truncate(keep.max(1));
-        Ok(data)
+        drop(cache);
+        self.decoded.notify_all();
+        result
     }
 
     fn copy_piece(&self, r: &DataRef, out: &mut [u8]) -> Result<()> {
@@ -529,7 +551,8 @@ impl Replica {
             seq,
             time_us,
             point: None,
-            cache: Mutex::new(std::collections::VecDeque::new()),
+            cache: Mutex::new(ExtentCache::default()),
+            decoded: parking_lot::Condvar::new(),
             _pins: pins,
         })
     }
