@@ -1005,43 +1005,26 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
             }
         }
         let mut next = base;
-        loop {
+        // The first frame that fails (or breaks the sequence) ends the segment: a torn tail
+        // of the last one is cut there, anywhere else it is corruption.
+        let damage = loop {
             match reader.next(u64::MAX)? {
-                Scan::End => break,
+                Scan::End => break None,
                 Scan::Skipped(offset, seq)
                 | Scan::Record(offset, crate::record::Record { seq, .. })
                     if seq != next =>
                 {
-                    let what = format!("record has sequence number {seq}, expected {next}");
-                    cut_or_fail(
-                        vfs,
-                        &path,
-                        &*file,
-                        last,
-                        config,
+                    break Some((
                         offset,
-                        len,
-                        what,
-                        &mut report,
-                    )?;
-                    break;
+                        format!("record has sequence number {seq}, expected {next}"),
+                    ))
                 }
                 Scan::Skipped(..) | Scan::Record(..) => next += 1,
-                Scan::Invalid { offset, what } => {
-                    cut_or_fail(
-                        vfs,
-                        &path,
-                        &*file,
-                        last,
-                        config,
-                        offset,
-                        len,
-                        what.to_string(),
-                        &mut report,
-                    )?;
-                    break;
-                }
+                Scan::Invalid { offset, what } => break Some((offset, what.to_string())),
             }
+        };
+        if let Some((offset, what)) = damage {
+            cut_or_fail(&path, &*file, last, config, offset, len, what, &mut report)?;
         }
         let bytes = reader.position();
         let info = SegInfo {
@@ -1124,7 +1107,6 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
 
 #[allow(clippy::too_many_arguments)]
 fn cut_or_fail(
-    _vfs: &dyn Vfs,
     path: &Path,
     file: &dyn VFile,
     last: bool,

@@ -316,7 +316,7 @@ impl Vault {
             )));
         }
         let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
-        let policy = self.catalog.policy(&policy_name)?;
+        self.catalog.policy(&policy_name)?; // it must exist
         if req.disks.is_empty() {
             return Err(Error::Invalid(
                 "a VM needs at least one --disk NAME=PATH".into(),
@@ -369,7 +369,7 @@ impl Vault {
                 size_bytes: size,
             });
         }
-        for (name, src) in &req.disks {
+        for (_, src) in &req.disks {
             if let Some(DiskSource::New(p, size)) = src {
                 let f = std::fs::OpenOptions::new()
                     .write(true)
@@ -378,7 +378,6 @@ impl Vault {
                     .map_err(|e| Error::io(p, e))?;
                 f.set_len(*size).map_err(|e| Error::io(p, e))?;
                 f.sync_all().map_err(|e| Error::io(p, e))?;
-                let _ = name;
             }
         }
         let source = Placement {
@@ -500,7 +499,6 @@ impl Vault {
         cache.set_source_seq(durable)?;
         // Apply the initial copy as one layer (no interval points inside it), cut the
         // `initial` point, then let the log trim it.
-        let _ = policy;
         drain_into(&cache, &mut replica)?;
         let initial_point = replica.cut_point(PointKind::Initial, Some("initial"))?;
         let applied = replica.flush()?;
