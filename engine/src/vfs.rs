@@ -25,6 +25,12 @@ pub trait VFile: Send + Sync {
     /// fdatasync: the file's data (and size) survive a power loss once this returns.
     fn sync_data(&self) -> io::Result<()>;
 
+    /// Start writing `[offset, offset+len)` back to the disk without waiting (a hint, so a
+    /// later fdatasync has less to do). It promises nothing about durability.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Give back the space of `[offset, offset+len)`: it reads as zeros afterwards and the
     /// file's length is unchanged. The default writes zeros (correct, frees nothing).
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -91,6 +97,25 @@ impl VFile for RealFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(off), Ok(l)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Ok(());
+        };
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned
+        // by `self.0` and stays open for the duration of the call.
+        let r = unsafe {
+            libc::sync_file_range(self.0.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::unix::io::AsRawFd;

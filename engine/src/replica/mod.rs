@@ -51,6 +51,8 @@ use store::{Refs, Store};
 
 pub const DATA_DIR: &str = "data";
 pub const LAYERS_DIR: &str = "layers";
+/// Applied data is handed to the kernel's writeback in stretches of this many bytes.
+const WRITEBACK_BYTES: u64 = 8 << 20;
 /// Largest disk a replica accepts (64 TiB).
 pub const MAX_DISK_BYTES: u64 = 64 << 40;
 
@@ -429,7 +431,15 @@ impl Replica {
             time_us,
             loc,
         });
+        let before = self.open.end;
         self.open.end += buf.len() as u64;
+        if before / WRITEBACK_BYTES != self.open.end / WRITEBACK_BYTES {
+            // Start writing the last full stretch back now, so the flush that makes it
+            // durable (before the log may trim it) finds little left to do. Only a hint.
+            let upto = self.open.end / WRITEBACK_BYTES * WRITEBACK_BYTES;
+            let from = upto.saturating_sub(WRITEBACK_BYTES);
+            let _ = self.open.file.start_writeback(from, upto - from);
+        }
         self.open.last_frame_seq = seq;
         self.open.last_frame_time_us = time_us;
         self.frame_buf = buf;
