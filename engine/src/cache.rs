@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// What to do with damage found when opening the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,13 +192,6 @@ pub const SOURCE_SEQ_FILE: &str = "source.seq";
 const CHECKPOINT_MAGIC: [u8; 8] = *b"STBYCKP\0";
 const CHUNK_RESERVE_BYTES: usize = 1 << 20;
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 impl Cache {
     /// Open (or create) the log in `dir` on the real filesystem, recovering after a crash.
     pub fn open(dir: impl AsRef<Path>, config: CacheConfig) -> Result<(Cache, RecoveryReport)> {
@@ -298,7 +291,7 @@ impl Cache {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let time_us = now_us().max(st.last_time_us);
+        let time_us = crate::now_us().max(st.last_time_us);
         st.last_time_us = time_us;
         if roll {
             let id = st.tail_id + 1;

@@ -20,3 +20,12 @@ pub use error::{Error, Result};
 
 /// Writes and zero ranges are aligned to this many bytes.
 pub const SECTOR_BYTES: u64 = 512;
+
+/// Wall-clock time in microseconds since the Unix epoch (0 if the clock is before it):
+/// the unit of every `time_us` the engine stores.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -18,7 +18,6 @@ use crate::error::Result;
 use crate::policy::{us, Policy};
 use crate::replica::{Applied, PointInfo, PointKind, PruneReport, Replica};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Flush and advance the checkpoint after this many bytes applied within one pass, so a
 /// long catch-up lets the log trim as it goes.
@@ -46,13 +45,6 @@ pub struct Processor {
     clock: Clock,
 }
 
-fn wall_clock_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 impl Processor {
     pub fn new(cache: Arc<Cache>, replica: Replica, policy: Policy) -> Result<Processor> {
         policy.validate()?;
@@ -60,7 +52,7 @@ impl Processor {
             cache,
             replica,
             policy,
-            clock: Box::new(wall_clock_us),
+            clock: Box::new(crate::now_us),
         })
     }
 

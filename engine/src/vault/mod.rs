@@ -31,6 +31,7 @@ pub use status::{DiskStatus, Health, VmStatus};
 use crate::agent::{Agent, SourceDisk};
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, IoContext, Result};
+use crate::now_us;
 use crate::policy::Policy;
 use crate::process::{PassReport, Processor};
 use crate::record::{Consistency, Entry, Marker};
@@ -40,7 +41,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Reports long operations' progress (the CLI draws bars; the engine never prints).
 pub trait Progress {
@@ -52,13 +52,6 @@ pub trait Progress {
 /// Progress that goes nowhere.
 pub struct NoProgress;
 impl Progress for NoProgress {}
-
-pub(crate) fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
 
 /// Names of VMs, disks and policies become directory and file names: keep them plain.
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
