@@ -7,6 +7,7 @@ mod agent;
 mod demo;
 mod output;
 mod progress;
+mod remote;
 
 use clap::{Args, Parser, Subcommand};
 use output::bytes;
@@ -67,7 +68,7 @@ enum Command {
     Protect(ProtectArgs),
     /// Apply pending changes into the replicas and cut points per policy.
     #[command(
-        after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow"
+        after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow\n  standby process --cache 10.0.0.2:7500 --follow   # target site: pull remote VMs and process\n\nWith --follow, remote VMs (protected with --cache) are pulled from their cache service into\nthe vault and processed; a command that needs such a VM (failover, mount, point) makes the\nfollower let go of it for as long as it runs."
     )]
     Process {
         /// Only this VM.
@@ -78,6 +79,9 @@ enum Command {
         /// Pause between passes with --follow.
         #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
         every: Duration,
+        /// Only remote VMs whose cache service is here (with --follow, pull from it).
+        #[arg(long, value_name = "ADDR")]
+        cache: Option<String>,
     },
     /// Serve a VM's disks over NBD through the write tap, and replicate them.
     #[command(
@@ -91,7 +95,33 @@ enum Command {
         /// How often the log is processed into the replica.
         #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
         process_every: Duration,
+        /// Ship to the cache service at ADDR (source site) instead of a local vault.
+        #[arg(long, value_name = "ADDR", requires_all = ["creds", "journal"])]
+        cache: Option<String>,
+        /// With --cache: the source site's credentials (`standby link export`).
+        #[arg(long, value_name = "DIR")]
+        creds: Option<PathBuf>,
+        /// With --cache: the agent's journal directory (every write is kept here until
+        /// the cache service has it durable).
+        #[arg(long, value_name = "DIR")]
+        journal: Option<PathBuf>,
+        /// With --cache: limit the journal; once full (link down long enough) the agent
+        /// tracks writes in its dirty bitmap and resyncs later.
+        #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "1GiB")]
+        journal_capacity: u64,
+        /// With --cache: NAME=PATH of a source disk's raw image (repeatable).
+        #[arg(long = "disk", value_name = "NAME=PATH", value_parser = parse_pair)]
+        disks: Vec<(String, String)>,
+        /// With --cache: plain TCP to a cache service on 127.0.0.0/8 (no TLS).
+        #[arg(long)]
+        insecure_loopback: bool,
     },
+    /// The source site's cache service, which owns the VMs' change logs.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// The site-to-site link's credentials.
+    #[command(subcommand)]
+    Link(LinkCmd),
     /// Serve every disk of a recovery point over NBD, read-only, without a restore.
     #[command(
         after_help = "POINT is anything failover accepts. Start-up costs the point's index, not its data;\nblock status reports holes, so copies stay sparse. With --writable, writes go to a\nthrow-away copy-on-write overlay: the point never changes. Ctrl-C stops it.\n\nExamples:\n  standby mount web01 --point latest-app-consistent\n  qemu-img convert -O raw nbd://127.0.0.1:10810/os os.raw\n  nbdfuse /mnt/os nbd://127.0.0.1:10810/os & mount -o ro,loop /mnt/os/nbd /mnt/fs"
@@ -177,6 +207,44 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum CacheCmd {
+    /// Serve the change logs of the source site's VMs: agents ship to it, the target
+    /// site's processor pulls from it. Ctrl-C or SIGTERM stop it cleanly.
+    #[command(
+        after_help = "Examples:\n  standby cache serve --dir /srv/standby-cache --listen 10.0.0.2:7500 --creds /etc/standby\n  standby cache serve --dir /tmp/c --listen 127.0.0.2:7500 --creds ./creds --insecure-loopback\n\nCREDS is the directory `standby link export` wrote at the target site."
+    )]
+    Serve {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        #[arg(long, value_name = "DIR")]
+        creds: PathBuf,
+        /// Plain TCP, refused anywhere but 127.0.0.0/8.
+        #[arg(long)]
+        insecure_loopback: bool,
+        /// Limit each VM's log; when full, agents fall back to their dirty bitmaps.
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        capacity: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LinkCmd {
+    /// Write the source site's credentials (the vault's CA certificate, the cache service's
+    /// and the agent's certificates and keys, the link key) into a new directory.
+    #[command(
+        after_help = "Example:\n  standby link export --out /tmp/source-creds && scp -r /tmp/source-creds source-host:/etc/standby"
+    )]
+    Export {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Create the link credentials of a vault made before they existed.
+    Init,
+}
+
+#[derive(Subcommand)]
 enum PolicyCmd {
     /// Create or change a policy; unset options keep their current (or default) value.
     #[command(
@@ -214,8 +282,15 @@ enum PolicyCmd {
 struct ProtectArgs {
     vm: String,
     /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one (repeatable).
-    #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = parse_disk)]
+    #[arg(long = "disk", value_name = "NAME=PATH", required_unless_present = "cache", value_parser = parse_disk)]
     disks: Vec<(String, DiskSource)>,
+    /// The VM's source site is remote: its agent ships to the cache service at ADDR, which
+    /// says what disks it has (start the agent first).
+    #[arg(long, value_name = "ADDR", conflicts_with = "disks")]
+    cache: Option<String>,
+    /// With --cache: plain TCP to a cache service on 127.0.0.0/8 (no TLS).
+    #[arg(long, requires = "cache")]
+    insecure_loopback: bool,
     #[arg(long)]
     policy: Option<String>,
     #[arg(long)]
@@ -406,7 +481,42 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             output::policies(vault.catalog(), json);
         }
         Command::Protect(a) => protect(a)?,
-        Command::Process { vm, follow, every } => return process(&vault()?, vm, follow, every),
+        Command::Process {
+            vm,
+            follow,
+            every,
+            cache,
+        } => return process(&vault()?, vm, follow, every, cache),
+        Command::Cache(CacheCmd::Serve {
+            dir,
+            listen,
+            creds,
+            insecure_loopback,
+            capacity,
+        }) => remote::serve(remote::ServeOptions {
+            dir,
+            listen,
+            creds,
+            insecure_loopback,
+            capacity,
+        })?,
+        Command::Link(LinkCmd::Export { out }) => {
+            let vault = open_vault(&vault()?, &who("link export"))?;
+            vault.link_export(&out)?;
+            println!(
+                "wrote the source site's credentials to {} (keep them secret: they hold keys)",
+                out.display()
+            );
+            println!(
+                "source site: standby cache serve --dir DIR --listen ADDR --creds {}",
+                out.display()
+            );
+        }
+        Command::Link(LinkCmd::Init) => {
+            let vault = open_vault(&vault()?, &who("link init"))?;
+            vault.link_init()?;
+            println!("created the link credentials of {}", vault.root().display());
+        }
         Command::Mount {
             vm,
             point,
@@ -419,7 +529,31 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Agent {
             vm,
             listen,
+            cache: Some(cache),
+            creds,
+            journal,
+            journal_capacity,
+            disks,
+            insecure_loopback,
+            ..
+        } => remote::agent(remote::AgentOptions {
+            vm,
+            cache,
+            creds: creds.unwrap_or_default(),
+            insecure_loopback,
+            journal: journal.unwrap_or_default(),
+            journal_capacity: Some(journal_capacity),
+            disks: disks
+                .into_iter()
+                .map(|(n, p)| (n, PathBuf::from(p)))
+                .collect(),
+            listen,
+        })?,
+        Command::Agent {
+            vm,
+            listen,
             process_every,
+            ..
         } => {
             let vault = open_vault(&vault()?, &who(&format!("agent {vm}")))?;
             agent::run(
@@ -627,6 +761,8 @@ fn run_hook(what: &str, cmd: &str) -> Result<(), Error> {
 
 fn protect(a: ProtectArgs) -> Result<(), Error> {
     let mut vault = open_vault(&vault()?, &who("protect"))?;
+    let cache = a.cache.clone();
+    let insecure = a.insecure_loopback;
     let req = ProtectRequest {
         vm: a.vm.clone(),
         disks: a.disks.into_iter().map(|(n, s)| (n, Some(s))).collect(),
@@ -646,6 +782,20 @@ fn protect(a: ProtectArgs) -> Result<(), Error> {
         network_mapping: a.network_mapping,
         cache_capacity_bytes: a.cache_capacity,
     };
+    if let Some(addr) = cache {
+        let disks = vault.protect_remote(&req, &addr, insecure)?;
+        let list: Vec<String> = disks
+            .iter()
+            .map(|d| format!("{} ({})", d.name, bytes(d.size_bytes)))
+            .collect();
+        println!(
+            "protected {} from the cache service at {addr}: {}",
+            a.vm,
+            list.join(", ")
+        );
+        println!("next: standby process --cache {addr} --follow   (pulls and processes; the agent's first run is the initial replication)");
+        return Ok(());
+    }
     let mut bar = progress::Bar::new();
     let r = vault.protect(&req, &mut bar)?;
     let rec = vault.catalog().vm(&a.vm)?;
@@ -677,13 +827,26 @@ fn process(
     vm: Option<String>,
     follow: bool,
     every: Duration,
+    cache: Option<String>,
 ) -> Result<ExitCode, Error> {
+    use std::sync::atomic::Ordering;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if follow {
         let s = stop.clone();
-        ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst))
+        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
             .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
     }
+    // Remote VMs, followed each on its own thread (started as they get protected).
+    let mut followers: std::collections::HashMap<String, std::thread::JoinHandle<()>> =
+        std::collections::HashMap::new();
+    let wanted = |rec: &standby_engine::vault::VmRecord| {
+        vm.as_ref().is_none_or(|n| n == &rec.name)
+            && match (&cache, &rec.remote) {
+                (Some(c), Some(r)) => &r.cache == c,
+                (Some(_), None) => false,
+                _ => true,
+            }
+    };
     loop {
         {
             let mut vault = open_vault(
@@ -694,11 +857,44 @@ fn process(
                     "process"
                 }),
             )?;
-            let names = match &vm {
+            if let Some(n) = &vm {
+                vault.catalog().vm(n)?;
+            }
+            if follow {
+                for n in vault.remote_vms() {
+                    let rec = vault.catalog().vm(&n)?.clone();
+                    if !wanted(&rec) || followers.get(&n).is_some_and(|t| !t.is_finished()) {
+                        continue;
+                    }
+                    let (root, stop, name) = (path.to_path_buf(), stop.clone(), n.clone());
+                    let who = who("process --follow");
+                    println!(
+                        "{n}: following the cache service at {}",
+                        rec.remote.as_ref().map(|r| r.cache.as_str()).unwrap_or("")
+                    );
+                    followers.insert(
+                        n,
+                        std::thread::spawn(move || {
+                            let log: standby_engine::vault::remote::Log =
+                                std::sync::Arc::new(|line: &str| eprintln!("standby: {line}"));
+                            if let Err(e) = standby_engine::vault::remote::follow(
+                                &root, &who, &name, every, &stop, log,
+                            ) {
+                                eprintln!("standby: {name}: {}", output::one_line(&e));
+                            }
+                        }),
+                    );
+                }
+            }
+            let names: Vec<String> = match &vm {
                 Some(n) => vec![n.clone()],
                 None => vault.processable_vms(),
             };
             for n in names {
+                let rec = vault.catalog().vm(&n)?.clone();
+                if !wanted(&rec) || (follow && rec.remote.is_some()) {
+                    continue;
+                }
                 if vm.is_none() || follow {
                     if let Err(Error::Locked(holder)) = vault.try_lock_vm(&n).map(drop) {
                         if !follow {
@@ -728,14 +924,14 @@ fn process(
             return Ok(ExitCode::SUCCESS);
         }
         let until = std::time::Instant::now() + every;
-        while std::time::Instant::now() < until {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                eprintln!("standby: stopped");
-                return Ok(ExitCode::SUCCESS);
-            }
+        while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
+            for (_, t) in followers {
+                let _ = t.join();
+            }
+            eprintln!("standby: stopped");
             return Ok(ExitCode::SUCCESS);
         }
     }

@@ -62,7 +62,20 @@ pub struct Agent {
     /// `Some` while the log cannot take writes (full): they go straight to the source
     /// images and their blocks are marked here until a resync ships them.
     mode: RwLock<Option<Dirty>>,
+    /// Called before the first write goes to the source images alone (entering bitmap
+    /// mode), so the caller can persist that a resync is owed before it can be lost.
+    on_bitmap: Mutex<Option<BitmapHook>>,
+    /// Whether the current resync has written its `standby:resync-begin` marker.
+    resync_begun: Mutex<bool>,
 }
+
+type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// Marker names the agent writes around a resync: the log between them is not a
+/// crash-consistent sequence (blocks arrive in block order, not write order), so the
+/// processor cuts no point inside that window.
+pub const RESYNC_BEGIN: &str = "standby:resync-begin";
+pub const RESYNC_END: &str = "standby:resync-end";
 
 /// Blocks written while the log could not take them, per disk, in bounded memory: the
 /// block size grows with the disks so the whole map stays under `MAX_DIRTY_BITS` bits.
@@ -174,6 +187,8 @@ impl Agent {
             disks: opened,
             drain: Mutex::new(()),
             mode: RwLock::new(None),
+            on_bitmap: Mutex::new(None),
+            resync_begun: Mutex::new(false),
         };
         agent.replay(synced)?;
         Ok(agent)
@@ -193,6 +208,12 @@ impl Agent {
         self.sync_sources()?;
         self.state.write().applied_seq = durable;
         self.cache.set_source_seq(durable)
+    }
+
+    /// Run `hook` before the agent first writes to the source images alone (it enters
+    /// bitmap mode); if the hook fails, the write fails and nothing is written.
+    pub fn on_bitmap(&self, hook: impl Fn() -> Result<()> + Send + Sync + 'static) {
+        *self.on_bitmap.lock() = Some(Box::new(hook));
     }
 
     pub fn disks(&self) -> impl Iterator<Item = &SourceDisk> {
@@ -319,8 +340,12 @@ impl Agent {
             return Ok(());
         }
         self.flush_log_and_drain()?;
+        if let Some(hook) = &*self.on_bitmap.lock() {
+            hook()?;
+        }
         let sizes: Vec<u64> = self.disks.iter().map(|(d, _)| d.size_bytes).collect();
         *mode = Some(Dirty::new(&sizes));
+        *self.resync_begun.lock() = false;
         Ok(())
     }
 
@@ -391,13 +416,27 @@ impl Agent {
                 return Ok(true);
             };
             let Some((disk, block)) = dirty.first() else {
-                // Everything shipped: durable first, then back to the log.
+                // Everything shipped: close the window, durable first, then back to the log.
+                if *self.resync_begun.lock() {
+                    match self.append_placeholder(&Entry::Marker(&resync_marker(RESYNC_END))) {
+                        Ok(()) => *self.resync_begun.lock() = false,
+                        Err(Error::CacheFull { .. }) => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
                 self.cache.sync()?;
                 *mode = None;
                 return Ok(true);
             };
             if shipped >= max_bytes {
                 return Ok(false);
+            }
+            if !*self.resync_begun.lock() {
+                match self.append_placeholder(&Entry::Marker(&resync_marker(RESYNC_BEGIN))) {
+                    Ok(()) => *self.resync_begun.lock() = true,
+                    Err(Error::CacheFull { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
             }
             let (d, f) = &self.disks[disk as usize];
             let offset = block * dirty.block_bytes;
@@ -423,18 +462,8 @@ impl Agent {
                         data: piece,
                     }
                 };
-                match self.cache.append(&entry) {
-                    Ok(seq) => {
-                        // The source already holds it: a placeholder keeps the drain in order.
-                        self.state.write().pending.insert(
-                            seq,
-                            Pending {
-                                disk,
-                                offset: 0,
-                                change: Change::Nothing,
-                            },
-                        );
-                    }
+                match self.append_placeholder(&entry) {
+                    Ok(()) => {}
                     Err(Error::CacheFull { .. }) => return Ok(false),
                     Err(e) => return Err(e),
                 }
@@ -443,6 +472,21 @@ impl Agent {
             dirty.clear(disk, block);
             shipped += len;
         }
+    }
+
+    /// Append a change the source images already hold (a resync block or marker): a
+    /// placeholder in the pending set keeps the drain in order.
+    fn append_placeholder(&self, entry: &Entry<'_>) -> Result<()> {
+        let seq = self.cache.append(entry)?;
+        self.state.write().pending.insert(
+            seq,
+            Pending {
+                disk: 0,
+                offset: 0,
+                change: Change::Nothing,
+            },
+        );
+        Ok(())
     }
 
     /// Read `buf.len()` bytes at `offset` of `disk`, seeing every acknowledged write.
@@ -586,6 +630,14 @@ impl Agent {
     pub fn close(self) -> Result<()> {
         self.flush()?;
         self.cache.close()
+    }
+}
+
+fn resync_marker(name: &str) -> Marker {
+    Marker {
+        consistency: crate::record::Consistency::Crash,
+        name: Some(name.to_string()),
+        group: None,
     }
 }
 

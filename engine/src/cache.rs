@@ -16,7 +16,7 @@
 //! - segments are deleted only by [`Cache::set_checkpoint`], never on the commit path.
 
 use crate::error::{Error, IoContext, Result};
-use crate::record::{Entry, Prepared, Record};
+use crate::record::{self, Entry, Prepared, Record};
 use crate::segment::{self, Scan, SegmentHeader, SegmentReader, SEGMENT_HEADER_BYTES};
 use crate::vfs::{RealFs, VFile, Vfs};
 use parking_lot::{Condvar, Mutex};
@@ -180,6 +180,13 @@ struct Shared {
     trim_lock: Mutex<()>,
 }
 
+/// Sizes of a frame about to be appended (for the log's accounting).
+struct Framed {
+    bytes: u64,
+    logical: u64,
+    is_write: bool,
+}
+
 /// The change log. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Cache {
     shared: Arc<Shared>,
@@ -262,8 +269,72 @@ impl Cache {
     }
 
     fn append_prepared(&self, p: &Prepared) -> Result<u64> {
+        let frame = Framed {
+            bytes: p.frame_bytes() as u64,
+            logical: p.logical_bytes(),
+            is_write: p.is_write(),
+        };
+        self.append_framed(frame, None, |out, segment_id, seq, time_us| {
+            p.encode_into(out, segment_id, seq, time_us);
+            Ok(())
+        })
+    }
+
+    /// Append a record that was framed elsewhere — by the log this one mirrors, shipped
+    /// over the link — keeping its sequence number and acceptance time. `frame` is one
+    /// whole frame bound to `binding`; it is checked against that binding and rebound to
+    /// this log's segment without decompressing it. Its sequence number must be the next
+    /// one this log expects ([`Error::Conflict`] otherwise: a gap, or a record this log
+    /// already holds), so a mirror never holds a record twice or out of order.
+    pub fn append_frame(&self, frame: &[u8], binding: u64) -> Result<u64> {
+        let h = record::FrameHeader::parse(frame, binding)
+            .map_err(|e| Error::Invalid(format!("shipped record: {e}")))?;
+        if h.frame_bytes() != frame.len() {
+            return Err(Error::Invalid(format!(
+                "shipped record: frame of {} bytes holds {} bytes",
+                h.frame_bytes(),
+                frame.len()
+            )));
+        }
+        let framed = Framed {
+            bytes: frame.len() as u64,
+            logical: match h.kind {
+                record::KIND_WRITE => h.raw_len as u64,
+                record::KIND_ZERO => {
+                    let at = record::HEADER_BYTES;
+                    frame
+                        .get(at..at + 8)
+                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .unwrap_or(0)
+                }
+                _ => 0,
+            },
+            is_write: h.kind == record::KIND_WRITE,
+        };
+        self.append_framed(framed, Some((h.seq, h.time_us)), |out, segment_id, _, _| {
+            let start = out.len();
+            out.extend_from_slice(frame);
+            record::rebind(&mut out[start..], binding, segment_id).map_err(|e| {
+                out.truncate(start);
+                Error::Invalid(format!("shipped record {}: {e}", h.seq))
+            })?;
+            Ok(())
+        })
+    }
+
+    /// The sequence number the next appended record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.shared.state.lock().next_seq
+    }
+
+    fn append_framed(
+        &self,
+        f: Framed,
+        given: Option<(u64, u64)>,
+        encode: impl FnOnce(&mut Vec<u8>, u64, u64, u64) -> Result<()>,
+    ) -> Result<u64> {
         let sh = &*self.shared;
-        let frame = p.frame_bytes() as u64;
+        let frame = f.bytes;
         let mut st = sh.state.lock();
         loop {
             if let Some(e) = &st.error {
@@ -276,6 +347,14 @@ impl Cache {
                 break;
             }
             sh.progress.wait(&mut st);
+        }
+        if let Some((seq, _)) = given {
+            if seq != st.next_seq {
+                return Err(Error::Conflict(format!(
+                    "record {seq} does not follow this log, which expects {} next",
+                    st.next_seq
+                )));
+            }
         }
         let tail = &st.segments[&st.tail_id];
         let roll =
@@ -290,14 +369,44 @@ impl Cache {
             }
         }
         let seq = st.next_seq;
+        let time_us = match given {
+            Some((_, t)) => t,
+            None => crate::now_us().max(st.last_time_us),
+        };
+        let tail_id = if roll { st.tail_id + 1 } else { st.tail_id };
+        {
+            // Encode first: a shipped frame that fails its check changes nothing.
+            let need_chunk = match st.pending.back() {
+                Some(c) => c.segment_id != tail_id,
+                None => true,
+            };
+            if need_chunk {
+                let mut bytes = st.spare.pop().unwrap_or_default();
+                bytes.clear();
+                bytes.reserve(CHUNK_RESERVE_BYTES.max(frame as usize));
+                st.pending.push_back(Chunk {
+                    segment_id: tail_id,
+                    create_with_base_seq: roll.then_some(seq),
+                    bytes,
+                    last_seq: seq,
+                });
+            }
+            let chunk = st.pending.back_mut().expect("a chunk was just ensured");
+            if let Err(e) = encode(&mut chunk.bytes, tail_id, seq, time_us) {
+                if need_chunk {
+                    let c = st.pending.pop_back().expect("pushed above");
+                    st.spare.push(c.bytes);
+                }
+                return Err(e);
+            }
+            chunk.last_seq = seq;
+        }
         st.next_seq += 1;
-        let time_us = crate::now_us().max(st.last_time_us);
-        st.last_time_us = time_us;
+        st.last_time_us = st.last_time_us.max(time_us);
         if roll {
-            let id = st.tail_id + 1;
-            st.tail_id = id;
+            st.tail_id = tail_id;
             st.segments.insert(
-                id,
+                tail_id,
                 SegInfo {
                     base_seq: seq,
                     last_seq: seq - 1,
@@ -306,35 +415,16 @@ impl Cache {
                 },
             );
         }
-        let tail_id = st.tail_id;
-        let need_chunk = match st.pending.back() {
-            Some(c) => c.segment_id != tail_id,
-            None => true,
-        };
-        if need_chunk {
-            let mut bytes = st.spare.pop().unwrap_or_default();
-            bytes.clear();
-            bytes.reserve(CHUNK_RESERVE_BYTES.max(frame as usize));
-            st.pending.push_back(Chunk {
-                segment_id: tail_id,
-                create_with_base_seq: roll.then_some(seq),
-                bytes,
-                last_seq: seq,
-            });
-        }
-        let chunk = st.pending.back_mut().expect("a chunk was just ensured");
-        p.encode_into(&mut chunk.bytes, tail_id, seq, time_us);
-        chunk.last_seq = seq;
         let seg = st.segments.get_mut(&tail_id).expect("tail segment exists");
         seg.bytes += frame;
         seg.last_seq = seq;
         st.total_bytes += needed;
         st.pending_bytes += frame as usize;
         st.appended_records += 1;
-        st.appended_logical_bytes += p.logical_bytes();
+        st.appended_logical_bytes += f.logical;
         st.appended_stored_bytes += frame;
-        if p.is_write() {
-            st.write_logical_bytes += p.logical_bytes();
+        if f.is_write {
+            st.write_logical_bytes += f.logical;
             st.write_stored_bytes += frame;
         }
         drop(st);
@@ -376,6 +466,28 @@ impl Cache {
         }
         st.durable_waiters -= 1;
         result
+    }
+
+    /// Wait up to `timeout` for the durable end to pass `seq` (without asking for a sync);
+    /// returns the durable sequence number then. For followers of the log.
+    pub fn wait_durable_beyond(&self, seq: u64, timeout: Duration) -> Result<u64> {
+        let sh = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut st = sh.state.lock();
+        while st.durable_seq <= seq {
+            if let Some(e) = &st.error {
+                return Err(Error::Poisoned(e.clone()));
+            }
+            if st.closing || sh.progress.wait_until(&mut st, deadline).timed_out() {
+                break;
+            }
+        }
+        Ok(st.durable_seq)
+    }
+
+    /// Time the newest appended record was accepted (0 if none since the log was opened).
+    pub fn last_time_us(&self) -> u64 {
+        self.shared.state.lock().last_time_us
     }
 
     /// Make everything appended so far durable; returns the durable sequence number.
@@ -1013,6 +1125,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, config: &CacheConfig) -> Result<(State, Re
                     ))
                 }
                 Scan::Skipped(..) | Scan::Record(..) => next += 1,
+                Scan::Frame(..) => unreachable!("recovery reads with next(), never next_frame()"),
                 Scan::Invalid { offset, what } => break Some((offset, what.to_string())),
             }
         };
@@ -1133,6 +1246,26 @@ impl Reader {
 
     /// The next durable record, `Ok(None)` at the durable end, or the damage found.
     pub fn next_record(&mut self) -> Result<Option<Record>> {
+        match self.advance(None)? {
+            Some(Next::Record(rec)) => Ok(Some(rec)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The next durable record's frame, appended to `out` undecoded and rebound to
+    /// `binding` (see [`record::rebind`]); `Ok(None)` at the durable end.
+    pub fn next_frame(
+        &mut self,
+        out: &mut Vec<u8>,
+        binding: u64,
+    ) -> Result<Option<record::FrameHeader>> {
+        match self.advance(Some((out, binding)))? {
+            Some(Next::Frame(h)) => Ok(Some(h)),
+            _ => Ok(None),
+        }
+    }
+
+    fn advance(&mut self, mut raw: Option<(&mut Vec<u8>, u64)>) -> Result<Option<Next>> {
         let mut reopened_without_progress = false;
         loop {
             let target = {
@@ -1164,23 +1297,16 @@ impl Reader {
                 }
             }
             let reader = self.seg.as_mut().expect("segment reader set above");
-            match reader.next(self.next_seq)? {
-                Scan::Record(offset, rec) => {
-                    if rec.seq != self.next_seq {
-                        return Err(Error::corrupt(
-                            reader.path(),
-                            offset,
-                            format!(
-                                "record has sequence number {}, expected {}",
-                                rec.seq, self.next_seq
-                            ),
-                        ));
-                    }
-                    self.next_seq += 1;
-                    return Ok(Some(rec));
-                }
+            let scan = match &mut raw {
+                Some((out, binding)) => reader.next_frame(self.next_seq, out, *binding)?,
+                None => reader.next(self.next_seq)?,
+            };
+            let (offset, seq, next) = match scan {
+                Scan::Record(offset, rec) => (offset, rec.seq, Next::Record(rec)),
+                Scan::Frame(offset, h) => (offset, h.seq, Next::Frame(h)),
                 Scan::Skipped(..) => {
                     reopened_without_progress = false;
+                    continue;
                 }
                 Scan::End => {
                     if reopened_without_progress {
@@ -1193,13 +1319,31 @@ impl Reader {
                     // Move on: the next lookup finds the segment that starts at next_seq.
                     self.seg = None;
                     reopened_without_progress = true;
+                    continue;
                 }
                 Scan::Invalid { offset, what } => {
                     return Err(Error::corrupt(reader.path(), offset, what.to_string()));
                 }
+            };
+            if seq != self.next_seq {
+                return Err(Error::corrupt(
+                    reader.path(),
+                    offset,
+                    format!(
+                        "record has sequence number {seq}, expected {}",
+                        self.next_seq
+                    ),
+                ));
             }
+            self.next_seq += 1;
+            return Ok(Some(next));
         }
     }
+}
+
+enum Next {
+    Record(Record),
+    Frame(record::FrameHeader),
 }
 
 impl Iterator for Reader {

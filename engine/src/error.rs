@@ -49,6 +49,10 @@ pub enum Error {
     /// A named thing (disk, point, VM, …) does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The site-to-site link failed: the peer is unreachable, refused us, was refused (wrong
+    /// key, untrusted certificate, plaintext on a TLS port) or broke the protocol.
+    #[error("link: {0}")]
+    Link(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cache;
 pub mod error;
+pub mod link;
 pub mod fsutil;
 pub mod mount;
 pub mod nbd;

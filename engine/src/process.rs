@@ -13,6 +13,7 @@
 //!
 //! Invariant: the log's checkpoint never passes the replica's durable sequence number.
 
+use crate::agent::{RESYNC_BEGIN, RESYNC_END};
 use crate::cache::Cache;
 use crate::error::Result;
 use crate::policy::{us, Policy};
@@ -43,16 +44,24 @@ pub struct Processor {
     replica: Replica,
     policy: Policy,
     clock: Clock,
+    /// The agent's last resync window `(begin, end)` by sequence number (`end` 0 while
+    /// open): inside it the log is not crash-consistent and no point is cut.
+    resync: (u64, u64),
 }
+
+/// Where the resync window is kept, in the replica's directory: `begin end` as decimal.
+const RESYNC_FILE: &str = "resync.window";
 
 impl Processor {
     pub fn new(cache: Arc<Cache>, replica: Replica, policy: Policy) -> Result<Processor> {
         policy.validate()?;
+        let resync = read_window(&replica.dir().join(RESYNC_FILE))?;
         Ok(Processor {
             cache,
             replica,
             policy,
             clock: Box::new(crate::now_us),
+            resync,
         })
     }
 
@@ -94,8 +103,27 @@ impl Processor {
         Ok(p)
     }
 
+    /// True while the replica sits inside the agent's resync window.
+    pub fn in_resync(&self) -> bool {
+        let (begin, end) = self.resync;
+        let at = self.replica.applied_seq();
+        begin != 0 && begin <= at && (end == 0 || at < end)
+    }
+
+    fn set_window(&mut self, window: (u64, u64)) -> Result<()> {
+        self.resync = window;
+        let text = format!("{} {}\n", window.0, window.1);
+        crate::fsutil::replace_atomic(
+            &crate::vfs::RealFs,
+            self.replica.dir(),
+            RESYNC_FILE,
+            text.as_bytes(),
+        )
+    }
+
     fn due(&self, time_us: u64) -> bool {
-        self.replica.changed_since_last_point()
+        !self.in_resync()
+            && self.replica.changed_since_last_point()
             && self.replica.open_since_us().is_some_and(|since| {
                 time_us.saturating_sub(since) >= us(self.policy.crash_interval)
             })
@@ -127,6 +155,16 @@ impl Processor {
             }
             let bytes = rec.op.logical_bytes();
             match self.replica.apply(&rec)? {
+                Applied::Marker(m) if m.name.as_deref() == Some(RESYNC_BEGIN) => {
+                    self.set_window((rec.seq, 0))?;
+                }
+                Applied::Marker(m) if m.name.as_deref() == Some(RESYNC_END) => {
+                    self.set_window((self.resync.0, rec.seq))?;
+                    report.points.push(
+                        self.replica
+                            .cut_point(PointKind::CrashConsistent, Some("resync"))?,
+                    );
+                }
                 Applied::Marker(m) => report.points.push(self.replica.cut_marker_point(&m)?),
                 Applied::Stored => {
                     report.applied_bytes += bytes;
@@ -149,5 +187,22 @@ impl Processor {
         report.durable_seq = self.checkpoint()?;
         report.prune = self.replica.prune(&self.policy, now)?;
         Ok(report)
+    }
+}
+
+fn read_window(path: &std::path::Path) -> Result<(u64, u64)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(crate::Error::io(path, e)),
+    };
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(b)), Some(Ok(e)), None) => Ok((b, e)),
+        _ => Err(crate::Error::corrupt(
+            path,
+            0,
+            "expected two sequence numbers (the resync window)",
+        )),
     }
 }

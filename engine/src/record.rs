@@ -596,6 +596,51 @@ pub fn decode_verified(body: &[u8], h: &FrameHeader) -> Result<Record, DecodeErr
     })
 }
 
+/// Move a verified frame from one binding to another: check `frame` (exactly one whole
+/// frame) against `from_segment`, then rewrite its length check and crc for `to_segment`.
+/// One pass over the bytes: the crc of everything after the segment id is computed once
+/// and combined with each binding. Used to ship frames between logs (segment ↔ wire)
+/// without decompressing or recompressing them.
+pub fn rebind(
+    frame: &mut [u8],
+    from_segment: u64,
+    to_segment: u64,
+) -> Result<FrameHeader, DecodeError> {
+    let h = FrameHeader::parse(frame, from_segment)?;
+    let total = h.frame_bytes();
+    if frame.len() != total {
+        return Err(if frame.len() < total {
+            DecodeError::Truncated {
+                needed: total,
+                have: frame.len(),
+            }
+        } else {
+            bad("bytes after the end of the frame")
+        });
+    }
+    let body_end = HEADER_BYTES + h.body_len as usize;
+    // The crc covers the length check, which depends on the binding: hash what follows it
+    // once, and combine it with each binding's first 8 bytes.
+    let mut rest = crc32fast::Hasher::new();
+    rest.update(&frame[8..body_end]);
+    let bound = |segment_id: u64, len_check: u32| {
+        let mut crc = crc32fast::Hasher::new_with_initial(CRC_SEED);
+        crc.update(&segment_id.to_le_bytes());
+        crc.update(&frame[0..4]);
+        crc.update(&len_check.to_le_bytes());
+        crc.combine(&rest);
+        crc.finalize()
+    };
+    if bound(from_segment, le_u32(frame, 4)) != le_u32(frame, body_end) {
+        return Err(bad("record checksum mismatch"));
+    }
+    let new_check = len_check(to_segment, h.body_len);
+    let crc = bound(to_segment, new_check);
+    frame[4..8].copy_from_slice(&new_check.to_le_bytes());
+    frame[body_end..body_end + 4].copy_from_slice(&crc.to_le_bytes());
+    Ok(h)
+}
+
 /// Rewrite the length check and crc of the frame at the start of `frame` so that its
 /// checks pass whatever its other bytes say (the body length is clamped to what is
 /// there). Returns the frame's length, or `None` if there are too few bytes for a frame.
@@ -680,6 +725,24 @@ mod tests {
                 group: None,
             }),
         ]
+    }
+
+    #[test]
+    fn rebind_moves_a_frame_between_bindings() {
+        for op in samples() {
+            let frame = encode(&op.as_entry(), 7, 42, 1000, true).unwrap();
+            let mut moved = frame.clone();
+            let h = rebind(&mut moved, 7, 9).unwrap();
+            assert_eq!(h.seq, 42);
+            let (rec, n) = decode(&moved, 9).unwrap();
+            assert_eq!((rec.op, n), (op.clone(), frame.len()));
+            assert!(decode(&moved, 7).is_err());
+            for i in 0..frame.len() {
+                let mut bad = frame.clone();
+                bad[i] ^= 0x04;
+                assert!(rebind(&mut bad, 7, 9).is_err(), "flip at byte {i} passed");
+            }
+        }
     }
 
     #[test]

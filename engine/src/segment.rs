@@ -133,6 +133,8 @@ pub enum Scan {
     Skipped(u64, u64),
     /// The clean end of the readable bytes.
     End,
+    /// A verified frame copied out undecoded (see [`SegmentReader::next_frame`]).
+    Frame(u64, FrameHeader),
     /// Bytes at this offset do not form a valid frame (or stop mid-frame): a torn tail if
     /// this is the end of the log, corruption otherwise.
     Invalid { offset: u64, what: DecodeError },
@@ -267,6 +269,52 @@ impl SegmentReader {
                 Ok(Scan::Record(offset, rec))
             }
             Err(what) => Ok(Scan::Invalid { offset, what }),
+        }
+    }
+
+    /// Like [`SegmentReader::next`], but a record at or above `skip_below` is not decoded:
+    /// its frame is appended to `out` rebound to `binding` (checked against this segment on
+    /// the way), for shipping to another log without decompressing it.
+    pub fn next_frame(&mut self, skip_below: u64, out: &mut Vec<u8>, binding: u64) -> Result<Scan> {
+        if self.pos >= self.limit {
+            return Ok(Scan::End);
+        }
+        let offset = self.pos;
+        let have = self.fill(HEADER_BYTES)?;
+        let header = match FrameHeader::parse(self.slice(have), self.header.segment_id) {
+            Ok(h) => h,
+            Err(what) => return Ok(Scan::Invalid { offset, what }),
+        };
+        let total = header.frame_bytes();
+        let have = self.fill(total)?;
+        if have < total {
+            return Ok(Scan::Invalid {
+                offset,
+                what: DecodeError::Truncated {
+                    needed: total,
+                    have,
+                },
+            });
+        }
+        let sid = self.header.segment_id;
+        if header.seq < skip_below {
+            if let Err(what) = record::verify(self.slice(total), &header, sid) {
+                return Ok(Scan::Invalid { offset, what });
+            }
+            self.pos += total as u64;
+            return Ok(Scan::Skipped(offset, header.seq));
+        }
+        let start = out.len();
+        out.extend_from_slice(self.slice(total));
+        match record::rebind(&mut out[start..], sid, binding) {
+            Ok(h) => {
+                self.pos += total as u64;
+                Ok(Scan::Frame(offset, h))
+            }
+            Err(what) => {
+                out.truncate(start);
+                Ok(Scan::Invalid { offset, what })
+            }
         }
     }
 }

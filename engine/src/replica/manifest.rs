@@ -65,7 +65,7 @@ pub struct DiskSpec {
 }
 
 /// What kind of recovery point this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum PointKind {
     /// The first point after initial replication.
     Initial,
@@ -92,7 +92,7 @@ impl PointKind {
 }
 
 /// A recovery point as callers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PointInfo {
     pub id: u64,
     pub seq: u64,

@@ -143,6 +143,20 @@ pub struct VmRecord {
     /// bitmap. `None`: no limit.
     #[serde(default)]
     pub cache_capacity_bytes: Option<u64>,
+    /// Set when the VM's source site is remote: its agent ships to a cache service there,
+    /// and `process --follow` pulls from it.
+    #[serde(default)]
+    pub remote: Option<RemoteSource>,
+}
+
+/// Where a remote VM's cache service is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSource {
+    /// The cache service's address (host:port).
+    pub cache: String,
+    /// Plain TCP on loopback (`--insecure-loopback`).
+    #[serde(default)]
+    pub insecure_loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,11 +17,12 @@
 pub mod catalog;
 mod failover;
 pub mod lock;
+pub mod remote;
 pub mod spec;
 mod status;
 
 pub use catalog::{
-    Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, VmRecord, VmState,
+    Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource, VmRecord, VmState,
 };
 pub use failover::{sha256_sparse, FailoverDisk, FailoverReport, MountHandle, Sha256Hex};
 pub use lock::LockWait;
@@ -160,6 +161,13 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Created by a command waiting for a VM's lock; a long-running holder that can yield
+/// (`process --follow`) lets go of the lock when it sees it.
+pub const WANTED_FILE: &str = "lock.wanted";
+
+/// The vault's link credentials (its own CA, certificates, link key), under the root.
+pub const LINK_DIR: &str = "link";
+
 impl Vault {
     /// Create a vault in `root` (created if missing; an existing directory must be empty).
     pub fn init(root: &Path) -> Result<()> {
@@ -187,6 +195,8 @@ impl Vault {
         std::fs::create_dir_all(root.join("vms")).at(root)?;
         let vfs = RealFs;
         let _lock = lock::acquire(root, "standby init", LockWait::Fail)?;
+        // The site-to-site link's CA, certificates and key (see `link::tls`).
+        crate::link::tls::create(&root.join(LINK_DIR))?;
         catalog::store(&vfs, root, &Catalog::new(random_id(), now_us()))?;
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             vfs.sync_dir(parent).at(parent)?;
@@ -226,7 +236,12 @@ impl Vault {
                 if let Some(f) = &self.on_wait {
                     f(&holder);
                 }
-                lock::acquire(dir, &self.who, LockWait::Block)
+                // Ask a holder that yields (`process --follow` of a remote VM) to let go.
+                let wanted = dir.join(WANTED_FILE);
+                let _ = std::fs::write(&wanted, self.who.as_bytes());
+                let got = lock::acquire(dir, &self.who, LockWait::Block);
+                let _ = std::fs::remove_file(&wanted);
+                got
             }
             other => other,
         }
@@ -373,57 +388,7 @@ impl Vault {
                 f.sync_all().map_err(|e| Error::io(p, e))?;
             }
         }
-        let source = Placement {
-            resource_group: req
-                .source
-                .resource_group
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            network: req
-                .source
-                .network
-                .clone()
-                .unwrap_or_else(|| "default-net".into()),
-            subnet: req
-                .source
-                .subnet
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            availability_set: req.source.availability_set.clone(),
-        };
-        let target = Placement {
-            resource_group: req
-                .target
-                .resource_group
-                .clone()
-                .unwrap_or_else(|| format!("{}-asr", source.resource_group)),
-            network: req
-                .target
-                .network
-                .clone()
-                .unwrap_or_else(|| format!("{}-asr", source.network)),
-            subnet: req
-                .target
-                .subnet
-                .clone()
-                .unwrap_or_else(|| source.subnet.clone()),
-            availability_set: req
-                .target
-                .availability_set
-                .clone()
-                .or_else(|| source.availability_set.as_ref().map(|s| format!("{s}-asr"))),
-        };
-        for (what, v) in [
-            ("resource group", &target.resource_group),
-            ("network", &target.network),
-        ] {
-            check_name(what, v)?;
-        }
-        let mut network_mapping = BTreeMap::new();
-        network_mapping.insert(source.network.clone(), target.network.clone());
-        for (s, d) in &req.network_mapping {
-            network_mapping.insert(s.clone(), d.clone());
-        }
+        let (source, target, network_mapping) = placements(req)?;
         let record = VmRecord {
             name: req.vm.clone(),
             disks,
@@ -438,6 +403,7 @@ impl Vault {
             test_failover: None,
             resync_reason: None,
             cache_capacity_bytes: req.cache_capacity_bytes,
+            remote: None,
         };
         // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
         // next protect of that name.
@@ -541,6 +507,12 @@ impl Vault {
     pub fn agent(&self, vm: &str) -> Result<AgentHandle> {
         let lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
+        if let Some(r) = &rec.remote {
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is replicated from a remote site: its agent runs there (`standby agent {vm} --cache {}`)",
+                r.cache
+            )));
+        }
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
                 "VM '{vm}' is failed over: its source disks are no longer replicated"
@@ -643,6 +615,30 @@ impl Vault {
             if n.len() > crate::record::MAX_NAME_BYTES {
                 return Err(Error::Invalid("point name is too long".into()));
             }
+        }
+        if rec.remote.is_some() {
+            // The staging log mirrors the source's log record for record: nothing may be
+            // appended here. A crash-consistent point is cut where processing stands.
+            if consistency == Consistency::App {
+                return Err(Error::Conflict(format!(
+                    "VM '{vm}' is replicated from a remote site: app-consistent points are cut by its agent there"
+                )));
+            }
+            let cache = self.open_cache(vm)?;
+            let mut p = Processor::new(cache.clone(), self.open_replica(vm)?, self.vm_policy(vm)?)?;
+            p.run_pass()?;
+            if p.in_resync() {
+                return Err(Error::Conflict(format!(
+                    "VM '{vm}' is in the middle of a resync: no consistent point can be cut until it ends"
+                )));
+            }
+            let point = p
+                .replica_mut()
+                .cut_point(PointKind::CrashConsistent, name)?;
+            p.replica_mut().flush()?;
+            drop(p);
+            cache.close()?;
+            return Ok(point);
         }
         let marker = Marker {
             consistency,
@@ -756,6 +752,63 @@ pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> 
 /// Ship every allocated, non-zero 4 KiB block of each disk into the log.
 /// Apply everything durable in the log to the replica and let the log trim it (during
 /// protect: the initial copy goes into one layer, and a capacity-limited log never fills).
+/// The source and target placement and network mapping of a protect request (defaults
+/// derived from the source).
+fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<String, String>)> {
+    let source = Placement {
+        resource_group: req
+            .source
+            .resource_group
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        network: req
+            .source
+            .network
+            .clone()
+            .unwrap_or_else(|| "default-net".into()),
+        subnet: req
+            .source
+            .subnet
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        availability_set: req.source.availability_set.clone(),
+    };
+    let target = Placement {
+        resource_group: req
+            .target
+            .resource_group
+            .clone()
+            .unwrap_or_else(|| format!("{}-asr", source.resource_group)),
+        network: req
+            .target
+            .network
+            .clone()
+            .unwrap_or_else(|| format!("{}-asr", source.network)),
+        subnet: req
+            .target
+            .subnet
+            .clone()
+            .unwrap_or_else(|| source.subnet.clone()),
+        availability_set: req
+            .target
+            .availability_set
+            .clone()
+            .or_else(|| source.availability_set.as_ref().map(|s| format!("{s}-asr"))),
+    };
+    for (what, v) in [
+        ("resource group", &target.resource_group),
+        ("network", &target.network),
+    ] {
+        check_name(what, v)?;
+    }
+    let mut network_mapping = BTreeMap::new();
+    network_mapping.insert(source.network.clone(), target.network.clone());
+    for (s, d) in &req.network_mapping {
+        network_mapping.insert(s.clone(), d.clone());
+    }
+    Ok((source, target, network_mapping))
+}
+
 fn drain_into(cache: &Cache, replica: &mut Replica) -> Result<()> {
     cache.sync()?;
     let mut reader = cache.reader(replica.applied_seq() + 1)?;

@@ -8,8 +8,9 @@ use super::{now_us, Vault, VmRecord, VmState};
 use crate::cache::Cache;
 use crate::error::Result;
 use crate::replica::{PointInfo, PointKind, Replica};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Health {
     Healthy,
     Warning,
@@ -26,7 +27,7 @@ impl Health {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskStatus {
     pub name: String,
     pub source: String,
@@ -35,7 +36,7 @@ pub struct DiskStatus {
     pub replicated_bytes: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmStatus {
     pub record: VmRecord,
     pub health: Health,
@@ -48,6 +49,42 @@ pub struct VmStatus {
     pub cache_bytes: u64,
     pub disks: Vec<DiskStatus>,
     pub rpo_threshold_seconds: u64,
+    /// Where the replica has applied to, and the time of that record at the source.
+    #[serde(default)]
+    pub applied_seq: u64,
+    #[serde(default)]
+    pub applied_time_us: u64,
+    /// For a VM replicated from a remote source site: the link and the source's state.
+    #[serde(default)]
+    pub remote: Option<RemoteStatus>,
+}
+
+/// A remote VM's link and source site, as `process --follow` last saw them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RemoteStatus {
+    /// The cache service's address.
+    pub cache: String,
+    /// "connected", "disconnected" (with `error`), or "not followed" (no `process --follow`
+    /// has reported for a while).
+    pub link: String,
+    /// When the link went up or down (µs since the epoch).
+    pub since_us: u64,
+    pub error: Option<String>,
+    /// How far the processor is behind the cache service: records, bytes, seconds.
+    pub behind_records: u64,
+    pub behind_bytes: u64,
+    pub behind_seconds: f64,
+    /// The cache service's fill level (capacity 0: no limit).
+    pub cache_used_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    pub agent_connected: bool,
+    /// The agent tracks writes in its dirty bitmap, or still has blocks to resync.
+    pub resync_required: bool,
+    pub resync_bytes: u64,
+    /// Bytes in the agent's journal not yet in the cache service.
+    pub agent_journal_bytes: u64,
+    /// Age of this report (seconds).
+    pub age_seconds: f64,
 }
 
 pub fn kind_str(k: PointKind) -> &'static str {
@@ -66,12 +103,139 @@ impl Vault {
         if rec.committed {
             return self.base_status(vm);
         }
+        if let Some(remote) = &rec.remote {
+            return self.remote_status(vm, &remote.cache);
+        }
         let _lock = self.try_lock_vm(vm)?;
+        self.local_status(vm)
+    }
+
+    fn local_status(&self, vm: &str) -> Result<VmStatus> {
         let replica = self.open_replica(vm)?;
         let cache = self.open_cache(vm)?;
         let st = self.status_of(vm, &cache, &replica);
         cache.close()?;
         st
+    }
+
+    /// A remote VM: the vault's own view (or, while `process --follow` holds the VM, the
+    /// one it last published) and the link and source state it reported.
+    fn remote_status(&self, vm: &str, cache_addr: &str) -> Result<VmStatus> {
+        let path = self.vm_dir(vm).join(super::remote::STATUS_FILE);
+        let doc: Option<serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (mut st, followed) = match self.try_lock_vm(vm) {
+            Ok(_lock) => (self.local_status(vm)?, false),
+            Err(crate::Error::Locked(_)) => {
+                let published = doc
+                    .as_ref()
+                    .and_then(|d| serde_json::from_value::<VmStatus>(d["status"].clone()).ok());
+                match published {
+                    Some(mut p) => {
+                        p.record = self.catalog.vm(vm)?.clone();
+                        (p, true)
+                    }
+                    None => (self.base_status(vm)?, true),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let now = now_us();
+        let written = doc
+            .as_ref()
+            .and_then(|d| d["written_us"].as_u64())
+            .unwrap_or(0);
+        let link = doc.as_ref().map(|d| d["link"].clone()).unwrap_or_default();
+        let src = &link["source"];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let age = now.saturating_sub(written) as f64 / 1e6;
+        let live = followed && written > 0 && age < 5.0;
+        let mut r = RemoteStatus {
+            cache: cache_addr.to_string(),
+            link: if !live {
+                "not followed".into()
+            } else if link["connected"].as_bool() == Some(true) {
+                "connected".into()
+            } else {
+                "disconnected".into()
+            },
+            since_us: n(&link["since_us"]),
+            error: link["last_error"].as_str().map(str::to_string),
+            cache_used_bytes: n(&src["used_bytes"]),
+            cache_capacity_bytes: n(&src["capacity_bytes"]),
+            agent_connected: src["agent_connected"].as_bool().unwrap_or(false),
+            resync_bytes: n(&src["agent_resync_bytes"]),
+            agent_journal_bytes: n(&src["agent_journal_bytes"]),
+            age_seconds: age,
+            ..Default::default()
+        };
+        r.resync_required =
+            src["agent_bitmap_mode"].as_bool().unwrap_or(false) || r.resync_bytes > 0;
+        let src_durable = n(&src["durable_seq"]);
+        r.behind_records = src_durable.saturating_sub(st.applied_seq);
+        r.behind_bytes = n(&src["backlog_bytes"]) + st.backlog_bytes;
+        r.behind_seconds = if r.behind_records > 0 {
+            n(&src["last_time_us"]).saturating_sub(st.applied_time_us) as f64 / 1e6
+        } else {
+            0.0
+        };
+        // RPO: now minus the newest write recoverable here (durable in the staging log).
+        // Caught up with everything the source had when it last reported: that moment.
+        let target_durable = n(&link["durable_seq"]).max(st.applied_seq);
+        let journal_seq = n(&src["agent_journal_seq"]);
+        let source_at = n(&link["source_at_us"]);
+        let rpo_from =
+            if !src.is_null() && target_durable >= src_durable && journal_seq <= src_durable {
+                source_at
+            } else {
+                n(&link["durable_time_us"])
+                    .max(st.applied_time_us)
+                    .max(st.record.created_us)
+            };
+        let rpo = now.saturating_sub(rpo_from) as f64 / 1e6;
+        st.reasons.clear();
+        st.health = Health::Healthy;
+        if r.resync_required && st.record.state == VmState::Protected {
+            st.record.state = VmState::ResyncRequired;
+            st.record.resync_reason = Some(format!(
+                "the agent tracked writes in its dirty bitmap; {} bytes of blocks to resync",
+                r.resync_bytes
+            ));
+        }
+        judge(&mut st, rpo);
+        match r.link.as_str() {
+            "connected" => {}
+            "disconnected" => {
+                st.health = st.health.max(Health::Warning);
+                st.reasons.push(format!(
+                    "link to the cache service at {cache_addr} is down{}",
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            _ => {
+                st.health = st.health.max(Health::Warning);
+                st.reasons.push(format!(
+                    "no `standby process --follow` is pulling from {cache_addr}"
+                ));
+            }
+        }
+        if !r.agent_connected && live {
+            st.reasons
+                .push("the agent is not connected to the cache service".into());
+        }
+        if r.cache_capacity_bytes > 0 && r.cache_used_bytes * 10 >= r.cache_capacity_bytes * 8 {
+            st.health = st.health.max(Health::Warning);
+            st.reasons.push(format!(
+                "the cache service is {}% full",
+                r.cache_used_bytes * 100 / r.cache_capacity_bytes
+            ));
+        }
+        st.remote = Some(r);
+        Ok(st)
     }
 
     fn base_status(&self, vm: &str) -> Result<VmStatus> {
@@ -89,6 +253,9 @@ impl Vault {
             disks: Vec::new(),
             rpo_threshold_seconds: threshold,
             record: rec.clone(),
+            applied_seq: 0,
+            applied_time_us: 0,
+            remote: None,
         };
         if rec.committed {
             st.reasons
@@ -101,13 +268,14 @@ impl Vault {
     pub fn status_of(&self, vm: &str, cache: &Cache, replica: &Replica) -> Result<VmStatus> {
         let mut st = self.base_status(vm)?;
         let rec = st.record.clone();
-        let threshold = st.rpo_threshold_seconds;
         let cstats = cache.stats();
         let (records, bytes) = cache.backlog(replica.applied_seq());
         st.backlog_records = records;
         st.backlog_bytes = bytes;
         st.cache_bytes = cstats.stored_bytes;
         st.last_point = replica.latest_point();
+        st.applied_seq = replica.applied_seq();
+        st.applied_time_us = replica.applied_time_us();
         st.points = replica.points().len();
         let latest = replica.view_latest()?;
         for (i, d) in rec.disks.iter().enumerate() {
@@ -128,41 +296,49 @@ impl Vault {
                 .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
             now.saturating_sub(newest) as f64 / 1e6
         };
-        match rec.state {
-            VmState::FailedOver => st.reasons.push("failed over: no longer replicated".into()),
-            _ => {
-                st.rpo_seconds = Some(rpo);
-                if rpo > threshold as f64 {
-                    st.health = Health::Critical;
-                    st.reasons.push(format!(
-                        "RPO {rpo:.0} s exceeds the policy's threshold of {threshold} s"
-                    ));
-                } else if rpo > threshold as f64 / 2.0 {
-                    st.health = Health::Warning;
-                    st.reasons.push(format!(
-                        "RPO {rpo:.0} s is past half the threshold of {threshold} s"
-                    ));
-                }
-                if rec.state == VmState::ResyncRequired {
-                    st.health = st.health.max(Health::Warning);
-                    st.reasons.push(format!(
-                        "resync required: {}",
-                        rec.resync_reason
-                            .clone()
-                            .unwrap_or_else(|| "changes were tracked in the dirty bitmap".into())
-                    ));
-                }
-                if st.last_point.is_none() {
-                    st.health = st.health.max(Health::Warning);
-                    st.reasons.push("no recovery point yet".into());
-                }
-                if records > 0 {
-                    st.reasons.push(format!(
-                        "{records} records ({bytes} bytes) waiting to be processed"
-                    ));
-                }
+        judge(&mut st, rpo);
+        Ok(st)
+    }
+}
+
+/// Health and reasons from the RPO and the VM's state.
+fn judge(st: &mut VmStatus, rpo: f64) {
+    let rec = st.record.clone();
+    let threshold = st.rpo_threshold_seconds;
+    let (records, bytes) = (st.backlog_records, st.backlog_bytes);
+    match rec.state {
+        VmState::FailedOver => st.reasons.push("failed over: no longer replicated".into()),
+        _ => {
+            st.rpo_seconds = Some(rpo);
+            if rpo > threshold as f64 {
+                st.health = Health::Critical;
+                st.reasons.push(format!(
+                    "RPO {rpo:.0} s exceeds the policy's threshold of {threshold} s"
+                ));
+            } else if rpo > threshold as f64 / 2.0 {
+                st.health = Health::Warning;
+                st.reasons.push(format!(
+                    "RPO {rpo:.0} s is past half the threshold of {threshold} s"
+                ));
+            }
+            if rec.state == VmState::ResyncRequired {
+                st.health = st.health.max(Health::Warning);
+                st.reasons.push(format!(
+                    "resync required: {}",
+                    rec.resync_reason
+                        .clone()
+                        .unwrap_or_else(|| "changes were tracked in the dirty bitmap".into())
+                ));
+            }
+            if st.last_point.is_none() {
+                st.health = st.health.max(Health::Warning);
+                st.reasons.push("no recovery point yet".into());
+            }
+            if records > 0 {
+                st.reasons.push(format!(
+                    "{records} records ({bytes} bytes) waiting to be processed"
+                ));
             }
         }
-        Ok(st)
     }
 }

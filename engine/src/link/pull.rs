@@ -1,0 +1,157 @@
+//! The target site's puller: receives a VM's records from the cache service into the
+//! vault's own copy of the change log (the staging log the processor applies), and tells
+//! the cache service what is durable here so its log can trim.
+//!
+//! A record counts as recoverable at the target once it is durable in the staging log:
+//! `failover latest` applies it even if the source site is gone by then. On every
+//! (re)connect the puller asks for the record after the staging log's last, so nothing is
+//! pulled twice and nothing is skipped.
+
+use super::auth;
+use super::tls::{ReadHalf, WriteHalf};
+use super::wire::{self, DiskInfo, Msg, SourceState};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What the puller knows, for status.
+#[derive(Debug, Clone, Default)]
+pub struct PullStatus {
+    pub connected: bool,
+    /// When the link last went up or down (µs since the epoch).
+    pub since_us: u64,
+    pub last_error: Option<String>,
+    /// The source's state as last reported, and when it arrived (µs).
+    pub source: Option<SourceState>,
+    pub source_at_us: u64,
+    /// Newest record durable in the staging log, and the time it was accepted at the source.
+    pub durable_seq: u64,
+    pub durable_time_us: u64,
+    /// Records and bytes received in this process's life.
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Run one session over an authenticated link until it ends or `stop` is set (checked at
+/// every message; the source reports its state every second). `expected` are the VM's
+/// disks as the vault knows them.
+pub fn session(
+    staging: &Arc<Cache>,
+    mut r: ReadHalf,
+    w: WriteHalf,
+    expected: &[DiskInfo],
+    status: &Arc<Mutex<PullStatus>>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let w = Arc::new(Mutex::new(w));
+    let from = staging.next_seq();
+    wire::write_msg(&mut *w.lock(), &Msg::OpenProcessor { from_seq: from })?;
+    let mut buf = Vec::new();
+    match auth::expect(&mut r, &mut buf, "the cache service's answer")? {
+        Msg::Ready { disks, .. } if disks == expected => {}
+        Msg::Ready { disks, .. } => {
+            return Err(auth::refuse(
+                &mut *w.lock(),
+                format!(
+                    "the cache describes disks {disks:?}, the vault protects {expected:?}: not the same VM"
+                ),
+            ))
+        }
+        m => {
+            return Err(auth::refuse(
+                &mut *w.lock(),
+                format!("expected ready, got a {} message", m.name()),
+            ))
+        }
+    }
+    {
+        let mut st = status.lock();
+        st.connected = true;
+        st.since_us = crate::now_us();
+        st.last_error = None;
+    }
+    // Checkpoints go back as records become durable here, while more arrive.
+    let (tx, rx) = crossbeam_channel::unbounded::<(u64, u64)>();
+    let acker = {
+        let (staging, w, status) = (staging.clone(), w.clone(), status.clone());
+        std::thread::spawn(move || -> Result<()> {
+            while let Ok(mut last) = rx.recv() {
+                while let Ok(x) = rx.try_recv() {
+                    last = x;
+                }
+                staging.wait_durable(last.0)?;
+                {
+                    let mut st = status.lock();
+                    st.durable_seq = last.0;
+                    st.durable_time_us = last.1;
+                }
+                wire::write_msg(&mut *w.lock(), &Msg::Checkpoint { seq: last.0 })?;
+            }
+            Ok(())
+        })
+    };
+    let outcome = (|| -> Result<()> {
+        while !stop.load(Ordering::SeqCst) {
+            let msg = match wire::read_msg(&mut r, &mut buf)? {
+                Some(m) => m,
+                None => return Err(Error::Link("the cache service closed the link".into())),
+            };
+            match msg {
+                Msg::Records(payload) => {
+                    let frames = wire::check_records(&payload, expected)?;
+                    let mut last = None;
+                    for (i, (at, h)) in frames.iter().enumerate() {
+                        let end = frames.get(i + 1).map(|(a, _)| *a).unwrap_or(payload.len());
+                        if h.seq >= staging.next_seq() {
+                            staging.append_frame(&payload[*at..end], wire::WIRE_BINDING)?;
+                        }
+                        last = Some((h.seq, h.time_us));
+                    }
+                    let mut st = status.lock();
+                    st.records += frames.len() as u64;
+                    st.bytes += payload.len() as u64;
+                    drop(st);
+                    if let Some(l) = last {
+                        let _ = tx.send(l);
+                    }
+                }
+                Msg::SourceState(s) => {
+                    let mut st = status.lock();
+                    st.source = Some(s);
+                    st.source_at_us = crate::now_us();
+                }
+                Msg::Error { message } => {
+                    return Err(Error::Link(format!(
+                        "the cache service closed the link: {message}"
+                    )))
+                }
+                m => return Err(Error::Link(format!(
+                    "malformed message from the peer: the cache service may not send a {} message",
+                    m.name()
+                ))),
+            }
+        }
+        Ok(())
+    })();
+    drop(tx);
+    let acked = acker.join().unwrap_or(Ok(()));
+    if let Err(e) = &outcome {
+        if !matches!(e, Error::Link(m) if m.starts_with("the cache service closed")) {
+            let _ = wire::write_msg(
+                &mut *w.lock(),
+                &Msg::Error {
+                    message: e.to_string(),
+                },
+            );
+        }
+    }
+    w.lock().shutdown();
+    {
+        let mut st = status.lock();
+        st.connected = false;
+        st.since_us = crate::now_us();
+    }
+    outcome.and(acked)
+}

@@ -1,0 +1,671 @@
+//! The link's framing and messages: one framed, versioned protocol for both links (agent →
+//! cache service, cache service → processor). Change-log records travel inside `Records`
+//! messages in the change log's own record format (`record.rs`), bound to [`WIRE_BINDING`]
+//! instead of a segment id, so they are checked end to end and never recompressed.
+//!
+//! Byte map of a message (integers little-endian; see `docs/format.md`):
+//!
+//! ```text
+//! off  size  field
+//!   0     4  magic        "SBLK"
+//!   4     1  version      1
+//!   5     1  type         see `Msg`
+//!   6     2  reserved     0
+//!   8     4  payload_len  <= MAX_PAYLOAD_BYTES
+//!  12     4  crc          crc32 seeded with FRAME_SEED over bytes 0..12 ‖ payload
+//!  16     n  payload
+//! ```
+//!
+//! A reader checks the magic, version and length before it allocates, and the crc before it
+//! decodes; any failure is a [`Error::Link`] naming what was wrong, and the peer is dropped.
+
+use crate::error::{Error, Result};
+use std::io::{Read, Write};
+
+pub const MAGIC: [u8; 4] = *b"SBLK";
+pub const VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 16;
+/// Largest payload: a batch of records (a record body is at most 32 MiB).
+pub const MAX_PAYLOAD_BYTES: usize = 40 << 20;
+/// What record frames on the wire are bound to in place of a segment id ("STBYLINK").
+pub const WIRE_BINDING: u64 = u64::from_le_bytes(*b"STBYLINK");
+const FRAME_SEED: u32 = 0x5342_4c4b;
+/// Longest VM or disk name, and most disks per VM, a message may carry.
+const MAX_NAME: usize = 1024;
+const MAX_DISKS: usize = 256;
+
+/// Who opens a connection to the cache service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    Agent = 1,
+    Processor = 2,
+}
+
+impl PeerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerRole::Agent => "agent",
+            PeerRole::Processor => "processor",
+        }
+    }
+}
+
+/// One disk of a VM as the agent declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// What the agent reports of itself; the cache service passes it on to processors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentState {
+    /// Bytes the dirty bitmap still has to resync (0: none).
+    pub resync_bytes: u64,
+    /// True while the agent tracks writes in its bitmap instead of shipping them.
+    pub bitmap_mode: bool,
+    /// Bytes in the agent's journal not yet durable in the cache.
+    pub journal_bytes: u64,
+    /// Newest sequence number the agent has journaled.
+    pub journal_seq: u64,
+}
+
+/// What the cache service knows of a VM, sent to processors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub durable_seq: u64,
+    pub first_seq: u64,
+    pub used_bytes: u64,
+    /// Bytes the cache holds beyond the target's checkpoint (not yet durable there).
+    pub backlog_bytes: u64,
+    /// 0: no limit.
+    pub capacity_bytes: u64,
+    /// When the newest durable record was accepted (µs since the epoch; 0 if none).
+    pub last_time_us: u64,
+    pub agent_connected: bool,
+    /// When the agent last reported (µs since the epoch; 0 if never).
+    pub agent_seen_us: u64,
+    pub agent: AgentState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// Client → server, first: who it is, for which VM, and a fresh nonce.
+    Hello {
+        role: PeerRole,
+        vm: String,
+        nonce: [u8; 32],
+    },
+    /// Server → client: its nonce and its proof of the link key.
+    Challenge { nonce: [u8; 32], proof: [u8; 32] },
+    /// Client → server: its proof of the link key.
+    Auth { proof: [u8; 32] },
+    /// Agent → server after auth: the VM's disks (checked against what the cache holds).
+    OpenAgent { disks: Vec<DiskInfo> },
+    /// Processor → server after auth: send records from this sequence number on.
+    OpenProcessor { from_seq: u64 },
+    /// Server → client: the link is open. `next_seq` is the next record the cache expects
+    /// (agent) or holds (processor); `first_seq` the oldest it still holds.
+    Ready {
+        next_seq: u64,
+        first_seq: u64,
+        disks: Vec<DiskInfo>,
+    },
+    /// Record frames bound to [`WIRE_BINDING`], back to back, in sequence order.
+    Records(Vec<u8>),
+    /// Server → agent: every record up to here is durable in the cache.
+    Ack { durable_seq: u64 },
+    /// Processor → server: every record up to here is durable at the target site.
+    Checkpoint { seq: u64 },
+    /// Agent → server.
+    AgentState(AgentState),
+    /// Server → processor.
+    SourceState(SourceState),
+    /// Either way, last: why the sender is closing the link.
+    Error { message: String },
+}
+
+const T_HELLO: u8 = 1;
+const T_CHALLENGE: u8 = 2;
+const T_AUTH: u8 = 3;
+const T_OPEN_AGENT: u8 = 4;
+const T_OPEN_PROCESSOR: u8 = 5;
+const T_READY: u8 = 6;
+const T_RECORDS: u8 = 7;
+const T_ACK: u8 = 8;
+const T_CHECKPOINT: u8 = 9;
+const T_AGENT_STATE: u8 = 10;
+const T_SOURCE_STATE: u8 = 11;
+const T_ERROR: u8 = 12;
+
+impl Msg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "hello",
+            Msg::Challenge { .. } => "challenge",
+            Msg::Auth { .. } => "auth",
+            Msg::OpenAgent { .. } => "open-agent",
+            Msg::OpenProcessor { .. } => "open-processor",
+            Msg::Ready { .. } => "ready",
+            Msg::Records(_) => "records",
+            Msg::Ack { .. } => "ack",
+            Msg::Checkpoint { .. } => "checkpoint",
+            Msg::AgentState(_) => "agent-state",
+            Msg::SourceState(_) => "source-state",
+            Msg::Error { .. } => "error",
+        }
+    }
+
+    /// Encode the whole message (header and payload) onto `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_BYTES]);
+        let ty = match self {
+            Msg::Hello { role, vm, nonce } => {
+                out.push(*role as u8);
+                put_str(out, vm);
+                out.extend_from_slice(nonce);
+                T_HELLO
+            }
+            Msg::Challenge { nonce, proof } => {
+                out.extend_from_slice(nonce);
+                out.extend_from_slice(proof);
+                T_CHALLENGE
+            }
+            Msg::Auth { proof } => {
+                out.extend_from_slice(proof);
+                T_AUTH
+            }
+            Msg::OpenAgent { disks } => {
+                put_disks(out, disks);
+                T_OPEN_AGENT
+            }
+            Msg::OpenProcessor { from_seq } => {
+                out.extend_from_slice(&from_seq.to_le_bytes());
+                T_OPEN_PROCESSOR
+            }
+            Msg::Ready {
+                next_seq,
+                first_seq,
+                disks,
+            } => {
+                out.extend_from_slice(&next_seq.to_le_bytes());
+                out.extend_from_slice(&first_seq.to_le_bytes());
+                put_disks(out, disks);
+                T_READY
+            }
+            Msg::Records(frames) => {
+                out.extend_from_slice(frames);
+                T_RECORDS
+            }
+            Msg::Ack { durable_seq } => {
+                out.extend_from_slice(&durable_seq.to_le_bytes());
+                T_ACK
+            }
+            Msg::Checkpoint { seq } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                T_CHECKPOINT
+            }
+            Msg::AgentState(a) => {
+                put_agent(out, a);
+                T_AGENT_STATE
+            }
+            Msg::SourceState(s) => {
+                for v in [
+                    s.durable_seq,
+                    s.first_seq,
+                    s.used_bytes,
+                    s.backlog_bytes,
+                    s.capacity_bytes,
+                    s.last_time_us,
+                    s.agent_connected as u64,
+                    s.agent_seen_us,
+                ] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                put_agent(out, &s.agent);
+                T_SOURCE_STATE
+            }
+            Msg::Error { message } => {
+                put_str(out, message);
+                T_ERROR
+            }
+        };
+        seal(&mut out[start..], ty);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+}
+
+/// Encode a `Records` message straight from frames already sitting in `out` after a
+/// reserved header: call with `out` holding `HEADER_BYTES` placeholder bytes followed by
+/// the frames. Saves a copy of every batch.
+pub fn seal_records(out: &mut [u8]) {
+    seal(out, T_RECORDS);
+}
+
+fn seal(msg: &mut [u8], ty: u8) {
+    let len = (msg.len() - HEADER_BYTES) as u32;
+    msg[0..4].copy_from_slice(&MAGIC);
+    msg[4] = VERSION;
+    msg[5] = ty;
+    msg[6..8].copy_from_slice(&[0, 0]);
+    msg[8..12].copy_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new_with_initial(FRAME_SEED);
+    crc.update(&msg[0..12]);
+    crc.update(&msg[HEADER_BYTES..]);
+    let c = crc.finalize();
+    msg[12..16].copy_from_slice(&c.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_disks(out: &mut Vec<u8>, disks: &[DiskInfo]) {
+    out.extend_from_slice(&(disks.len() as u16).to_le_bytes());
+    for d in disks {
+        put_str(out, &d.name);
+        out.extend_from_slice(&d.size_bytes.to_le_bytes());
+    }
+}
+
+fn put_agent(out: &mut Vec<u8>, a: &AgentState) {
+    for v in [
+        a.resync_bytes,
+        a.bitmap_mode as u64,
+        a.journal_bytes,
+        a.journal_seq,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn bad(what: impl std::fmt::Display) -> Error {
+    Error::Link(format!("malformed message from the peer: {what}"))
+}
+
+/// Checks a message header; returns (type, payload length).
+pub fn parse_header(h: &[u8; HEADER_BYTES]) -> Result<(u8, usize)> {
+    if h[0..4] != MAGIC {
+        if h[0] == 0x16 {
+            return Err(Error::Link(
+                "the peer speaks TLS on a plaintext link (drop --insecure-loopback on this side, or add it on the other)".into(),
+            ));
+        }
+        return Err(Error::Link(
+            "the peer does not speak the Standby link protocol (bad magic)".into(),
+        ));
+    }
+    if h[4] != VERSION {
+        return Err(Error::Link(format!(
+            "the peer speaks link protocol version {}, this build speaks {VERSION}",
+            h[4]
+        )));
+    }
+    if h[6..8] != [0, 0] {
+        return Err(bad("reserved header bytes are not zero"));
+    }
+    let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+    if len > MAX_PAYLOAD_BYTES {
+        return Err(bad(format!("payload of {len} bytes exceeds the limit")));
+    }
+    Ok((h[5], len))
+}
+
+/// Decode one whole message (header and payload).
+pub fn decode(b: &[u8]) -> Result<Msg> {
+    if b.len() < HEADER_BYTES {
+        return Err(bad("message shorter than its header"));
+    }
+    let (ty, len) = parse_header(b[..HEADER_BYTES].try_into().expect("header bytes"))?;
+    if b.len() != HEADER_BYTES + len {
+        return Err(bad(format!(
+            "message of {} bytes, its header says {}",
+            b.len(),
+            HEADER_BYTES + len
+        )));
+    }
+    let mut crc = crc32fast::Hasher::new_with_initial(FRAME_SEED);
+    crc.update(&b[0..12]);
+    crc.update(&b[HEADER_BYTES..]);
+    if crc.finalize() != u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) {
+        return Err(bad("checksum mismatch"));
+    }
+    decode_payload(ty, &b[HEADER_BYTES..])
+}
+
+fn decode_payload(ty: u8, p: &[u8]) -> Result<Msg> {
+    let mut c = Cursor { b: p, at: 0 };
+    let msg = match ty {
+        T_HELLO => {
+            let role = match c.u8()? {
+                1 => PeerRole::Agent,
+                2 => PeerRole::Processor,
+                r => return Err(bad(format!("unknown role {r}"))),
+            };
+            Msg::Hello {
+                role,
+                vm: c.str()?,
+                nonce: c.arr()?,
+            }
+        }
+        T_CHALLENGE => Msg::Challenge {
+            nonce: c.arr()?,
+            proof: c.arr()?,
+        },
+        T_AUTH => Msg::Auth { proof: c.arr()? },
+        T_OPEN_AGENT => Msg::OpenAgent { disks: c.disks()? },
+        T_OPEN_PROCESSOR => Msg::OpenProcessor { from_seq: c.u64()? },
+        T_READY => Msg::Ready {
+            next_seq: c.u64()?,
+            first_seq: c.u64()?,
+            disks: c.disks()?,
+        },
+        T_RECORDS => {
+            c.at = p.len();
+            Msg::Records(p.to_vec())
+        }
+        T_ACK => Msg::Ack {
+            durable_seq: c.u64()?,
+        },
+        T_CHECKPOINT => Msg::Checkpoint { seq: c.u64()? },
+        T_AGENT_STATE => Msg::AgentState(c.agent()?),
+        T_SOURCE_STATE => Msg::SourceState(SourceState {
+            durable_seq: c.u64()?,
+            first_seq: c.u64()?,
+            used_bytes: c.u64()?,
+            backlog_bytes: c.u64()?,
+            capacity_bytes: c.u64()?,
+            last_time_us: c.u64()?,
+            agent_connected: c.flag()?,
+            agent_seen_us: c.u64()?,
+            agent: c.agent()?,
+        }),
+        T_ERROR => Msg::Error { message: c.str()? },
+        t => return Err(bad(format!("unknown message type {t}"))),
+    };
+    if c.at != p.len() {
+        return Err(bad(format!(
+            "{} bytes after the end of a {} message",
+            p.len() - c.at,
+            msg.name()
+        )));
+    }
+    Ok(msg)
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| bad("message ends early"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn flag(&mut self) -> Result<bool> {
+        match self.u64()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(bad(format!("flag with value {v}"))),
+        }
+    }
+    fn arr(&mut self) -> Result<[u8; 32]> {
+        Ok(self.take(32)?.try_into().expect("32"))
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.u16()? as usize;
+        if n > MAX_NAME.max(4096) {
+            return Err(bad("string too long"));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| bad("string is not UTF-8"))
+    }
+    fn disks(&mut self) -> Result<Vec<DiskInfo>> {
+        let n = self.u16()? as usize;
+        if n > MAX_DISKS {
+            return Err(bad(format!("{n} disks")));
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = self.str()?;
+            if name.len() > MAX_NAME {
+                return Err(bad("disk name too long"));
+            }
+            v.push(DiskInfo {
+                name,
+                size_bytes: self.u64()?,
+            });
+        }
+        Ok(v)
+    }
+    fn agent(&mut self) -> Result<AgentState> {
+        Ok(AgentState {
+            resync_bytes: self.u64()?,
+            bitmap_mode: self.flag()?,
+            journal_bytes: self.u64()?,
+            journal_seq: self.u64()?,
+        })
+    }
+}
+
+/// Read one message from a stream. `Ok(None)` on a clean end of stream before a header.
+pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
+    let mut h = [0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(Error::Link("the peer closed the link mid-message".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    let (_, len) = parse_header(&h)?;
+    buf.clear();
+    buf.extend_from_slice(&h);
+    buf.resize(HEADER_BYTES + len, 0);
+    r.read_exact(&mut buf[HEADER_BYTES..]).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Link("the peer closed the link mid-message".into())
+        } else {
+            io_err(e)
+        }
+    })?;
+    decode(buf).map(Some)
+}
+
+/// Write one message and flush it.
+pub fn write_msg(w: &mut impl Write, msg: &Msg) -> Result<()> {
+    w.write_all(&msg.encode()).map_err(io_err)?;
+    w.flush().map_err(io_err)
+}
+
+/// An I/O error on the link, in words.
+pub fn io_err(e: std::io::Error) -> Error {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => {
+            Error::Link(format!("the link broke ({e})"))
+        }
+        WouldBlock | TimedOut => Error::Link("the peer stopped answering (timed out)".into()),
+        _ => Error::Link(format!("link I/O failed: {e}")),
+    }
+}
+
+/// Walk the record frames of a `Records` payload, checking each completely (length, crc
+/// against [`WIRE_BINDING`], every field, the body decompresses) and that it stays within
+/// the VM's `disks`, then hand it to `f` with its header. A payload that fails anywhere is
+/// refused whole before `f` sees any of it, so a malformed batch changes nothing.
+pub fn check_records(
+    payload: &[u8],
+    disks: &[DiskInfo],
+) -> Result<Vec<(usize, crate::record::FrameHeader)>> {
+    use crate::record::{self, Op};
+    let mut frames = Vec::new();
+    let mut at = 0usize;
+    let mut prev: Option<u64> = None;
+    while at < payload.len() {
+        let h = record::FrameHeader::parse(&payload[at..], WIRE_BINDING)
+            .map_err(|e| bad(format!("record at byte {at}: {e}")))?;
+        let total = h.frame_bytes();
+        let frame = payload
+            .get(at..at + total)
+            .ok_or_else(|| bad(format!("record at byte {at} runs past the message")))?;
+        let rec = record::verify_and_decode(frame, &h, WIRE_BINDING)
+            .map_err(|e| bad(format!("record {} : {e}", h.seq)))?;
+        if let Some(p) = prev {
+            if h.seq != p + 1 {
+                return Err(bad(format!("record {} follows record {p}", h.seq)));
+            }
+        }
+        prev = Some(h.seq);
+        let span = match &rec.op {
+            Op::Write { disk, offset, data } => Some((*disk, *offset, data.len() as u64)),
+            Op::Zero {
+                disk, offset, len, ..
+            } => Some((*disk, *offset, *len)),
+            Op::Marker(_) => None,
+        };
+        if let Some((disk, offset, len)) = span {
+            let d = disks.get(disk as usize).ok_or_else(|| {
+                bad(format!(
+                    "record {} names disk {disk}, the VM has {}",
+                    h.seq,
+                    disks.len()
+                ))
+            })?;
+            if offset.checked_add(len).is_none_or(|e| e > d.size_bytes) {
+                return Err(bad(format!(
+                    "record {} runs past the end of disk '{}'",
+                    h.seq, d.name
+                )));
+            }
+        }
+        frames.push((at, h));
+        at += total;
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Msg> {
+        let disks = vec![
+            DiskInfo {
+                name: "os".into(),
+                size_bytes: 1 << 30,
+            },
+            DiskInfo {
+                name: "data".into(),
+                size_bytes: 1 << 40,
+            },
+        ];
+        let agent = AgentState {
+            resync_bytes: 1,
+            bitmap_mode: true,
+            journal_bytes: 3,
+            journal_seq: 4,
+        };
+        vec![
+            Msg::Hello {
+                role: PeerRole::Agent,
+                vm: "web01".into(),
+                nonce: [7; 32],
+            },
+            Msg::Challenge {
+                nonce: [1; 32],
+                proof: [2; 32],
+            },
+            Msg::Auth { proof: [3; 32] },
+            Msg::OpenAgent {
+                disks: disks.clone(),
+            },
+            Msg::OpenProcessor { from_seq: 99 },
+            Msg::Ready {
+                next_seq: 5,
+                first_seq: 2,
+                disks,
+            },
+            Msg::Records(vec![9; 100]),
+            Msg::Ack { durable_seq: 77 },
+            Msg::Checkpoint { seq: 66 },
+            Msg::AgentState(agent.clone()),
+            Msg::SourceState(SourceState {
+                durable_seq: 1,
+                first_seq: 2,
+                used_bytes: 3,
+                backlog_bytes: 9,
+                capacity_bytes: 4,
+                last_time_us: 5,
+                agent_connected: true,
+                agent_seen_us: 6,
+                agent,
+            }),
+            Msg::Error {
+                message: "wrong link key".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_any_flip_is_refused() {
+        for m in samples() {
+            let b = m.encode();
+            assert_eq!(decode(&b).unwrap(), m);
+            let mut r = &b[..];
+            let mut buf = Vec::new();
+            assert_eq!(read_msg(&mut r, &mut buf).unwrap(), Some(m.clone()));
+            for i in 0..b.len() {
+                let mut d = b.clone();
+                d[i] ^= 0x20;
+                assert!(decode(&d).is_err(), "{}: flip at {i} passed", m.name());
+            }
+            assert!(decode(&b[..b.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn tls_and_foreign_bytes_are_named() {
+        let mut h = [0u8; HEADER_BYTES];
+        h[0] = 0x16;
+        let e = parse_header(&h).unwrap_err().to_string();
+        assert!(e.contains("TLS"), "{e}");
+        let e = parse_header(b"GET / HTTP/1.1\r\n").unwrap_err().to_string();
+        assert!(e.contains("does not speak"), "{e}");
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_allocation() {
+        let mut b = Msg::Ack { durable_seq: 1 }.encode();
+        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = &b[..];
+        let e = read_msg(&mut r, &mut Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+    }
+}
