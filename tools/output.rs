@@ -183,6 +183,39 @@ pub fn status_docs(docs: &[Value], as_json: bool) {
             bytes(n(&d["backlog_bytes"])),
             bytes(n(&d["cache_bytes"]))
         );
+        let m = &d["remote"];
+        if m.is_object() {
+            println!(
+                "  link to the cache service at {}: {}{}",
+                s(&m["cache"]),
+                s(&m["link"]),
+                m["link_since"]
+                    .as_str()
+                    .map(|t| format!(" since {t}"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "  behind the cache: {} records, {}, {:.1} s; cache {}{}",
+                n(&m["behind_records"]),
+                bytes(n(&m["behind_bytes"])),
+                m["behind_seconds"].as_f64().unwrap_or(0.0),
+                bytes(n(&m["cache_used_bytes"])),
+                match n(&m["cache_capacity_bytes"]) {
+                    0 => String::new(),
+                    c => format!(
+                        " of {} ({}%)",
+                        bytes(c),
+                        n(&m["cache_used_bytes"]) * 100 / c
+                    ),
+                }
+            );
+            if m["resync_required"].as_bool() == Some(true) {
+                println!(
+                    "  resync-required: {} of dirty blocks to resync",
+                    bytes(n(&m["resync_bytes"]))
+                );
+            }
+        }
         let p = &d["last_point"];
         if p.is_object() {
             println!(
@@ -271,6 +304,22 @@ pub fn status_json(s: &VmStatus) -> Value {
         })).collect::<Vec<_>>(),
         "failover": r.failover.as_ref().map(|f| json!({"seq": f.seq, "point": f.point_id, "dir": f.dir, "network": f.network})),
         "test_failover": r.test_failover.as_ref().map(|f| json!({"seq": f.seq, "point": f.point_id, "dir": f.dir, "network": f.network})),
+        "remote": s.remote.as_ref().map(|m| json!({
+            "cache": m.cache,
+            "link": m.link,
+            "link_since": (m.since_us > 0).then(|| rfc3339(m.since_us)),
+            "link_error": m.error,
+            "behind_records": m.behind_records,
+            "behind_bytes": m.behind_bytes,
+            "behind_seconds": m.behind_seconds,
+            "cache_used_bytes": m.cache_used_bytes,
+            "cache_capacity_bytes": m.cache_capacity_bytes,
+            "agent_connected": m.agent_connected,
+            "resync_required": m.resync_required,
+            "resync_bytes": m.resync_bytes,
+            "agent_journal_bytes": m.agent_journal_bytes,
+            "report_age_seconds": m.age_seconds,
+        })),
     })
 }
 

@@ -22,8 +22,8 @@
 //! name and a certificate from another vault fails as "unknown issuer". Trust is anchored in
 //! that CA only (no system roots): clients verify the cache service's certificate against it
 //! for the fixed name [`SERVER_NAME`], whatever address they dialled; the cache service
-//! requires a client certificate signed by it. The link key is proved by another module (HMAC
-//! over [`Stream::channel_binding`]), so a copied certificate alone does not open the link.
+//! requires a client certificate signed by it. The link key is proved by `link::auth` (HMAC
+//! bound to [`Stream::channel_binding`]), so a copied certificate alone does not open the link.
 //!
 //! # Streams
 //! A [`Stream`] is an established connection, plain TCP or TLS. [`Stream::split`] gives a
@@ -112,11 +112,11 @@ const ABORT_LINGER: Duration = Duration::from_secs(1);
 /// Who holds a set of credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// The cache service, at the standby site: the TLS server.
+    /// The cache service, at the source site (it owns the change log): the TLS server.
     Cache,
     /// The agent, at the source site: a TLS client.
     Agent,
-    /// The processor, at the standby site: a TLS client.
+    /// The processor, at the vault's site: a TLS client.
     Processor,
 }
 
@@ -705,9 +705,13 @@ fn abort(conn: &mut Connection, sock: &TcpStream) {
         }
     }
     let _ = sock.shutdown(Shutdown::Write);
-    let _ = sock.set_read_timeout(Some(ABORT_LINGER));
+    let deadline = std::time::Instant::now() + ABORT_LINGER;
     let mut sink = [0u8; 4096];
-    for _ in 0..64 {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match io.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
@@ -788,7 +792,7 @@ fn describe(side: Side, e: &rustls::Error) -> String {
         },
         E::NoCertificatesPresented => match side {
             Side::Client => "the cache service sent no certificate".into(),
-            Side::Server => "the client sent no certificate (peer sent no certificate)".into(),
+            Side::Server => "the client sent no certificate".into(),
         },
         E::AlertReceived(alert) => refused(side, *alert),
         E::InvalidMessage(_) => match side {
@@ -1053,7 +1057,7 @@ struct TlsReader {
 struct Pass {
     /// `Some(n)`: return `n` bytes (0: end of stream); `None`: need more ciphertext.
     result: io::Result<Option<usize>>,
-    /// rustls queued records to send (an alert, a key-update reply).
+    /// rustls queued records to send (the alert after a bad record).
     queued: bool,
 }
 
@@ -1229,7 +1233,9 @@ impl Write for WriteHalf {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.check()?;
         if self.buf.len() + data.len() > WRITE_BUF_BYTES {
-            self.send_buffered()?;
+            if !self.buf.is_empty() {
+                self.send_buffered()?;
+            }
             if data.len() >= WRITE_BUF_BYTES {
                 // Large writes skip the buffer (and its copy).
                 self.send(data)?;
