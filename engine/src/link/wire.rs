@@ -248,6 +248,15 @@ pub fn seal_records(out: &mut [u8]) {
     seal(out, T_RECORDS);
 }
 
+/// A sealed message of type `ty` around an arbitrary payload (valid header and crc), for
+/// fuzzing and tests: it lets them reach the payload decoders behind the checksum.
+pub fn frame_raw(ty: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    out.extend_from_slice(payload);
+    seal(&mut out, ty);
+    out
+}
+
 fn seal(msg: &mut [u8], ty: u8) {
     let len = (msg.len() - HEADER_BYTES) as u32;
     msg[0..4].copy_from_slice(&MAGIC);
