@@ -330,13 +330,28 @@ impl Sites {
                 .spawn()
                 .unwrap()
         };
+        let meanwhile_set = meanwhile.is_some();
         if let Some((after, f)) = meanwhile {
             std::thread::sleep(after);
             f();
         }
+        let killing = meanwhile_set;
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let acked = text.lines().filter(|l| l.starts_with("wrote ")).count();
+        if acked < n && !killing {
+            let errors: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with("wrote ") && !l.contains("ops;"))
+                .collect();
+            panic!(
+                "{} of {n} writes failed: {errors:?} {}\nagent log:\n{}",
+                n - acked,
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.root.join("source-site/agent.log"))
+                    .unwrap_or_default()
+            );
+        }
         for (i, w) in plan.iter().enumerate() {
             if i < acked {
                 self.writes.push(*w);
@@ -504,11 +519,25 @@ fn every_part_killed_mid_burst_and_a_cut_link_lose_nothing() {
 
     // Cut the link for long enough that the journal fills: the agent tracks the writes in
     // its dirty bitmap, then resyncs them once the link is back.
-    let text = agent.text();
-    let (tracked, resynced) = (
-        text.matches("tracking writes in the dirty bitmap").count(),
-        text.matches("resync finished").count(),
-    );
+    // Earlier phases may have filled the journal too (the cache service was down): wait
+    // until no resync is under way (the first run's initial copy logs a finish only).
+    let counts = |a: &Proc| {
+        let text = a.text();
+        (
+            text.matches("tracking writes in the dirty bitmap").count(),
+            text.matches("resync finished").count(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counts(&agent).1 != counts(&agent).0 + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a resync never ended:\n{}",
+            agent.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (tracked, resynced) = counts(&agent);
     cache.kill9();
     assert_eq!(
         s.burst(1500, None),
@@ -693,11 +722,33 @@ fn through_a_slow_relay_that_drops_connections() {
     let mut agent = s.agent(&to_source.addr, "64MiB");
     s.protect(&to_target.addr);
     let mut processor = s.processor(&to_target.addr);
-    for _ in 0..8 {
+    for i in 0..8 {
         assert_eq!(s.burst(250, None), 250);
+        if i == 3 {
+            // An app-consistent marker written at the source site becomes a point here.
+            let journal = s.root.join("source-site/journal");
+            let out = s.ok(&[
+                "point",
+                "web01",
+                "--app-consistent",
+                "--name",
+                "before-upgrade",
+                "--journal",
+                journal.to_str().unwrap(),
+            ]);
+            assert!(out.contains("app-consistent marker"), "{out}");
+        }
         std::thread::sleep(Duration::from_millis(300));
     }
     s.wait_caught_up();
+    let pts: Value = serde_json::from_str(&s.ok(&["points", "web01", "--json"])).unwrap();
+    let app = pts["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "before-upgrade")
+        .unwrap_or_else(|| panic!("no point from the marker: {pts:#}"));
+    assert_eq!(app["kind"], "app-consistent", "{app:#}");
     assert!(
         to_source.drops() > 0 && to_target.drops() > 0,
         "the relays never dropped a connection"

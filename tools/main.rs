@@ -139,7 +139,7 @@ enum Command {
     },
     /// Cut a recovery point now (ordered with the VM's writes).
     #[command(
-        after_help = "Examples:\n  standby point web01 --app-consistent --name before-upgrade\n  standby point web01 --app-consistent --quiesce-command 'ssh web01 fsfreeze -f /data' \\\n      --thaw-command 'ssh web01 fsfreeze -u /data'"
+        after_help = "Examples:\n  standby point web01 --app-consistent --name before-upgrade\n  standby point web01 --app-consistent --quiesce-command 'ssh web01 fsfreeze -f /data' \\\n      --thaw-command 'ssh web01 fsfreeze -u /data'\n  standby point web01 --app-consistent --journal /var/lib/standby/web01   # source site, remote VM"
     )]
     Point {
         vm: String,
@@ -154,6 +154,10 @@ enum Command {
         /// Run this after the marker (always, even if cutting failed).
         #[arg(long, requires = "app_consistent")]
         thaw_command: Option<String>,
+        /// At the source site of a remote VM: write the marker through the running agent
+        /// whose journal is DIR; the target cuts the point when the marker arrives.
+        #[arg(long, value_name = "DIR")]
+        journal: Option<PathBuf>,
     },
     /// List a VM's recovery points.
     #[command(after_help = "Example:\n  standby points web01 --json")]
@@ -571,6 +575,32 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             name,
             quiesce_command,
             thaw_command,
+            journal: Some(journal),
+        } => {
+            if let Some(cmd) = &quiesce_command {
+                run_hook("quiesce", cmd)?;
+            }
+            let result = remote::marker(&journal, &vm, app_consistent, name.as_deref());
+            if let Some(cmd) = &thaw_command {
+                run_hook("thaw", cmd)?;
+            }
+            let seq = result?;
+            println!(
+                "wrote a {} marker for {vm} at seq {seq}; the target cuts the point when it arrives",
+                if app_consistent {
+                    "app-consistent"
+                } else {
+                    "crash-consistent"
+                }
+            );
+        }
+        Command::Point {
+            vm,
+            app_consistent,
+            name,
+            quiesce_command,
+            thaw_command,
+            journal: None,
         } => {
             let mut vault = open_vault(&vault()?, &who("point"))?;
             vault.catalog().vm(&vm)?;

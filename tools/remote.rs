@@ -11,6 +11,7 @@ use standby_engine::link::tls::{Credentials, Role};
 use standby_engine::link::wire::{AgentState, DiskInfo};
 use standby_engine::link::Security;
 use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
+use standby_engine::record::{Consistency, Marker};
 use standby_engine::vault::lock::{self, LockWait};
 use standby_engine::Error;
 use std::io::Write;
@@ -31,6 +32,63 @@ const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
 const RESYNC_FLAG: &str = "resync.required";
 /// Set once the agent's first run has begun its initial copy.
 const INITIALIZED: &str = "initialized";
+/// The running agent's control socket, in its journal directory.
+const SOCKET: &str = "agent.sock";
+
+/// `standby point VM --journal DIR`: ask the running agent to write a marker; returns its
+/// sequence number once it is durable in the journal.
+pub fn marker(journal: &Path, vm: &str, app: bool, name: Option<&str>) -> Result<u64, Error> {
+    let sock = journal.join(SOCKET);
+    let req = serde_json::json!({"op": "point", "vm": vm, "app": app, "name": name});
+    match crate::agent::ask(&sock, &req) {
+        Some(reply) => Ok(reply?["seq"].as_u64().unwrap_or(0)),
+        None => Err(Error::NotFound(format!(
+            "no agent is running with its journal in {} (no {})",
+            journal.display(),
+            sock.display()
+        ))),
+    }
+}
+
+/// Answer one control request: `{"op":"point","vm":..,"app":bool,"name":..}`.
+fn control(conn: std::os::unix::net::UnixStream, agent: &Agent, vm: &str) {
+    use std::io::{BufRead, BufReader};
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    let reply = match BufReader::new(&conn).read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(req) if req["op"] == "point" && req["vm"] == vm => {
+                let marker = Marker {
+                    consistency: if req["app"].as_bool() == Some(true) {
+                        Consistency::App
+                    } else {
+                        Consistency::Crash
+                    },
+                    name: req["name"].as_str().map(str::to_string),
+                    group: None,
+                };
+                match agent.marker(&marker) {
+                    Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
+                    Err(e) => serde_json::json!({"ok": false, "error": output::one_line(&e)}),
+                }
+            }
+            Ok(req) if req["op"] == "point" => serde_json::json!({
+                "ok": false,
+                "error": format!("this agent serves VM '{vm}', not {}", req["vm"]),
+            }),
+            Ok(_) => serde_json::json!({"ok": false, "error": "unknown control request"}),
+            Err(e) => {
+                serde_json::json!({"ok": false, "error": format!("malformed control request: {e}")})
+            }
+        },
+        Err(e) => {
+            serde_json::json!({"ok": false, "error": format!("cannot read the control request: {e}")})
+        }
+    };
+    let mut w = &conn;
+    let _ = writeln!(w, "{reply}");
+}
 
 fn stop_flag() -> Result<Arc<AtomicBool>, Error> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -228,7 +286,29 @@ pub fn agent(o: AgentOptions) -> Result<(), Error> {
         println!("  nbd://{addr}/{}", d.name);
     }
     let _ = std::io::stdout().flush();
-    let result = background(&agent, &flag, &stop, &o.vm);
+    let sock_path = o.journal.join(SOCKET);
+    let _ = std::fs::remove_file(&sock_path); // stale: we hold the journal's lock
+    let listener =
+        std::os::unix::net::UnixListener::bind(&sock_path).map_err(|e| Error::io(&sock_path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(&sock_path, e))?;
+    let worker = {
+        let (agent, flag, stop, vm) = (agent.clone(), flag.clone(), stop.clone(), o.vm.clone());
+        std::thread::spawn(move || {
+            let r = background(&agent, &flag, &stop, &vm);
+            stop.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((conn, _)) => control(conn, &agent, &o.vm),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    let result = worker.join().unwrap_or(Ok(()));
     // Clean shutdown: no new requests, everything durable and in the source images, and
     // shipped if the cache service can be reached soon.
     server.stop();

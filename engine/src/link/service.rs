@@ -51,6 +51,9 @@ pub struct CacheService {
     tls: Option<Arc<rustls::ServerConfig>>,
     vms: Mutex<HashMap<String, Arc<VmLog>>>,
     log: Log,
+    /// Failed connections logged lately, by peer and message: a misconfigured peer that
+    /// retries every few seconds gets one line a minute, with a count.
+    refusals: Mutex<HashMap<(std::net::IpAddr, String), (Instant, u64)>>,
     _lock: VaultLock,
 }
 
@@ -115,6 +118,7 @@ impl CacheService {
             tls,
             vms: Mutex::new(HashMap::new()),
             log: Box::new(log),
+            refusals: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         let vms_dir = svc.dir.join("vms");
@@ -230,7 +234,7 @@ impl CacheService {
                         .name("standby-cache-conn".into())
                         .spawn(move || {
                             if let Err(e) = svc.connection(sock) {
-                                (svc.log)(&format!("{peer}: {e}"));
+                                svc.log_refusal(peer.ip(), &e.to_string());
                             }
                         })
                         .map_err(|e| Error::Link(format!("cannot start a thread: {e}")))?;
@@ -245,6 +249,26 @@ impl CacheService {
             }
         }
         Ok(())
+    }
+
+    fn log_refusal(&self, ip: std::net::IpAddr, msg: &str) {
+        const QUIET: Duration = Duration::from_secs(60);
+        let mut seen = self.refusals.lock();
+        seen.retain(|_, (t, _)| t.elapsed() < QUIET * 10);
+        match seen.get_mut(&(ip, msg.to_string())) {
+            Some((t, n)) if t.elapsed() < QUIET => *n += 1,
+            Some((t, n)) => {
+                (self.log)(&format!(
+                    "{ip}: {msg} (and {n} more times in the last minute)"
+                ));
+                *t = Instant::now();
+                *n = 0;
+            }
+            None => {
+                (self.log)(&format!("{ip}: {msg}"));
+                seen.insert((ip, msg.to_string()), (Instant::now(), 0));
+            }
+        }
     }
 
     /// Close every VM log cleanly (what is written is made durable).
