@@ -107,7 +107,7 @@ fn run(
     config: &ShipperConfig,
     agent_state: &(dyn Fn() -> AgentState + Send + Sync),
     log: &(dyn Fn(&str) + Send + Sync),
-    status: &ShipStatus,
+    status: &Arc<ShipStatus>,
     stop: &AtomicBool,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -140,7 +140,7 @@ fn session(
     config: &ShipperConfig,
     agent_state: &(dyn Fn() -> AgentState + Send + Sync),
     log: &(dyn Fn(&str) + Send + Sync),
-    status: &ShipStatus,
+    status: &Arc<ShipStatus>,
     stop: &AtomicBool,
 ) -> Result<()> {
     let link = super::connect(&config.addr, &config.security, PeerRole::Agent, &config.vm)?;
@@ -195,7 +195,12 @@ fn session(
     let done = Arc::new(AtomicBool::new(false));
     let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
     let receiver = {
-        let (journal, done, failure) = (journal.clone(), done.clone(), failure.clone());
+        let (journal, done, failure, status) = (
+            journal.clone(),
+            done.clone(),
+            failure.clone(),
+            status.clone(),
+        );
         // What the cache service has acknowledged, shared with the sender.
         let acked_cell = Arc::new(AtomicU64::new(next.saturating_sub(1)));
         let cell = acked_cell.clone();
@@ -205,6 +210,7 @@ fn session(
                 match wire::read_msg(&mut r, &mut buf) {
                     Ok(Some(Msg::Ack { durable_seq })) => {
                         cell.fetch_max(durable_seq, Ordering::SeqCst);
+                        status.acked_seq.fetch_max(durable_seq, Ordering::SeqCst);
                         if let Err(e) =
                             journal.set_checkpoint(durable_seq.min(journal.durable_seq()))
                         {
