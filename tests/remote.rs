@@ -206,7 +206,11 @@ impl Sites {
     }
 
     fn cache_service(&self, listen: &str) -> Proc {
-        let args: Vec<String> = [
+        self.cache_service_with(listen, &[])
+    }
+
+    fn cache_service_with(&self, listen: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = [
             "cache",
             "serve",
             "--dir",
@@ -219,6 +223,7 @@ impl Sites {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
         let p = Proc::start(
             "cache service",
             &args,
@@ -753,6 +758,62 @@ fn through_a_slow_relay_that_drops_connections() {
         to_source.drops() > 0 && to_target.drops() > 0,
         "the relays never dropped a connection"
     );
+    agent.stop();
+    s.wait_caught_up_without_agent();
+    processor.stop();
+    cache.stop();
+    s.check_every_point();
+}
+
+#[test]
+fn a_full_cache_pushes_back_to_the_agents_bitmap_until_the_processor_drains_it() {
+    let mut s = Sites::new(0x5eed_0003);
+    let cache_addr = s.cache_addr.clone();
+    // A small cache and no processor: the cache fills, then the agent's journal, then the
+    // agent tracks writes in its dirty bitmap.
+    let cap = 256u64 << 10;
+    let mut cache = s.cache_service_with(&cache_addr, &["--capacity", "256KiB"]);
+    let mut agent = s.agent(&cache_addr, "128KiB");
+    s.protect(&cache_addr);
+    assert_eq!(
+        s.burst(3000, None),
+        3000,
+        "writes go on while the cache is full"
+    );
+    agent.wait_for("tracking writes in the dirty bitmap", 1);
+    cache.wait_for("cache full", 1);
+    let log_dir = s.root.join("source-site/cache/vms/web01/log");
+    let used: u64 = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(used <= cap, "the cache grew to {used} bytes past its {cap}");
+    // The target sees the source's state once it follows: resync required, cache fill.
+    let mut processor = s.processor(&cache_addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = s.status();
+        if st["state"] == "resync-required" || st["remote"]["resync_required"] == true {
+            break;
+        }
+        // The processor may drain the cache and the agent finish its resync between two
+        // looks: then the agent's log says it happened.
+        if agent
+            .text()
+            .contains("resync finished; replicating through the journal again\n")
+            && agent.text().matches("resync finished").count() >= 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the resync: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.wait_for("resync finished", 2);
+    assert_eq!(s.burst(100, None), 100);
+    s.wait_caught_up();
     agent.stop();
     s.wait_caught_up_without_agent();
     processor.stop();

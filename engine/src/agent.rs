@@ -297,39 +297,47 @@ impl Agent {
         if self.state.read().pending_bytes > MAX_PENDING_BYTES {
             self.flush_log_and_drain()?;
         }
-        // Appending and recording the pending change happen under the mode's read lock, so
-        // a switch to bitmap mode (write lock) sees every appended change in `pending`.
-        let mode = self.mode.read();
-        if mode.is_some() {
-            drop(mode);
-            return self.direct(entry, durable);
-        }
-        let seq = match self.cache.append(entry) {
-            Ok(seq) => seq,
-            Err(Error::CacheFull { .. }) if !matches!(entry, Entry::Marker(_)) => {
+        loop {
+            // Appending and recording the pending change happen under the mode's read lock,
+            // so a switch to bitmap mode (write lock) sees every appended change in `pending`.
+            let mode = self.mode.read();
+            if mode.is_some() {
                 drop(mode);
-                self.enter_bitmap_mode()?;
-                return self.direct(entry, durable);
+                match self.direct(entry, durable)? {
+                    Some(seq) => return Ok(seq),
+                    None => continue, // the resync ended meanwhile: through the log again
+                }
             }
-            Err(e) => return Err(e),
-        };
-        let p = pending();
-        let bytes = match &p.change {
-            Change::Data(d) => d.len() as u64,
-            _ => 0,
-        };
-        {
-            let mut st = self.state.write();
-            st.pending.insert(seq, p);
-            st.pending_bytes += bytes;
+            let seq = match self.cache.append(entry) {
+                Ok(seq) => seq,
+                Err(Error::CacheFull { .. }) if !matches!(entry, Entry::Marker(_)) => {
+                    drop(mode);
+                    self.enter_bitmap_mode()?;
+                    match self.direct(entry, durable)? {
+                        Some(seq) => return Ok(seq),
+                        None => continue,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            let p = pending();
+            let bytes = match &p.change {
+                Change::Data(d) => d.len() as u64,
+                _ => 0,
+            };
+            {
+                let mut st = self.state.write();
+                st.pending.insert(seq, p);
+                st.pending_bytes += bytes;
+            }
+            drop(mode);
+            if durable {
+                self.cache.wait_durable(seq)?;
+            } else {
+                self.cache.wait_written(seq)?;
+            }
+            return Ok(seq);
         }
-        drop(mode);
-        if durable {
-            self.cache.wait_durable(seq)?;
-        } else {
-            self.cache.wait_written(seq)?;
-        }
-        Ok(seq)
     }
 
     /// The log is full: make everything it took durable and applied, then track writes in
@@ -351,13 +359,12 @@ impl Agent {
 
     /// A write while the log cannot take it: straight to the source image, block marked.
     /// Returns 0 (no sequence number: the change will be shipped by the resync).
-    fn direct(&self, entry: &Entry<'_>, durable: bool) -> Result<u64> {
+    fn direct(&self, entry: &Entry<'_>, durable: bool) -> Result<Option<u64>> {
         let mut mode = self.mode.write();
         let Some(dirty) = mode.as_mut() else {
-            drop(mode);
-            return Err(Error::Conflict(
-                "internal: bitmap mode ended under a write".into(),
-            ));
+            // A resync finished between the caller's look and this lock: the log takes
+            // writes again.
+            return Ok(None);
         };
         match *entry {
             Entry::Write { disk, offset, data } => {
@@ -379,7 +386,7 @@ impl Agent {
         if durable {
             self.sync_sources()?;
         }
-        Ok(0)
+        Ok(Some(0))
     }
 
     /// Bytes of blocks waiting for a resync, if the agent is tracking writes in its dirty

@@ -53,7 +53,7 @@ pub struct CacheService {
     log: Log,
     /// Failed connections logged lately, by peer and message: a misconfigured peer that
     /// retries every few seconds gets one line a minute, with a count.
-    refusals: Mutex<HashMap<(std::net::IpAddr, String), (Instant, u64)>>,
+    refusals: Mutex<HashMap<String, (Instant, u64)>>,
     _lock: VaultLock,
 }
 
@@ -252,21 +252,25 @@ impl CacheService {
     }
 
     fn log_refusal(&self, ip: std::net::IpAddr, msg: &str) {
+        self.log_quietly(&format!("{ip}: {msg}"));
+    }
+
+    /// Log `line`, but a line logged less than a minute ago only counts (a peer retrying a
+    /// refused or failing link every few seconds gets one line a minute).
+    fn log_quietly(&self, line: &str) {
         const QUIET: Duration = Duration::from_secs(60);
         let mut seen = self.refusals.lock();
         seen.retain(|_, (t, _)| t.elapsed() < QUIET * 10);
-        match seen.get_mut(&(ip, msg.to_string())) {
+        match seen.get_mut(line) {
             Some((t, n)) if t.elapsed() < QUIET => *n += 1,
             Some((t, n)) => {
-                (self.log)(&format!(
-                    "{ip}: {msg} (and {n} more times in the last minute)"
-                ));
+                (self.log)(&format!("{line} (and {n} more times in the last minute)"));
                 *t = Instant::now();
                 *n = 0;
             }
             None => {
-                (self.log)(&format!("{ip}: {msg}"));
-                seen.insert((ip, msg.to_string()), (Instant::now(), 0));
+                (self.log)(line);
+                seen.insert(line.to_string(), (Instant::now(), 0));
             }
         }
     }
@@ -426,14 +430,10 @@ impl CacheService {
         v.agent_connected.store(false, Ordering::SeqCst);
         v.agent.release(id);
         let _ = sock.shutdown(Shutdown::Both);
-        (self.log)(&format!(
-            "{}: agent disconnected{}",
-            v.name,
-            match &result {
-                Ok(()) => String::new(),
-                Err(e) => format!(": {e}"),
-            }
-        ));
+        match &result {
+            Ok(()) => (self.log)(&format!("{}: agent disconnected", v.name)),
+            Err(e) => self.log_quietly(&format!("{}: agent disconnected: {e}", v.name)),
+        }
         Ok(())
     }
 
