@@ -13,7 +13,8 @@
 //!   every byte durable three times on the same disk (journal, cache service, staging log)
 //!   while the floors write it at most once: a stage line printed before the ratios shows
 //!   where a run's time went.
-//! - RPO at 50 MB/s: one writer paced at 50 MB/s of 64 KiB writes for 20 s (flushing every
+//! - RPO at 50 MB/s (with the target's processor applying into a replica meanwhile, a pass
+//!   every second): one writer paced at 50 MB/s of 64 KiB writes for 20 s (flushing every
 //!   1 MiB); every 100 ms, RPO = now − the source acceptance time of the newest record
 //!   durable at the target (0 when the target holds everything appended so far). Median and
 //!   max are printed with the achieved write rate.
@@ -30,7 +31,11 @@ use standby_engine::link::ship::{Shipper, ShipperConfig};
 use standby_engine::link::tls::{self, Credentials, Role};
 use standby_engine::link::wire::{AgentState, DiskInfo, PeerRole};
 use standby_engine::link::{self, Security};
+use standby_engine::policy::Policy;
+use standby_engine::process::Processor;
 use standby_engine::record::Entry;
+use standby_engine::replica::{DiskSpec, Replica, ReplicaConfig};
+use standby_engine::vfs::RealFs;
 use std::cell::Cell;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -383,6 +388,32 @@ struct RpoReport {
 /// One paced writer at `RPO_RATE_BYTES_PER_SEC` for `RPO_RUN`, sampled every 100 ms.
 fn rpo(creds: &Creds, data: &Arc<Vec<u8>>) -> RpoReport {
     let mut p = Pipeline::start(creds);
+    // As in production, the target's processor applies the staging log into the replica
+    // meanwhile (a pass every second), competing for the same disk and cores.
+    let replica_dir = common::scratch();
+    let processing = Arc::new(AtomicBool::new(true));
+    let processor = {
+        let replica = Replica::create(
+            Arc::new(RealFs),
+            replica_dir.path().join("replica"),
+            &[DiskSpec {
+                name: "d0".into(),
+                size_bytes: DISK_BYTES,
+            }],
+            ReplicaConfig::default(),
+        )
+        .expect("replica");
+        let mut processor =
+            Processor::new(p.staging.clone(), replica, Policy::default()).expect("processor");
+        let on = processing.clone();
+        std::thread::spawn(move || {
+            while on.load(Ordering::SeqCst) {
+                processor.run_pass().expect("process");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            processor.run_pass().expect("process")
+        })
+    };
     let appended = Arc::new(AtomicU64::new(0));
     let first_us = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -439,6 +470,9 @@ fn rpo(creds: &Creds, data: &Arc<Vec<u8>>) -> RpoReport {
     }
     let (written_bytes, writing, last, drain) = writer.join().unwrap();
     p.wait_target(last);
+    processing.store(false, Ordering::SeqCst);
+    let applied = processor.join().unwrap();
+    assert_eq!(applied.durable_seq, last, "the replica did not catch up");
     p.finish();
     RpoReport {
         samples_s,

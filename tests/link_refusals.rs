@@ -954,3 +954,25 @@ fn a_correct_agent_still_replicates_after_every_refusal() {
         recs.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. A certificate opens only its own role's link.
+
+#[test]
+fn the_agents_certificate_cannot_open_a_processor_link() {
+    let site = Site::new();
+    let a = site.vault("a");
+    let svc = site.serve("svc", &a, &[]);
+    let sec = security(&a);
+    drop(open_agent(&svc, &sec)); // the VM exists now
+    let mut link = connect(&svc.addr, &sec, PeerRole::Processor, VM).unwrap();
+    link.reader.set_read_timeout(Some(WAIT)).unwrap();
+    wire::write_msg(&mut link.writer, &Msg::OpenProcessor { from_seq: 1 }).unwrap();
+    let mut buf = Vec::new();
+    let err = match wire::read_msg(&mut link.reader, &mut buf) {
+        Ok(Some(Msg::Error { message })) => message,
+        Err(e) => e.to_string(),
+        other => panic!("an agent certificate opened a processor link: {other:?}"),
+    };
+    assert!(err.contains("agent certificate may not open"), "{err}");
+}

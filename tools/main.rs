@@ -586,11 +586,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             let seq = result?;
             println!(
-                "wrote a {} marker for {vm} at seq {seq}; the target cuts the point when it arrives",
+                "wrote {} marker for {vm} at seq {seq}; the target cuts the point when it arrives",
                 if app_consistent {
-                    "app-consistent"
+                    "an app-consistent"
                 } else {
-                    "crash-consistent"
+                    "a crash-consistent"
                 }
             );
         }

@@ -84,8 +84,10 @@ pub fn session(
                 staging.wait_durable(last.0)?;
                 {
                     let mut st = status.lock();
-                    st.durable_seq = last.0;
-                    st.durable_time_us = last.1;
+                    if last.0 >= st.durable_seq {
+                        st.durable_seq = last.0;
+                        st.durable_time_us = last.1;
+                    }
                 }
                 wire::write_msg(&mut *w.lock(), &Msg::Checkpoint { seq: last.0 })?;
             }
@@ -121,16 +123,21 @@ pub fn session(
                     let mut st = status.lock();
                     st.source = Some(s);
                     st.source_at_us = crate::now_us();
+                    // Answer it (it comes every second) with the checkpoint again: an idle
+                    // link stays alive.
+                    let _ = tx.send((st.durable_seq, st.durable_time_us));
                 }
                 Msg::Error { message } => {
                     return Err(Error::Link(format!(
                         "the cache service closed the link: {message}"
                     )))
                 }
-                m => return Err(Error::Link(format!(
+                m => {
+                    return Err(Error::Link(format!(
                     "malformed message from the peer: the cache service may not send a {} message",
                     m.name()
-                ))),
+                )))
+                }
             }
         }
         Ok(())

@@ -317,8 +317,26 @@ impl CacheService {
             (None, false) => Stream::plain(sock),
         };
         let binding = stream.channel_binding();
+        let cert_role = stream.peer_role();
+        let is_tls = stream.is_tls();
         let (mut r, mut w) = stream.split();
         let (role, vm) = auth::server(&mut r, &mut w, self.security.key(), binding)?;
+        // On TLS the certificate says who the peer may be: the source site's agent
+        // certificate cannot open a processor session (and trim the log), nor the reverse.
+        let allowed = match role {
+            PeerRole::Agent => tls::Role::Agent,
+            PeerRole::Processor => tls::Role::Processor,
+        };
+        if is_tls && cert_role != Some(allowed) {
+            return Err(auth::refuse(
+                &mut w,
+                format!(
+                    "a {} certificate may not open an {} link",
+                    cert_role.map(|r| r.as_str()).unwrap_or("foreign"),
+                    role.as_str()
+                ),
+            ));
+        }
         opts.set_read_timeout(Some(IDLE_TIMEOUT))
             .map_err(wire::io_err)?;
         let mut buf = Vec::new();
@@ -403,7 +421,12 @@ impl CacheService {
                         Ok(None) => {}
                         Err(e) => break Err(e),
                     },
-                    Msg::AgentState(a) => *v.agent_state.lock() = (a, crate::now_us()),
+                    Msg::AgentState(a) => {
+                        *v.agent_state.lock() = (a, crate::now_us());
+                        // Answer it (the agent's state comes every second): an idle link
+                        // stays alive, and the agent hears where the log is durable.
+                        let _ = tx.send(v.cache.durable_seq());
+                    }
                     Msg::Error { message } => {
                         break Err(Error::Link(format!("the agent closed the link: {message}")))
                     }

@@ -52,7 +52,14 @@ impl Vault {
     /// Write what the source site needs (CA certificate, the cache service's and agent's
     /// certificates and keys, the link key) into `out`.
     pub fn link_export(&self, out: &Path) -> Result<()> {
-        crate::link::tls::export_source(&self.root.join(super::LINK_DIR), out)
+        let dir = self.root.join(super::LINK_DIR);
+        if !dir.join("ca.pem").exists() {
+            return Err(Error::NotFound(format!(
+                "{} holds no link credentials: this vault predates site-to-site replication; create them with `standby link init`",
+                self.root.display()
+            )));
+        }
+        crate::link::tls::export_source(&dir, out)
     }
 
     /// Ask a cache service which disks it holds for `vm` (its agent declared them).

@@ -125,8 +125,8 @@ impl Vault {
         let doc: Option<serde_json::Value> = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let (mut st, followed) = match self.try_lock_vm(vm) {
-            Ok(_lock) => (self.local_status(vm)?, false),
+        let mut st = match self.try_lock_vm(vm) {
+            Ok(_lock) => self.local_status(vm)?,
             Err(crate::Error::Locked(_)) => {
                 let published = doc
                     .as_ref()
@@ -134,9 +134,9 @@ impl Vault {
                 match published {
                     Some(mut p) => {
                         p.record = self.catalog.vm(vm)?.clone();
-                        (p, true)
+                        p
                     }
-                    None => (self.base_status(vm)?, true),
+                    None => self.base_status(vm)?,
                 }
             }
             Err(e) => return Err(e),
@@ -150,7 +150,8 @@ impl Vault {
         let src = &link["source"];
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         let age = now.saturating_sub(written) as f64 / 1e6;
-        let live = followed && written > 0 && age < 5.0;
+        // A follower publishes every second, connected or retrying.
+        let live = written > 0 && age < 5.0;
         let mut r = RemoteStatus {
             cache: cache_addr.to_string(),
             link: if !live {
@@ -194,6 +195,9 @@ impl Vault {
                     .max(st.record.created_us)
             };
         let rpo = now.saturating_sub(rpo_from) as f64 / 1e6;
+        if matches!(st.record.state, VmState::FailedOver) || st.record.committed {
+            return Ok(st);
+        }
         st.reasons.clear();
         st.health = Health::Healthy;
         if r.resync_required && st.record.state == VmState::Protected {

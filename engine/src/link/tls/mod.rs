@@ -279,13 +279,10 @@ fn sign_leaf(
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name
         .push(rcgen::DnType::OrganizationName, "Standby");
-    let (cn, eku) = match role {
-        Role::Cache => (SERVER_NAME, rcgen::ExtendedKeyUsagePurpose::ServerAuth),
-        Role::Agent => ("standby agent", rcgen::ExtendedKeyUsagePurpose::ClientAuth),
-        Role::Processor => (
-            "standby processor",
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ),
+    let cn = role_cn(role);
+    let eku = match role {
+        Role::Cache => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        Role::Agent | Role::Processor => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     };
     p.distinguished_name.push(rcgen::DnType::CommonName, cn);
     if role == Role::Cache {
@@ -338,6 +335,15 @@ fn cert_err(e: rcgen::Error) -> Error {
 
 fn is_secret(name: &str) -> bool {
     name.ends_with(".key")
+}
+
+/// The common name of a role's certificate.
+fn role_cn(role: Role) -> &'static str {
+    match role {
+        Role::Cache => SERVER_NAME,
+        Role::Agent => "standby agent",
+        Role::Processor => "standby processor",
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

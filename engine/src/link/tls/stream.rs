@@ -454,6 +454,19 @@ impl Stream {
             .ok()
     }
 
+    /// The role named by the peer's certificate (its CN: `standby agent`, `standby
+    /// processor`, the cache service's name), for a verified TLS peer; `None` on plain TCP.
+    /// The certificate was signed by the vault's CA, so its contents can be trusted.
+    pub fn peer_role(&self) -> Option<Role> {
+        let tls = self.r.tls.as_ref()?;
+        let conn = tls.shared.conn.lock();
+        let cert = conn.peer_certificates()?.first()?;
+        let der = cert.as_ref();
+        [Role::Agent, Role::Processor, Role::Cache]
+            .into_iter()
+            .find(|r| contains(der, role_cn(*r).as_bytes()))
+    }
+
     pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         self.r.sock.set_read_timeout(d)
     }
