@@ -331,7 +331,7 @@ impl CacheService {
             return Err(auth::refuse(
                 &mut w,
                 format!(
-                    "a {} certificate may not open an {} link",
+                    "the {} certificate may not open a {} link",
                     cert_role.map(|r| r.as_str()).unwrap_or("foreign"),
                     role.as_str()
                 ),
