@@ -5,8 +5,8 @@
 pub mod agent;
 pub mod cache;
 pub mod error;
-pub mod link;
 pub mod fsutil;
+pub mod link;
 pub mod mount;
 pub mod nbd;
 pub mod policy;

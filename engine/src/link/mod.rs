@@ -85,16 +85,10 @@ pub struct Link {
 
 /// Connect to the cache service and prove who we are: TCP, TLS (unless insecure), the
 /// link-key handshake. Returns the link, ready for the role's open message.
-pub fn connect(
-    addr: &str,
-    security: &Security,
-    role: wire::PeerRole,
-    vm: &str,
-) -> Result<Link> {
+pub fn connect(addr: &str, security: &Security, role: wire::PeerRole, vm: &str) -> Result<Link> {
     let sa = resolve(addr, security)?;
-    let sock = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(|e| {
-        Error::Link(format!("cannot reach the cache service at {addr}: {e}"))
-    })?;
+    let sock = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+        .map_err(|e| Error::Link(format!("cannot reach the cache service at {addr}: {e}")))?;
     let _ = sock.set_nodelay(true);
     sock.set_read_timeout(Some(CONNECT_TIMEOUT))
         .map_err(wire::io_err)?;
