@@ -370,6 +370,22 @@ impl Sites {
         acked
     }
 
+    /// The last lines of every part's log, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for f in [
+            "source-site/cache.log",
+            "source-site/agent.log",
+            "target-site/process.log",
+        ] {
+            let text = std::fs::read_to_string(self.root.join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            out += &format!("== {f}\n{}\n", tail.join("\n"));
+        }
+        out
+    }
+
     fn status(&self) -> Value {
         let v: Value = serde_json::from_str(&self.ok(&["status", "web01", "--json"])).unwrap();
         v["vms"][0].clone()
@@ -391,7 +407,8 @@ impl Sites {
             }
             assert!(
                 Instant::now() < deadline,
-                "the target never caught up: {st:#}"
+                "the target never caught up: {st:#}\n{}",
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -572,7 +589,8 @@ impl Sites {
             }
             assert!(
                 Instant::now() < deadline,
-                "the target never caught up: {st:#}"
+                "the target never caught up: {st:#}\n{}",
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -550,17 +550,17 @@ impl Cache {
             Some(hold) => seq.min(hold),
             None => seq,
         };
-        {
+        let seq = {
             let mut st = sh.state.lock();
-            if seq <= st.checkpoint {
-                return Ok(0);
-            }
-            if seq > st.durable_seq {
+            if seq > st.checkpoint && seq > st.durable_seq {
                 return Err(Error::Invalid(format!(
                     "checkpoint {seq} is beyond the durable end of the log ({})",
                     st.durable_seq
                 )));
             }
+            // Never backwards; but the same checkpoint again still frees what it could not
+            // free before (a tail that was busy then).
+            let seq = seq.max(st.checkpoint);
             // The file only has to be ahead of the segments deleted (so a crash in the
             // middle of deleting them is finished on reopen): while the checkpoint frees no
             // segment, it moves in memory alone — no sync per acknowledgement.
@@ -574,7 +574,8 @@ impl Cache {
                 st.checkpoint = seq;
                 return Ok(0);
             }
-        }
+            seq
+        };
         write_checkpoint(&*sh.vfs, &sh.dir, seq)?;
         let doomed: Vec<u64> = {
             let mut st = sh.state.lock();
