@@ -174,8 +174,12 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the writer.
     work: Condvar,
-    /// Wakes waiters for written/durable progress and for room in the pending batch.
+    /// Wakes waiters for durability (and checkpoint or failure news).
     progress: Condvar,
+    /// Wakes waiters for written progress and for room in the pending batch. Apart from
+    /// `progress` so that writing each chunk does not wake every durability waiter (a
+    /// thundering herd per chunk when many writers group-commit).
+    written: Condvar,
     /// Serializes checkpoint updates and segment deletion.
     trim_lock: Mutex<()>,
 }
@@ -224,6 +228,7 @@ impl Cache {
             state: Mutex::new(state),
             work: Condvar::new(),
             progress: Condvar::new(),
+            written: Condvar::new(),
             trim_lock: Mutex::new(()),
         });
         let tail_file = {
@@ -346,7 +351,7 @@ impl Cache {
             if st.pending_bytes < sh.config.max_pending_bytes {
                 break;
             }
-            sh.progress.wait(&mut st);
+            sh.written.wait(&mut st);
         }
         if let Some((seq, _)) = given {
             if seq != st.next_seq {
@@ -438,7 +443,7 @@ impl Cache {
         let mut st = sh.state.lock();
         while st.written_seq < seq {
             check_alive(&st, seq)?;
-            sh.progress.wait(&mut st);
+            sh.written.wait(&mut st);
         }
         Ok(())
     }
@@ -630,6 +635,7 @@ impl Cache {
         // Space was freed: appenders waiting on nothing in particular need no wake-up, but
         // a caller polling for room may.
         sh.progress.notify_all();
+        sh.written.notify_all();
         Ok(doomed.len())
     }
 
@@ -823,6 +829,9 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
     writer_body(&sh, &mut tail, &sync_tx);
     drop(sync_tx);
     let _ = syncer.join();
+    // Whoever still waits learns that the log closed or failed.
+    sh.progress.notify_all();
+    sh.written.notify_all();
 }
 
 fn writer_body(sh: &Shared, tail: &mut Tail, sync_tx: &crossbeam_channel::Sender<SyncJob>) {
@@ -861,7 +870,7 @@ fn writer_body(sh: &Shared, tail: &mut Tail, sync_tx: &crossbeam_channel::Sender
             }
             take_pending(&mut st)
         };
-        sh.progress.notify_all();
+        sh.written.notify_all();
         if let Err(e) = write_chunks(sh, tail, chunks, &mut dirty_since) {
             fail(sh, e);
             return;
@@ -886,7 +895,7 @@ fn writer_body(sh: &Shared, tail: &mut Tail, sync_tx: &crossbeam_channel::Sender
                     }
                     take_pending(&mut st)
                 };
-                sh.progress.notify_all();
+                sh.written.notify_all();
                 if let Err(e) = write_chunks(sh, tail, chunks, &mut dirty_since) {
                     fail(sh, e);
                     return;
@@ -927,6 +936,7 @@ fn fail(sh: &Shared, e: Error) {
     }
     drop(st);
     sh.progress.notify_all();
+    sh.written.notify_all();
 }
 
 fn sync_tail(sh: &Shared, tail: &mut Tail) -> Result<()> {
@@ -1002,7 +1012,7 @@ fn write_chunks(
             st.spare.push(chunk.bytes);
         }
         drop(st);
-        sh.progress.notify_all();
+        sh.written.notify_all();
     }
     Ok(())
 }
