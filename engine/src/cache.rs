@@ -180,6 +180,8 @@ struct Shared {
     /// `progress` so that writing each chunk does not wake every durability waiter (a
     /// thundering herd per chunk when many writers group-commit).
     written: Condvar,
+    /// Threads in `wait_durable`, with the sequence number each waits for.
+    parked: Mutex<Vec<(u64, std::thread::Thread)>>,
     /// Serializes checkpoint updates and segment deletion.
     trim_lock: Mutex<()>,
 }
@@ -229,6 +231,7 @@ impl Cache {
             work: Condvar::new(),
             progress: Condvar::new(),
             written: Condvar::new(),
+            parked: Mutex::new(Vec::new()),
             trim_lock: Mutex::new(()),
         });
         let tail_file = {
@@ -452,25 +455,35 @@ impl Cache {
     /// group-committed: one fdatasync serves all of them.
     pub fn wait_durable(&self, seq: u64) -> Result<()> {
         let sh = &*self.shared;
-        let mut st = sh.state.lock();
-        if st.durable_seq >= seq {
-            return Ok(());
-        }
-        if st.sync_wanted < seq {
-            st.sync_wanted = seq;
-        }
-        st.durable_waiters += 1;
-        sh.work.notify_one();
-        let mut result = Ok(());
-        while st.durable_seq < seq {
-            if let Err(e) = check_alive(&st, seq) {
-                result = Err(e);
-                break;
+        {
+            let mut st = sh.state.lock();
+            if st.durable_seq >= seq {
+                return Ok(());
             }
-            sh.progress.wait(&mut st);
+            check_alive(&st, seq)?;
+            if st.sync_wanted < seq {
+                st.sync_wanted = seq;
+            }
+            st.durable_waiters += 1;
         }
-        st.durable_waiters -= 1;
-        result
+        sh.work.notify_one();
+        // Parked, not on a condvar: the syncer unparks every waiter its sync covers at
+        // once, so they wake in parallel rather than one after another through the
+        // state lock (which cost a context switch per waiter per group commit).
+        sh.parked.lock().push((seq, std::thread::current()));
+        loop {
+            std::thread::park_timeout(Duration::from_millis(50));
+            let mut st = sh.state.lock();
+            let result = if st.durable_seq >= seq {
+                Some(Ok(()))
+            } else {
+                check_alive(&st, seq).err().map(Err)
+            };
+            if let Some(r) = result {
+                st.durable_waiters -= 1;
+                return r;
+            }
+        }
     }
 
     /// Wait up to `timeout` for the durable end to pass `seq` (without asking for a sync);
@@ -799,10 +812,29 @@ fn syncer_loop(sh: Arc<Shared>, jobs: crossbeam_channel::Receiver<SyncJob>) {
                 }
             }
         }
+        let durable = if st.error.is_some() {
+            u64::MAX
+        } else {
+            st.durable_seq
+        };
         drop(st);
+        unpark_durable(&sh, durable);
         sh.progress.notify_all();
         sh.work.notify_all();
     }
+}
+
+/// Wake every `wait_durable` caller waiting for a sequence number up to `durable`
+/// (`u64::MAX`: all of them, to learn of a failure or a close).
+fn unpark_durable(sh: &Shared, durable: u64) {
+    sh.parked.lock().retain(|(seq, thread)| {
+        if *seq <= durable {
+            thread.unpark();
+            false
+        } else {
+            true
+        }
+    });
 }
 
 fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
@@ -830,6 +862,7 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
     drop(sync_tx);
     let _ = syncer.join();
     // Whoever still waits learns that the log closed or failed.
+    unpark_durable(&sh, u64::MAX);
     sh.progress.notify_all();
     sh.written.notify_all();
 }
@@ -935,6 +968,7 @@ fn fail(sh: &Shared, e: Error) {
         st.error = Some(e.to_string());
     }
     drop(st);
+    unpark_durable(sh, u64::MAX);
     sh.progress.notify_all();
     sh.written.notify_all();
 }
@@ -949,7 +983,9 @@ fn sync_tail(sh: &Shared, tail: &mut Tail) -> Result<()> {
         seg.durable_bytes = tail.len;
     }
     tail.dirty_seq = 0;
+    let durable = st.durable_seq;
     drop(st);
+    unpark_durable(sh, durable);
     sh.progress.notify_all();
     Ok(())
 }
