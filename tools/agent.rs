@@ -24,11 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often durable writes are applied to the source images (page cache only).
-const DRAIN_EVERY: Duration = Duration::from_millis(5);
+pub(crate) const DRAIN_EVERY: Duration = Duration::from_millis(5);
 /// Most bytes of dirty blocks shipped per background round.
-const RESYNC_STEP_BYTES: u64 = 32 << 20;
+pub(crate) const RESYNC_STEP_BYTES: u64 = 32 << 20;
 /// How often the source images are synced and the log told how far they are.
-const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Options {
     pub listen: String,

@@ -21,12 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often durable writes are applied to the source images (page cache only).
-const DRAIN_EVERY: Duration = Duration::from_millis(5);
-/// Most bytes of dirty blocks shipped per background round.
-const RESYNC_STEP_BYTES: u64 = 32 << 20;
-/// How often the source images are synced and the journal told how far they are.
-const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
+use crate::agent::{DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+
 /// Set (and synced) before the agent first writes around its journal; removed when the
 /// resync that follows is done. Its presence at start-up means the dirty bitmap was lost.
 const RESYNC_FLAG: &str = "resync.required";

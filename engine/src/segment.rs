@@ -235,47 +235,32 @@ impl SegmentReader {
     /// Read the next frame. Records whose seq is below `skip_below` are verified by their
     /// length check only and skipped without decoding their body.
     pub fn next(&mut self, skip_below: u64) -> Result<Scan> {
-        if self.pos >= self.limit {
-            return Ok(Scan::End);
-        }
-        let offset = self.pos;
-        let have = self.fill(HEADER_BYTES)?;
-        let header = match FrameHeader::parse(self.slice(have), self.header.segment_id) {
-            Ok(h) => h,
-            Err(what) => return Ok(Scan::Invalid { offset, what }),
-        };
-        let total = header.frame_bytes();
-        let have = self.fill(total)?;
-        if have < total {
-            return Ok(Scan::Invalid {
-                offset,
-                what: DecodeError::Truncated {
-                    needed: total,
-                    have,
-                },
-            });
-        }
-        let sid = self.header.segment_id;
-        if header.seq < skip_below {
-            if let Err(what) = record::verify(self.slice(total), &header, sid) {
-                return Ok(Scan::Invalid { offset, what });
-            }
-            self.pos += total as u64;
-            return Ok(Scan::Skipped(offset, header.seq));
-        }
-        match record::verify_and_decode(self.slice(total), &header, sid) {
-            Ok(rec) => {
-                self.pos += total as u64;
-                Ok(Scan::Record(offset, rec))
-            }
-            Err(what) => Ok(Scan::Invalid { offset, what }),
-        }
+        self.scan(skip_below, |frame, header, sid| {
+            record::verify_and_decode(frame, header, sid).map(|rec| Scan::Record(0, rec))
+        })
     }
 
     /// Like [`SegmentReader::next`], but a record at or above `skip_below` is not decoded:
     /// its frame is appended to `out` rebound to `binding` (checked against this segment on
     /// the way), for shipping to another log without decompressing it.
     pub fn next_frame(&mut self, skip_below: u64, out: &mut Vec<u8>, binding: u64) -> Result<Scan> {
+        self.scan(skip_below, |frame, _, sid| {
+            let start = out.len();
+            out.extend_from_slice(frame);
+            record::rebind(&mut out[start..], sid, binding)
+                .map(|h| Scan::Frame(0, h))
+                .inspect_err(|_| out.truncate(start))
+        })
+    }
+
+    /// The frame at the read position: its header parsed and its bytes read; a record below
+    /// `skip_below` is checked and skipped, any other handed to `take` (which checks it and
+    /// says what it is; the offset is filled in here). The position moves past a good frame.
+    fn scan(
+        &mut self,
+        skip_below: u64,
+        take: impl FnOnce(&[u8], &FrameHeader, u64) -> Result<Scan, DecodeError>,
+    ) -> Result<Scan> {
         if self.pos >= self.limit {
             return Ok(Scan::End);
         }
@@ -304,17 +289,16 @@ impl SegmentReader {
             self.pos += total as u64;
             return Ok(Scan::Skipped(offset, header.seq));
         }
-        let start = out.len();
-        out.extend_from_slice(self.slice(total));
-        match record::rebind(&mut out[start..], sid, binding) {
-            Ok(h) => {
+        match take(self.slice(total), &header, sid) {
+            Ok(scan) => {
                 self.pos += total as u64;
-                Ok(Scan::Frame(offset, h))
+                Ok(match scan {
+                    Scan::Record(_, rec) => Scan::Record(offset, rec),
+                    Scan::Frame(_, h) => Scan::Frame(offset, h),
+                    other => other,
+                })
             }
-            Err(what) => {
-                out.truncate(start);
-                Ok(Scan::Invalid { offset, what })
-            }
+            Err(what) => Ok(Scan::Invalid { offset, what }),
         }
     }
 }

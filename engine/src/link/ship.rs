@@ -72,12 +72,9 @@ impl Shipper {
         }
     }
 
-    /// Stop (after the batch in flight).
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Stop (after the batch in flight); dropping the shipper does the same.
+    pub fn stop(self) {
+        drop(self);
     }
 
     /// Wait until every journal record up to `seq` is durable in the cache, or `timeout`.

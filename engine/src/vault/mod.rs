@@ -316,15 +316,7 @@ impl Vault {
         req: &ProtectRequest,
         progress: &mut dyn Progress,
     ) -> Result<ProtectReport> {
-        check_name("VM", &req.vm)?;
-        if self.catalog.vms.contains_key(&req.vm) {
-            return Err(Error::Conflict(format!(
-                "VM '{}' is already protected (see `standby status {}`)",
-                req.vm, req.vm
-            )));
-        }
-        let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
-        self.catalog.policy(&policy_name)?; // it must exist
+        let policy_name = self.check_new_vm(req)?;
         if req.disks.is_empty() {
             return Err(Error::Invalid(
                 "a VM needs at least one --disk NAME=PATH".into(),
@@ -473,6 +465,20 @@ impl Vault {
             shipped_bytes: shipped,
             scanned_bytes: scanned,
         })
+    }
+
+    /// A protect request's VM name is valid and free, and its policy exists: the policy's name.
+    fn check_new_vm(&self, req: &ProtectRequest) -> Result<String> {
+        check_name("VM", &req.vm)?;
+        if self.catalog.vms.contains_key(&req.vm) {
+            return Err(Error::Conflict(format!(
+                "VM '{}' is already protected (see `standby status {}`)",
+                req.vm, req.vm
+            )));
+        }
+        let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
+        self.catalog.policy(&policy_name)?; // it must exist
+        Ok(policy_name)
     }
 
     fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {

@@ -8,8 +8,7 @@
 //!   Every second it writes `vms/VM/status.json` (the live status) for `standby status`.
 
 use super::{
-    catalog, check_name, lock, placements, ProtectRequest, RemoteSource, Vault, VmRecord, VmState,
-    WANTED_FILE,
+    catalog, lock, placements, ProtectRequest, RemoteSource, Vault, VmRecord, VmState, WANTED_FILE,
 };
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, Result};
@@ -91,15 +90,7 @@ impl Vault {
         addr: &str,
         insecure_loopback: bool,
     ) -> Result<Vec<DiskInfo>> {
-        check_name("VM", &req.vm)?;
-        if self.catalog.vms.contains_key(&req.vm) {
-            return Err(Error::Conflict(format!(
-                "VM '{}' is already protected (see `standby status {}`)",
-                req.vm, req.vm
-            )));
-        }
-        let policy_name = req.policy.clone().unwrap_or_else(|| "default".into());
-        self.catalog.policy(&policy_name)?;
+        let policy_name = self.check_new_vm(req)?;
         if !req.disks.is_empty() {
             return Err(Error::Invalid(
                 "a remote VM's disks are those its agent declares; drop --disk".into(),
