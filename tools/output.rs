@@ -209,6 +209,17 @@ pub fn status_docs(docs: &[Value], as_json: bool) {
                     ),
                 }
             );
+            if n(&m["agent_journal_bytes"]) > 0 || m["agent_connected"].as_bool() == Some(false) {
+                println!(
+                    "  agent: {}, journal {}",
+                    if m["agent_connected"].as_bool() == Some(true) {
+                        "connected to the cache service"
+                    } else {
+                        "not connected to the cache service"
+                    },
+                    bytes(n(&m["agent_journal_bytes"]))
+                );
+            }
             if m["resync_required"].as_bool() == Some(true) {
                 println!(
                     "  resync-required: {} of dirty blocks to resync",
