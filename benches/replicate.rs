@@ -8,7 +8,8 @@
 //!   1 MiB), timed from the first write until the staging log at the target holds the last
 //!   record durable. Measured back to back with two floors: the same bytes over a plain TCP
 //!   socket on loopback (1 MiB writes, the reader discards them), and the same bytes over
-//!   plain TCP into a file with one fdatasync per 4 MiB ("tcp+fdatasync floor").
+//!   plain TCP into a file with one fdatasync per 4 MiB ("tcp+fdatasync floor"); and,
+//!   to show what TLS itself costs, against the same pipeline run with `--insecure-loopback`.
 //!   Target: at least 0.6 of the plain TCP floor. Note that on one machine the case makes
 //!   every byte durable three times on the same disk (journal, cache service, staging log)
 //!   while the floors write it at most once: a stage line printed before the ratios shows
@@ -482,13 +483,29 @@ fn rpo(creds: &Creds, data: &Arc<Vec<u8>>) -> RpoReport {
     }
 }
 
+fn insecure(s: &Security) -> Security {
+    Security {
+        creds: s.creds.clone(),
+        insecure_loopback: true,
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let creds_dir = common::scratch();
     let creds = Creds::create(&creds_dir.path().join("link"));
     let data = Arc::new(common::noise(TOTAL_BYTES));
 
+    // The same pipeline with --insecure-loopback: what TLS itself costs.
+    let plain = Creds {
+        agent: insecure(&creds.agent),
+        cache: insecure(&creds.cache),
+        processor: insecure(&creds.processor),
+    };
     let case = "tls/64k/4w";
     let case_vs_sync = "tls/64k/4w (vs tcp+fdatasync)";
+    let case_vs_plain = "tls/64k/4w (vs the same on plain TCP)";
+    let floor_plain = "the same pipeline on plain TCP";
+    let last_plain = Cell::new(Duration::ZERO);
     let floor = "tcp floor (1 MiB writes, discard)";
     let floor_sync = "tcp+fdatasync floor (fdatasync/4 MiB)";
     let mut g = c.benchmark_group("replicate");
@@ -516,10 +533,19 @@ fn bench(c: &mut Criterion) {
                         || took,
                         || last_sync_floor.get(),
                     );
+                    common::paired(
+                        case_vs_plain,
+                        floor_plain,
+                        TOTAL_BYTES as u64,
+                        1,
+                        || took,
+                        || last_plain.get(),
+                    );
                     took
                 },
                 || {
                     let dir = common::scratch();
+                    last_plain.set(replicate(&plain, &data));
                     last_sync_floor.set(tcp_floor(&data, Some(dir.path().join("floor.raw"))));
                     tcp_floor(&data, None)
                 },
@@ -539,6 +565,11 @@ fn bench(c: &mut Criterion) {
             Ratio {
                 case: case_vs_sync,
                 floor: floor_sync,
+                target: 0.0,
+            },
+            Ratio {
+                case: case_vs_plain,
+                floor: floor_plain,
                 target: 0.0,
             },
         ],
