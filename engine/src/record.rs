@@ -229,6 +229,35 @@ thread_local! {
     static LZ4_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Consecutive write payloads (on this thread) that lz4 could not shrink.
+    static INCOMPRESSIBLE_RUN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// After a run of incompressible payloads (encrypted or already compressed data), try
+/// lz4 on only one payload in 16 until one shrinks again: the attempt costs a pass over
+/// the bytes on the writer's thread for nothing.
+fn worth_trying() -> bool {
+    INCOMPRESSIBLE_RUN.with(|run| {
+        let n = run.get();
+        if n < 8 {
+            return true;
+        }
+        run.set(n + 1);
+        n % 16 == 0
+    })
+}
+
+fn note_outcome(shrank: bool) {
+    INCOMPRESSIBLE_RUN.with(|run| {
+        if shrank {
+            run.set(0);
+        } else {
+            run.set(run.get().saturating_add(1));
+        }
+    })
+}
+
 impl<'a> Prepared<'a> {
     /// Validate and encode the body. `compress` tries lz4 and keeps it only if smaller.
     pub fn new(entry: &Entry<'a>, compress: bool) -> Result<Prepared<'a>, String> {
@@ -266,7 +295,7 @@ impl<'a> Prepared<'a> {
         };
         let raw_len = raw.len() as u32;
         let mut body = raw;
-        if compress && kind == KIND_WRITE {
+        if compress && kind == KIND_WRITE && worth_trying() {
             // Keep the compressed form only if it is smaller: incompressible data grows
             // slightly under lz4 and is stored raw.
             let compressed = LZ4_SCRATCH.with(|scratch| {
@@ -280,6 +309,7 @@ impl<'a> Prepared<'a> {
                     _ => None,
                 }
             });
+            note_outcome(compressed.is_some());
             if let Some(c) = compressed {
                 body = Cow::Owned(c);
                 flags |= FLAG_LZ4;
@@ -725,6 +755,46 @@ mod tests {
                 group: None,
             }),
         ]
+    }
+
+    #[test]
+    fn after_incompressible_payloads_lz4_is_tried_less_and_comes_back() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text = vec![b'a'; 4096];
+        let write = |data: &[u8]| {
+            let p = Prepared::new(
+                &Entry::Write {
+                    disk: 0,
+                    offset: 0,
+                    data,
+                },
+                true,
+            )
+            .unwrap();
+            p.flags & FLAG_LZ4 != 0
+        };
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                assert!(!write(&noise));
+            }
+            // Compressible again: within one probe interval it is compressed again.
+            let first = (0..17).position(|_| write(&text));
+            assert!(first.is_some(), "lz4 never came back");
+            assert!(
+                write(&text),
+                "after a payload shrank, every payload is tried"
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
