@@ -78,8 +78,11 @@ pub fn session(
         let (staging, w, status) = (staging.clone(), w.clone(), status.clone());
         std::thread::spawn(move || -> Result<()> {
             while let Ok(mut last) = rx.recv() {
+                // Coalesce to the newest: a keepalive repeats an older position.
                 while let Ok(x) = rx.try_recv() {
-                    last = x;
+                    if x.0 >= last.0 {
+                        last = x;
+                    }
                 }
                 staging.wait_durable(last.0)?;
                 {

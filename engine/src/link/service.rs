@@ -397,8 +397,9 @@ impl CacheService {
                 let (cache, w) = (v.cache.clone(), w.clone());
                 std::thread::spawn(move || -> Result<()> {
                     while let Ok(mut seq) = rx.recv() {
+                        // Coalesce to the newest: a keepalive may name an older position.
                         while let Ok(s) = rx.try_recv() {
-                            seq = s;
+                            seq = seq.max(s);
                         }
                         cache.wait_durable(seq)?;
                         wire::write_msg(&mut *w.lock(), &Msg::Ack { durable_seq: seq })?;
