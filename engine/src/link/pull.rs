@@ -98,7 +98,8 @@ pub fn session(
         })
     };
     let outcome = (|| -> Result<()> {
-        while !stop.load(Ordering::SeqCst) {
+        // An acknowledger that failed ends the session (its error is reported below).
+        while !stop.load(Ordering::SeqCst) && !acker.is_finished() {
             let msg = match wire::read_msg(&mut r, &mut buf)? {
                 Some(m) => m,
                 None => return Err(Error::Link("the cache service closed the link".into())),

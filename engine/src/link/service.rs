@@ -409,6 +409,9 @@ impl CacheService {
             };
             let mut buf = Vec::new();
             let outcome = loop {
+                if acker.is_finished() {
+                    break Ok(()); // it failed: its error is reported below
+                }
                 let msg = match wire::read_msg(&mut r, &mut buf) {
                     Ok(Some(m)) => m,
                     Ok(None) => break Ok(()),
