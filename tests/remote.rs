@@ -391,18 +391,31 @@ impl Sites {
         v["vms"][0].clone()
     }
 
-    /// Wait until the target holds every record the source has (60 s at most).
+    /// Wait until the target holds every record the source has, the link is up and the
+    /// agent replicates normally (90 s at most).
     fn wait_caught_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let st = self.status();
+        self.wait_status(Duration::from_secs(90), |st| {
             let r = &st["remote"];
-            if r["link"] == "connected"
+            r["link"] == "connected"
                 && r["behind_records"] == 0
                 && r["agent_connected"] == true
                 && r["resync_required"] == false
                 && st["rpo_seconds"].as_f64().is_some_and(|x| x < 5.0)
-            {
+        });
+    }
+
+    /// The same once the agent has stopped (cleanly, everything shipped; 60 s at most).
+    fn wait_caught_up_without_agent(&self) {
+        self.wait_status(Duration::from_secs(60), |st| {
+            st["remote"]["behind_records"] == 0 && st["remote"]["link"] == "connected"
+        });
+    }
+
+    fn wait_status(&self, within: Duration, done: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.status();
+            if done(&st) {
                 return;
             }
             assert!(
@@ -577,24 +590,6 @@ fn every_part_killed_mid_burst_and_a_cut_link_lose_nothing() {
     processor.stop();
     cache.stop();
     s.check_every_point();
-}
-
-impl Sites {
-    fn wait_caught_up_without_agent(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let st = self.status();
-            if st["remote"]["behind_records"] == 0 && st["remote"]["link"] == "connected" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the target never caught up: {st:#}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
 }
 
 /// A TCP relay that delays every byte by `one_way` in each direction and drops every

@@ -10,7 +10,7 @@
 
 use crate::output;
 use serde_json::{json, Value};
-use standby_engine::agent::AgentDisk;
+use standby_engine::agent::{Agent, AgentDisk};
 use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
 use standby_engine::process::Processor;
 use standby_engine::record::{Consistency, Marker};
@@ -38,29 +38,11 @@ pub struct Options {
 pub fn run(vault: Vault, vm: &str, opts: Options) -> Result<(), Error> {
     let handle = vault.agent(vm)?;
     let processor = Arc::new(Mutex::new(vault.processor_for(vm, &handle)?));
-    let disks: Vec<String> = handle.disks().map(|d| d.name.clone()).collect();
     let (agent, guard) = handle.into_parts();
     let agent = Arc::new(agent);
-    let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
-    for (i, name) in disks.iter().enumerate() {
-        exports.push((
-            name.clone(),
-            Arc::new(AgentDisk::new(agent.clone(), i as u16)?),
-        ));
-    }
-    let mut server = Server::start(
-        &opts.listen,
-        Arc::new(ExportList(exports)),
-        ServerConfig::default(),
-    )
-    .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let mut server = serve_disks(&agent, &opts.listen)?;
     let addr = server.local_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let s = stop.clone();
-        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-            .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
-    }
+    let stop = stop_flag()?;
     let sock_path = vault.agent_socket(vm);
     let _ = std::fs::remove_file(&sock_path); // stale: we hold the VM's lock
     let listener = UnixListener::bind(&sock_path).map_err(|e| Error::io(&sock_path, e))?;
@@ -71,8 +53,8 @@ pub fn run(vault: Vault, vm: &str, opts: Options) -> Result<(), Error> {
         "agent for {vm} serving NBD on {addr} (pid {})",
         std::process::id()
     );
-    for name in &disks {
-        println!("  nbd://{addr}/{name}");
+    for d in agent.disks() {
+        println!("  nbd://{addr}/{}", d.name);
     }
     let _ = std::io::stdout().flush();
 
@@ -125,6 +107,32 @@ pub fn run(vault: Vault, vm: &str, opts: Options) -> Result<(), Error> {
     drop(guard);
     eprintln!("standby: agent for {vm} stopped cleanly");
     background_result
+}
+
+/// Serve each disk of `agent` over NBD on `listen`, through the write tap.
+pub(crate) fn serve_disks(agent: &Arc<Agent>, listen: &str) -> Result<Server, Error> {
+    let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for (i, d) in agent.disks().enumerate() {
+        exports.push((
+            d.name.clone(),
+            Arc::new(AgentDisk::new(agent.clone(), i as u16)?),
+        ));
+    }
+    Server::start(
+        listen,
+        Arc::new(ExportList(exports)),
+        ServerConfig::default(),
+    )
+    .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))
+}
+
+/// A flag set by Ctrl-C or SIGTERM.
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
+    Ok(stop)
 }
 
 fn background(

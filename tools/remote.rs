@@ -3,14 +3,13 @@
 //! (`protect --cache`, `process --follow`) lives with the other vault commands.
 
 use crate::output;
-use standby_engine::agent::{Agent, AgentDisk, SourceDisk};
+use standby_engine::agent::{Agent, SourceDisk};
 use standby_engine::cache::{Cache, CacheConfig};
 use standby_engine::link::service::{CacheService, ServiceConfig};
 use standby_engine::link::ship::{Shipper, ShipperConfig};
 use standby_engine::link::tls::{Credentials, Role};
 use standby_engine::link::wire::{AgentState, DiskInfo};
 use standby_engine::link::Security;
-use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
 use standby_engine::record::{Consistency, Marker};
 use standby_engine::vault::lock::{self, LockWait};
 use standby_engine::Error;
@@ -21,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::{DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use crate::agent::{serve_disks, stop_flag, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
 
 /// Set (and synced) before the agent first writes around its journal; removed when the
 /// resync that follows is done. Its presence at start-up means the dirty bitmap was lost.
@@ -84,14 +83,6 @@ fn control(conn: std::os::unix::net::UnixStream, agent: &Agent, vm: &str) {
     };
     let mut w = &conn;
     let _ = writeln!(w, "{reply}");
-}
-
-fn stop_flag() -> Result<Arc<AtomicBool>, Error> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-        .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
-    Ok(stop)
 }
 
 fn security(creds: &Path, role: Role, insecure_loopback: bool) -> Result<Security, Error> {
@@ -235,19 +226,7 @@ pub fn agent(o: AgentOptions) -> Result<(), Error> {
         ));
         agent.require_full_resync()?;
     }
-    let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
-    for (i, d) in agent.disks().enumerate() {
-        exports.push((
-            d.name.clone(),
-            Arc::new(AgentDisk::new(agent.clone(), i as u16)?),
-        ));
-    }
-    let mut server = Server::start(
-        &o.listen,
-        Arc::new(ExportList(exports)),
-        ServerConfig::default(),
-    )
-    .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", o.listen)))?;
+    let mut server = serve_disks(&agent, &o.listen)?;
     let addr = server.local_addr();
     let stop = stop_flag()?;
     let shipper = {
