@@ -6,6 +6,7 @@
 mod agent;
 mod demo;
 mod output;
+mod owner;
 mod progress;
 mod remote;
 
@@ -46,6 +47,12 @@ struct Cli {
     /// The vault directory (or set STANDBY_VAULT).
     #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT", global = true)]
     vault: Option<PathBuf>,
+    /// How long a command waits for a VM or vault another process holds before it gives
+    /// up naming the holder (`forever` waits for good). Commands that a running agent or
+    /// follower can answer (point, points, status, verify, test-failover, mount) go
+    /// through it instead and do not wait.
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_wait, value_name = "DURATION")]
+    wait: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -331,6 +338,9 @@ struct FailoverArgs {
     /// Output directory (default: VAULT/failover/TARGET-RG/VM).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Print the report (point, disks with their sha256, placement) as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -343,6 +353,14 @@ fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
         Ok(None)
     } else {
         parse_duration(s).map(Some)
+    }
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    if s == "forever" {
+        Ok(Duration::from_secs(100 * 365 * 86400))
+    } else {
+        parse_duration(s)
     }
 }
 
@@ -399,7 +417,8 @@ fn parse_disk(s: &str) -> Result<(String, DiskSource), String> {
 
 /// Open the vault; a command that finds a lock busy says who holds it, then waits.
 fn open_vault(path: &Path, who: &str) -> Result<Vault, Error> {
-    let mut v = Vault::open(path, who, LockWait::Block)?;
+    let wait = WAIT.get().copied().unwrap_or(Duration::from_secs(60));
+    let mut v = Vault::open(path, who, LockWait::Until(wait))?;
     v.on_wait(Box::new(|holder| {
         eprintln!("standby: waiting for the lock, held by {holder}")
     }));
@@ -425,6 +444,11 @@ fn main() -> ExitCode {
 }
 
 static VAULT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+static WAIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+fn wait() -> Duration {
+    WAIT.get().copied().unwrap_or(Duration::from_secs(60))
+}
 
 /// The vault this command works on.
 fn vault() -> Result<PathBuf, Error> {
@@ -439,6 +463,7 @@ fn who(what: &str) -> String {
 
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     let _ = VAULT.set(cli.vault.clone());
+    let _ = WAIT.set(cli.wait);
     match cli.command {
         Command::Init { vault } => {
             Vault::init(&vault)?;
@@ -527,8 +552,20 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             listen,
             writable,
         } => {
-            let vault = open_vault(&vault()?, &who(&format!("mount {vm}")))?;
-            mount(&vault, &vm, point, &listen, writable)?;
+            let req = standby_engine::runtime::control::Request::Mount {
+                point,
+                listen: listen.clone(),
+                writable,
+            };
+            owner::run(
+                &vault()?,
+                &who(&format!("mount {vm}")),
+                &vm,
+                &req,
+                wait(),
+                |v| mount(v, &vm, point, &listen, writable),
+                |reply, session| mounted_through_owner(&vm, reply, session, writable),
+            )?;
         }
         Command::Agent {
             vm,
@@ -559,9 +596,8 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             process_every,
             ..
         } => {
-            let vault = open_vault(&vault()?, &who(&format!("agent {vm}")))?;
             agent::run(
-                vault,
+                &vault()?,
                 &vm,
                 agent::Options {
                     listen,
@@ -602,12 +638,13 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             thaw_command,
             journal: None,
         } => {
-            let mut vault = open_vault(&vault()?, &who("point"))?;
-            vault.catalog().vm(&vm)?;
+            Vault::open(&vault()?, &who("point"), LockWait::Fail)?
+                .catalog()
+                .vm(&vm)?;
             if let Some(cmd) = &quiesce_command {
                 run_hook("quiesce", cmd)?;
             }
-            let result = cut_point(&mut vault, &vm, app_consistent, name.as_deref());
+            let result = cut_point(&vault()?, &vm, app_consistent, name.as_deref());
             if let Some(cmd) = &thaw_command {
                 run_hook("thaw", cmd)?;
             }
@@ -621,42 +658,65 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             );
         }
         Command::Points { vm, json } => {
-            let vault = open_vault(&vault()?, &who("points"))?;
-            vault.catalog().vm(&vm)?;
-            match agent::ask(
-                &vault.agent_socket(&vm),
-                &serde_json::json!({"op": "points"}),
-            ) {
-                Some(reply) => {
-                    let v = reply?;
-                    let docs = v["points"].as_array().cloned().unwrap_or_default();
-                    output::point_docs(&vm, &docs, json);
-                }
-                None => output::points(&vm, &vault.points_with_bytes(&vm)?, json),
-            }
+            use standby_engine::runtime::control::{Reply, Request};
+            let pts = owner::run(
+                &vault()?,
+                &who("points"),
+                &vm,
+                &Request::Points,
+                wait(),
+                |v| v.points_with_bytes(&vm),
+                |reply, _| match reply {
+                    Reply::Points { points } => Ok(points),
+                    other => Err(owner::unexpected(&other)),
+                },
+            )?;
+            output::points(&vm, &pts, json);
         }
         Command::Status { vm, json } => {
-            let vault = open_vault(&vault()?, &who("status"))?;
+            use standby_engine::runtime::control::{Reply, Request};
+            let root = vault()?;
+            let vault = open_vault(&root, &who("status"))?;
             let names: Vec<String> = match vm {
-                Some(n) => vec![n],
+                Some(n) => {
+                    vault.catalog().vm(&n)?;
+                    vec![n]
+                }
                 None => vault.catalog().vms.keys().cloned().collect(),
             };
             let mut docs = Vec::new();
             for n in &names {
-                match vault.status(n) {
-                    Ok(st) => docs.push(output::status_json(&st)),
-                    Err(Error::Locked(holder)) => {
-                        // A running agent owns the VM and has the live figures.
-                        match agent::ask(
-                            &vault.agent_socket(n),
-                            &serde_json::json!({"op": "status"}),
-                        ) {
-                            Some(reply) => docs.push(reply?["status"].clone()),
-                            None => return Err(Error::Locked(holder)),
-                        }
-                    }
-                    Err(e) => return Err(e),
+                if vault.catalog().vm(n)?.remote.is_some() {
+                    // A remote VM's status reads what its follower publishes: no waiting.
+                    docs.push(output::status_json(&vault.status(n)?));
+                    continue;
                 }
+                let doc = owner::run(
+                    &root,
+                    &who("status"),
+                    n,
+                    &Request::Status,
+                    wait(),
+                    |v| v.status(n).map(|st| output::status_json(&st)),
+                    |reply, _| match reply {
+                        Reply::Status {
+                            status,
+                            owner_pid,
+                            resync_bytes,
+                        } => {
+                            let st: standby_engine::vault::VmStatus =
+                                serde_json::from_value(status).map_err(|e| {
+                                    Error::Conflict(format!("malformed status from the agent: {e}"))
+                                })?;
+                            let mut v = output::status_json(&st);
+                            v["agent_pid"] = serde_json::json!(owner_pid);
+                            v["resync_bytes"] = serde_json::json!(resync_bytes);
+                            Ok(v)
+                        }
+                        other => Err(owner::unexpected(&other)),
+                    },
+                )?;
+                docs.push(doc);
             }
             output::status_docs(&docs, json);
         }
@@ -673,8 +733,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             println!("removed the test failover of {vm} ({})", dir.display());
         }
         Command::Verify { vm, point, json } => {
-            let vault = open_vault(&vault()?, &who("verify"))?;
-            let (report, p) = vault.verify(&vm, point)?;
+            use standby_engine::runtime::control::{Reply, Request};
+            let (report, p) = owner::run(
+                &vault()?,
+                &who("verify"),
+                &vm,
+                &Request::Verify { point },
+                wait(),
+                |v| v.verify(&vm, point),
+                |reply, _| match reply {
+                    Reply::Verify { report, point } => Ok((report, point)),
+                    other => Err(owner::unexpected(&other)),
+                },
+            )?;
             let clean = report.is_clean();
             output::verify(&vm, &report, p.as_ref(), json);
             if !clean {
@@ -708,10 +779,7 @@ fn mount(
         };
         exports.push((name.clone(), std::sync::Arc::new(dev)));
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst))
-        .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
+    let stop = agent::stop_flag()?;
     let mut server = Server::start(
         listen,
         std::sync::Arc::new(ExportList(exports)),
@@ -755,23 +823,83 @@ fn mount(
     Ok(())
 }
 
-/// Cut a point through the running agent if there is one, else directly.
+/// A mount served by the VM's owner (its agent or follower): print where, and keep the
+/// session open until Ctrl-C (the owner stops serving when this command goes).
+fn mounted_through_owner(
+    vm: &str,
+    reply: standby_engine::runtime::control::Reply,
+    session: standby_engine::runtime::control::Session,
+    writable: bool,
+) -> Result<(), Error> {
+    use standby_engine::runtime::control::Reply;
+    let Reply::Mounted {
+        addr,
+        disks,
+        point,
+        seq,
+        time_us,
+    } = reply
+    else {
+        return Err(owner::unexpected(&reply));
+    };
+    let stop = agent::stop_flag()?;
+    let what = match point {
+        Some(p) => format!(
+            "point {} ({}, seq {}, {})",
+            p.id,
+            output::kind(p.kind),
+            p.seq,
+            output::rfc3339(p.time_us)
+        ),
+        None => format!("seq {seq} ({})", output::rfc3339(time_us)),
+    };
+    println!(
+        "mounted {vm} at {what}, {} on {addr} (served by the VM's running agent; this command keeps it up)",
+        if writable {
+            "writable (throw-away overlay)"
+        } else {
+            "read-only"
+        },
+    );
+    for name in &disks {
+        println!("  nbd://{addr}/{name}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    session.wait(&stop);
+    eprintln!("standby: mount of {vm} stopped");
+    Ok(())
+}
+
+/// Cut a point through the VM's running owner if there is one, else directly.
 fn cut_point(
-    vault: &mut Vault,
+    root: &Path,
     vm: &str,
     app: bool,
     name: Option<&str>,
 ) -> Result<serde_json::Value, Error> {
-    let req = serde_json::json!({"op": "point", "app": app, "name": name});
-    if let Some(reply) = agent::ask(&vault.agent_socket(vm), &req) {
-        return Ok(reply?["point"].clone());
-    }
+    use standby_engine::runtime::control::{Reply, Request};
+    let req = Request::Point {
+        app,
+        name: name.map(str::to_string),
+    };
     let c = if app {
         Consistency::App
     } else {
         Consistency::Crash
     };
-    let p = vault.cut_point(vm, c, name)?;
+    let p = owner::run(
+        root,
+        &who("point"),
+        vm,
+        &req,
+        wait(),
+        |v| v.cut_point(vm, c, name),
+        |reply, _| match reply {
+            Reply::Point { point: Some(p), .. } => Ok(p),
+            other => Err(owner::unexpected(&other)),
+        },
+    )?;
     Ok(output::point_json(&p, None))
 }
 
@@ -860,12 +988,11 @@ fn process(
     cache: Option<String>,
 ) -> Result<ExitCode, Error> {
     use std::sync::atomic::Ordering;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if follow {
-        let s = stop.clone();
-        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-            .map_err(|e| Error::Invalid(format!("cannot install the signal handler: {e}")))?;
-    }
+    let stop = if follow {
+        agent::stop_flag()?
+    } else {
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+    };
     // Remote VMs, followed each on its own thread (started as they get protected).
     let mut followers: std::collections::HashMap<String, std::thread::JoinHandle<()>> =
         std::collections::HashMap::new();
@@ -905,10 +1032,13 @@ fn process(
                     followers.insert(
                         n,
                         std::thread::spawn(move || {
-                            let log: standby_engine::vault::remote::Log =
-                                std::sync::Arc::new(|line: &str| eprintln!("standby: {line}"));
-                            if let Err(e) = standby_engine::vault::remote::follow(
-                                &root, &who, &name, every, &stop, log,
+                            if let Err(e) = standby_engine::runtime::follow(
+                                &root,
+                                &who,
+                                &name,
+                                every,
+                                &stop,
+                                agent::events(),
                             ) {
                                 eprintln!("standby: {name}: {}", output::one_line(&e));
                             }
@@ -968,19 +1098,49 @@ fn process(
 }
 
 fn failover(f: FailoverArgs, test: bool, network: Option<String>) -> Result<(), Error> {
-    let mut vault = open_vault(
-        &vault()?,
-        &who(if test { "test-failover" } else { "failover" }),
-    )?;
-    let mut bar = progress::Bar::new();
-    let r = vault.failover(
-        &f.vm,
-        f.point,
-        f.out.as_deref(),
-        test,
-        network.as_deref(),
-        &mut bar,
-    )?;
-    output::failover(&r);
+    use standby_engine::runtime::control::{Reply, Request};
+    let what = if test { "test-failover" } else { "failover" };
+    let r = if test {
+        // A test failover runs beside replication: through the VM's owner if it runs.
+        let req = Request::TestFailover {
+            point: f.point,
+            out: f
+                .out
+                .as_ref()
+                .map(|o| std::path::absolute(o).unwrap_or_else(|_| o.clone())),
+            network: network.clone(),
+        };
+        owner::run(
+            &vault()?,
+            &who(what),
+            &f.vm,
+            &req,
+            wait(),
+            |v| {
+                let mut bar = progress::Bar::new();
+                v.failover(
+                    &f.vm,
+                    f.point,
+                    f.out.as_deref(),
+                    true,
+                    network.as_deref(),
+                    &mut bar,
+                )
+            },
+            |reply, _| match reply {
+                Reply::TestFailover { report } => Ok(report),
+                other => Err(owner::unexpected(&other)),
+            },
+        )?
+    } else {
+        let mut vault = open_vault(&vault()?, &who(what))?;
+        let mut bar = progress::Bar::new();
+        vault.failover(&f.vm, f.point, f.out.as_deref(), false, None, &mut bar)?
+    };
+    if f.json {
+        output::print_json(&serde_json::to_value(&r).unwrap_or_default());
+    } else {
+        output::failover(&r);
+    }
     Ok(())
 }

@@ -20,8 +20,14 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Past this many pending bytes, a write first makes the log durable and drains them.
-const MAX_PENDING_BYTES: u64 = 64 << 20;
+/// Past this many pending bytes, a write first makes the log durable and drains them. The
+/// background drain keeps the set far below this (the log syncs itself every
+/// [`crate::cache::CacheConfig::auto_sync_bytes`]); the bound only stops a stalled drain
+/// from letting memory grow without limit.
+const MAX_PENDING_BYTES: u64 = 256 << 20;
+/// Most bytes one drain round applies to the source images before it lets writers and
+/// readers at the pending set again.
+const DRAIN_BATCH_BYTES: u64 = 8 << 20;
 
 /// One source disk of the VM.
 #[derive(Debug, Clone)]
@@ -31,13 +37,16 @@ pub struct SourceDisk {
     pub size_bytes: u64,
 }
 
+#[derive(Clone)]
 enum Change {
-    Data(Vec<u8>),
+    /// Shared, so a drain can apply it to the source image without holding the set.
+    Data(Arc<[u8]>),
     Zero(u64),
     /// A marker: nothing to apply, but it holds its place in the sequence.
     Nothing,
 }
 
+#[derive(Clone)]
 struct Pending {
     disk: u16,
     offset: u64,
@@ -47,9 +56,78 @@ struct Pending {
 struct State {
     /// Acknowledged changes not yet in the source images, by sequence number.
     pending: BTreeMap<u64, Pending>,
+    /// The same changes by place, per disk: `(offset, seq) -> len`, so a read finds the
+    /// pending changes it overlaps without scanning the whole set.
+    by_place: Vec<BTreeMap<(u64, u64), u64>>,
+    /// Longest pending change per disk (bounds how far before a read to look).
+    longest: Vec<u64>,
     pending_bytes: u64,
     /// Every change up to here is in the source images (maybe not yet synced).
     applied_seq: u64,
+}
+
+impl Pending {
+    /// The byte range this change covers, if it changes bytes.
+    fn range(&self) -> Option<(u64, u64)> {
+        match &self.change {
+            Change::Data(d) => Some((self.offset, d.len() as u64)),
+            Change::Zero(len) => Some((self.offset, *len)),
+            Change::Nothing => None,
+        }
+    }
+}
+
+impl State {
+    fn insert(&mut self, seq: u64, p: Pending) {
+        if let Some((offset, len)) = p.range() {
+            let d = p.disk as usize;
+            if let (Some(map), Some(longest)) = (self.by_place.get_mut(d), self.longest.get_mut(d))
+            {
+                map.insert((offset, seq), len);
+                *longest = (*longest).max(len);
+            }
+        }
+        if let Change::Data(d) = &p.change {
+            self.pending_bytes += d.len() as u64;
+        }
+        self.pending.insert(seq, p);
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.pending.remove(&seq)?;
+        if let Some((offset, _)) = p.range() {
+            let d = p.disk as usize;
+            if let Some(map) = self.by_place.get_mut(d) {
+                map.remove(&(offset, seq));
+                if map.is_empty() {
+                    self.longest[d] = 0;
+                }
+            }
+        }
+        if let Change::Data(d) = &p.change {
+            self.pending_bytes -= d.len() as u64;
+        }
+        Some(p)
+    }
+
+    /// Sequence numbers of the pending changes of `disk` that overlap `[start, end)`, in
+    /// sequence order.
+    fn overlapping(&self, disk: u16, start: u64, end: u64) -> Vec<u64> {
+        let (Some(map), Some(&longest)) = (
+            self.by_place.get(disk as usize),
+            self.longest.get(disk as usize),
+        ) else {
+            return Vec::new();
+        };
+        let from = start.saturating_sub(longest);
+        let mut seqs: Vec<u64> = map
+            .range((from, 0)..(end, 0))
+            .filter(|(&(o, _), &len)| o + len > start)
+            .map(|(&(_, seq), _)| seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
 }
 
 /// The write tap over one VM. All methods take `&self` and may be called from many threads.
@@ -67,6 +145,9 @@ pub struct Agent {
     on_bitmap: Mutex<Option<BitmapHook>>,
     /// Whether the current resync has written its `standby:resync-begin` marker.
     resync_begun: Mutex<bool>,
+    /// Writes and zero ranges the client has asked for since open (background work such
+    /// as a resync is not counted): how the runtime tells that the client is busy.
+    client_ops: std::sync::atomic::AtomicU64,
 }
 
 type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
@@ -180,6 +261,8 @@ impl Agent {
         let agent = Agent {
             state: RwLock::new(State {
                 pending: BTreeMap::new(),
+                by_place: vec![BTreeMap::new(); opened.len()],
+                longest: vec![0; opened.len()],
                 pending_bytes: 0,
                 applied_seq: synced,
             }),
@@ -189,6 +272,7 @@ impl Agent {
             mode: RwLock::new(None),
             on_bitmap: Mutex::new(None),
             resync_begun: Mutex::new(false),
+            client_ops: std::sync::atomic::AtomicU64::new(0),
         };
         agent.replay(synced)?;
         Ok(agent)
@@ -241,16 +325,23 @@ impl Agent {
         Ok(d)
     }
 
+    /// Writes and zero ranges the client has asked for since the tap was opened.
+    pub fn client_ops(&self) -> u64 {
+        self.client_ops.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Write `data` at `offset` of `disk`; returns once it is written to the log (durable
     /// too if `fua`). Offset and length must be multiples of 512.
     pub fn write(&self, disk: u16, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         self.check(disk, offset, data.len() as u64)?;
+        self.client_ops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.submit(
             &Entry::Write { disk, offset, data },
             || Pending {
                 disk,
                 offset,
-                change: Change::Data(data.to_vec()),
+                change: Change::Data(Arc::from(data)),
             },
             fua,
         )
@@ -259,6 +350,8 @@ impl Agent {
     /// Make `len` bytes at `offset` read as zeros (NBD WRITE_ZEROES, or TRIM if `trim`).
     pub fn zero(&self, disk: u16, offset: u64, len: u64, trim: bool, fua: bool) -> Result<u64> {
         self.check(disk, offset, len)?;
+        self.client_ops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.submit(
             &Entry::Zero {
                 disk,
@@ -321,15 +414,7 @@ impl Agent {
                 Err(e) => return Err(e),
             };
             let p = pending();
-            let bytes = match &p.change {
-                Change::Data(d) => d.len() as u64,
-                _ => 0,
-            };
-            {
-                let mut st = self.state.write();
-                st.pending.insert(seq, p);
-                st.pending_bytes += bytes;
-            }
+            self.state.write().insert(seq, p);
             drop(mode);
             if durable {
                 self.cache.wait_durable(seq)?;
@@ -415,6 +500,13 @@ impl Agent {
     /// `Ok(true)` once the bitmap is empty and every shipped block is durable (the agent is
     /// back to normal), `Ok(false)` if blocks remain (the log may still be full).
     pub fn resync_step(&self, max_bytes: u64) -> Result<bool> {
+        // Pieces a record can carry, and that a small log can hold a few of at once.
+        let piece_max = match self.cache.stats().capacity_bytes {
+            Some(cap) => {
+                ((cap / 4) as usize / 512 * 512).clamp(512, crate::record::MAX_WRITE_BYTES)
+            }
+            None => crate::record::MAX_WRITE_BYTES,
+        };
         let mut shipped = 0u64;
         let mut buf = Vec::new();
         loop {
@@ -453,7 +545,7 @@ impl Agent {
             // Ship in pieces a record can carry; holes and zero runs as zero records.
             let mut at = 0usize;
             while at < buf.len() {
-                let n = (buf.len() - at).min(crate::record::MAX_WRITE_BYTES);
+                let n = (buf.len() - at).min(piece_max);
                 let piece = &buf[at..at + n];
                 let entry = if piece.iter().all(|&b| b == 0) {
                     Entry::Zero {
@@ -484,8 +576,10 @@ impl Agent {
     /// Append a change the source images already hold (a resync block or marker): a
     /// placeholder in the pending set keeps the drain in order.
     fn append_placeholder(&self, entry: &Entry<'_>) -> Result<()> {
-        let seq = self.cache.append(entry)?;
-        self.state.write().pending.insert(
+        // Off the client's path: worth compressing even where the log stores writes as
+        // they came.
+        let seq = self.cache.append_compressed(entry)?;
+        self.state.write().insert(
             seq,
             Pending {
                 disk: 0,
@@ -499,17 +593,17 @@ impl Agent {
     /// Read `buf.len()` bytes at `offset` of `disk`, seeing every acknowledged write.
     pub fn read(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (d, f) = self.check(disk, offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        // The image is read under the set's read lock: a drain removes a change from the
+        // set only after the image holds it, so image + set always show every change.
         let st = self.state.read();
         f.read_exact_at(buf, offset).at(&d.path)?;
-        let end = offset + buf.len() as u64;
-        for p in st.pending.values() {
-            if p.disk != disk {
+        for seq in st.overlapping(disk, offset, end) {
+            let Some(p) = st.pending.get(&seq) else {
                 continue;
-            }
-            let (p_start, p_len) = match &p.change {
-                Change::Data(data) => (p.offset, data.len() as u64),
-                Change::Zero(len) => (p.offset, *len),
-                Change::Nothing => continue,
+            };
+            let Some((p_start, p_len)) = p.range() else {
+                continue;
             };
             let s = p_start.max(offset);
             let e = (p_start + p_len).min(end);
@@ -561,28 +655,46 @@ impl Agent {
 
     fn drain_to(&self, durable: u64, persist: bool) -> Result<()> {
         let _one = self.drain.lock();
-        let mut applied = {
-            let st = self.state.read();
-            st.applied_seq
-        };
-        if durable > applied {
-            // Readers wait while the images change under them: they would otherwise see a
-            // change both in the image and (gone) from the pending set at once, or neither.
-            let mut st = self.state.write();
-            while applied < durable {
-                let next = applied + 1;
-                let Some(p) = st.pending.remove(&next) else {
+        let mut applied = self.state.read().applied_seq;
+        while durable > applied {
+            // Copy out a batch (the data is shared, not copied) and apply it to the images
+            // without holding the set: writers and readers go on meanwhile. A reader that
+            // sees a change half in the image still finds it whole in the set, which is
+            // overlaid in sequence order; only then are the changes removed from the set.
+            let batch: Vec<(u64, Pending)> = {
+                let st = self.state.read();
+                let mut bytes = 0u64;
+                st.pending
+                    .range(applied + 1..=durable)
+                    .take_while(|(_, p)| {
+                        let ok = bytes < DRAIN_BATCH_BYTES;
+                        if let Change::Data(d) = &p.change {
+                            bytes += d.len() as u64;
+                        }
+                        ok
+                    })
+                    .map(|(&seq, p)| (seq, p.clone()))
+                    .collect()
+            };
+            // Only a gapless run from `applied` on may be applied.
+            let mut run = 0;
+            for (i, (seq, _)) in batch.iter().enumerate() {
+                if *seq != applied + 1 + i as u64 {
                     break;
-                };
-                if let Change::Data(d) = &p.change {
-                    st.pending_bytes -= d.len() as u64;
                 }
-                if let Err(e) = self.apply_pending(&p) {
-                    st.pending.insert(next, p);
-                    return Err(e);
-                }
-                applied = next;
+                run = i + 1;
             }
+            if run == 0 {
+                break;
+            }
+            for (_, p) in &batch[..run] {
+                self.apply_pending(p)?;
+            }
+            let mut st = self.state.write();
+            for (seq, _) in &batch[..run] {
+                st.remove(*seq);
+            }
+            applied += run as u64;
             st.applied_seq = applied;
         }
         if !persist || self.cache.source_seq()? == Some(applied) {

@@ -49,6 +49,10 @@ pub struct CacheConfig {
     pub compress: bool,
     /// Sync on its own this long after unsynced data was written, even if nobody asked.
     pub auto_sync: Option<Duration>,
+    /// Sync on its own once this many bytes are written and not yet synced, even if
+    /// nobody asked (bounds what a power cut can take of what nobody flushed, and how much
+    /// the agent holds in memory until the source images may have it).
+    pub auto_sync_bytes: Option<u64>,
     /// Appenders wait once this many bytes are queued and not yet written.
     pub max_pending_bytes: usize,
 }
@@ -61,12 +65,28 @@ impl Default for CacheConfig {
             recovery: RecoveryMode::default(),
             compress: true,
             auto_sync: Some(Duration::from_millis(5)),
+            auto_sync_bytes: None,
             max_pending_bytes: 64 << 20,
         }
     }
 }
 
 impl CacheConfig {
+    /// The settings of a log in a VM's write path (the embedded agent's log, the source
+    /// site's journal): it pays only for what the client asked. Payloads are stored as
+    /// they came (compression costs the writer's thread before the acknowledgement; the
+    /// replica compresses in the background instead), and the log syncs on its own only
+    /// every 200 ms or 16 MiB of unsynced data, not every few milliseconds: FLUSH and FUA
+    /// still make everything before them durable at once.
+    pub fn write_path(capacity_bytes: Option<u64>) -> CacheConfig {
+        CacheConfig {
+            compress: false,
+            auto_sync: Some(WRITE_PATH_SYNC_EVERY),
+            auto_sync_bytes: Some(WRITE_PATH_SYNC_BYTES),
+            ..CacheConfig::with_capacity(capacity_bytes)
+        }
+    }
+
     /// The default settings with a capacity limit. Segments are kept to an eighth of the
     /// limit (at most the default size), so trimming frees space in steps a full log can use.
     pub fn with_capacity(capacity_bytes: Option<u64>) -> CacheConfig {
@@ -199,6 +219,10 @@ pub struct Cache {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// A write-path log's own sync cadence (see [`CacheConfig::write_path`]).
+pub const WRITE_PATH_SYNC_EVERY: Duration = Duration::from_millis(200);
+pub const WRITE_PATH_SYNC_BYTES: u64 = 16 << 20;
+
 const CHECKPOINT_FILE: &str = "checkpoint";
 /// How far the source images are durable (written by the agent through the log's API).
 pub const SOURCE_SEQ_FILE: &str = "source.seq";
@@ -262,6 +286,13 @@ impl Cache {
     /// nor durable yet: see [`Cache::wait_written`] and [`Cache::wait_durable`]).
     pub fn append(&self, entry: &Entry<'_>) -> Result<u64> {
         let prepared = Prepared::new(entry, self.shared.config.compress).map_err(Error::Invalid)?;
+        self.append_prepared(&prepared)
+    }
+
+    /// Append one record, compressing its payload where that saves space whatever the
+    /// log's setting (for appends off the client's path, like a resync's blocks).
+    pub fn append_compressed(&self, entry: &Entry<'_>) -> Result<u64> {
+        let prepared = Prepared::new(entry, true).map_err(Error::Invalid)?;
         self.append_prepared(&prepared)
     }
 
@@ -764,6 +795,8 @@ struct Tail {
     len: u64,
     /// Last seq written to this file and not yet synced (0 if clean).
     dirty_seq: u64,
+    /// Bytes written to this file since the last sync was handed out.
+    dirty_bytes: u64,
 }
 
 /// Whether the tail should be synced now: someone waits for durability, the log is
@@ -777,7 +810,11 @@ fn sync_due(sh: &Shared, st: &State, tail: &Tail, dirty_since: Option<Instant>) 
             || match (sh.config.auto_sync, dirty_since) {
                 (Some(every), Some(t)) => t.elapsed() >= every,
                 _ => false,
-            })
+            }
+            || sh
+                .config
+                .auto_sync_bytes
+                .is_some_and(|b| tail.dirty_bytes >= b))
 }
 
 /// Longest the writer holds a sync back to let more concurrent writers join it.
@@ -843,6 +880,7 @@ fn writer_loop(sh: Arc<Shared>, (id, file, len): (u64, Arc<dyn VFile>, u64)) {
         file,
         len,
         dirty_seq: 0,
+        dirty_bytes: 0,
     };
     let (sync_tx, sync_rx) = crossbeam_channel::bounded::<SyncJob>(1);
     let syncer = {
@@ -948,6 +986,7 @@ fn writer_body(sh: &Shared, tail: &mut Tail, sync_tx: &crossbeam_channel::Sender
             }
         };
         tail.dirty_seq = 0;
+        tail.dirty_bytes = 0;
         dirty_since = None;
         sync_started = Some(Instant::now());
         if sync_tx.send(job).is_err() {
@@ -983,6 +1022,7 @@ fn sync_tail(sh: &Shared, tail: &mut Tail) -> Result<()> {
         seg.durable_bytes = tail.len;
     }
     tail.dirty_seq = 0;
+    tail.dirty_bytes = 0;
     let durable = st.durable_seq;
     drop(st);
     unpark_durable(sh, durable);
@@ -1030,6 +1070,7 @@ fn write_chunks(
                 file,
                 len: SEGMENT_HEADER_BYTES as u64,
                 dirty_seq: 0,
+                dirty_bytes: 0,
             };
         }
         if chunk.bytes.is_empty() {
@@ -1038,6 +1079,7 @@ fn write_chunks(
         let path = sh.dir.join(segment::file_name(tail.id));
         tail.file.write_all_at(&chunk.bytes, tail.len).at(&path)?;
         tail.len += chunk.bytes.len() as u64;
+        tail.dirty_bytes += chunk.bytes.len() as u64;
         tail.dirty_seq = chunk.last_seq;
         if dirty_since.is_none() {
             *dirty_since = Some(Instant::now());

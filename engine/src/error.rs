@@ -39,8 +39,8 @@ pub enum Error {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
-    /// Another process holds the vault lock.
-    #[error("vault is in use by {0}")]
+    /// Another process holds a lock of the vault (the vault's or a VM's); names the holder.
+    #[error("in use by {0}")]
     Locked(String),
     /// The request conflicts with the current state (a second protect, a failover after
     /// commit, …).

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod process;
 pub mod record;
 pub mod replica;
+pub mod runtime;
 pub mod segment;
 pub mod vault;
 pub mod vfs;

@@ -18,8 +18,49 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The view `spec` names in `replica` (`latest` is the newest point: the caller processes
+/// first to make it the lowest-RPO one).
+pub fn view_of(replica: &crate::replica::Replica, vm: &str, spec: PointSpec) -> Result<View> {
+    Ok(match spec {
+        PointSpec::Latest => {
+            let p = replica
+                .latest_point()
+                .ok_or_else(|| super::unknown_point(vm, "yet"))?;
+            replica.view_point(p.id)?
+        }
+        PointSpec::Seq(seq) => replica
+            .view_seq(seq)
+            .map_err(|e| outside_window(replica, vm, &spec, e))?,
+        PointSpec::Time(t) => replica
+            .view_time(t)
+            .map_err(|e| outside_window(replica, vm, &spec, e))?,
+        other => replica.view_point(resolve_existing(replica, vm, other)?.id)?,
+    })
+}
+
+/// Whether `rec` can take a (test) failover now.
+fn check_failover(vm: &str, rec: &super::VmRecord, test: bool) -> Result<()> {
+    if test {
+        if rec.test_failover.is_some() {
+            return Err(Error::Conflict(format!(
+                    "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
+                )));
+        }
+        if rec.state == VmState::FailedOver {
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is failed over; a test failover needs a protected VM"
+            )));
+        }
+    } else if rec.test_failover.is_some() {
+        return Err(Error::Conflict(format!(
+                "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
+            )));
+    }
+    Ok(())
+}
+
 /// One materialized disk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FailoverDisk {
     pub name: String,
     pub path: PathBuf,
@@ -29,7 +70,7 @@ pub struct FailoverDisk {
 }
 
 /// What a failover produced.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FailoverReport {
     pub vm: String,
     pub test: bool,
@@ -60,23 +101,25 @@ impl Vault {
     ) -> Result<FailoverReport> {
         let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?.clone();
-        if test {
-            if rec.test_failover.is_some() {
-                return Err(Error::Conflict(format!(
-                    "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
-                )));
-            }
-            if rec.state == VmState::FailedOver {
-                return Err(Error::Conflict(format!(
-                    "VM '{vm}' is failed over; a test failover needs a protected VM"
-                )));
-            }
-        } else if rec.test_failover.is_some() {
-            return Err(Error::Conflict(format!(
-                "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
-            )));
-        }
+        check_failover(vm, &rec, test)?;
         let view = self.resolve_view(vm, &rec, spec)?;
+        self.failover_from_view(vm, &view, out, test, test_network, progress)
+    }
+
+    /// The failover of `vm` to `view`, which the caller took from the VM's replica (under
+    /// the VM's lock, or from the live views of the process that owns the VM): the images,
+    /// `vm.json`, and the catalog's record of it.
+    pub fn failover_from_view(
+        &mut self,
+        vm: &str,
+        view: &View,
+        out: Option<&Path>,
+        test: bool,
+        test_network: Option<&str>,
+        progress: &mut dyn Progress,
+    ) -> Result<FailoverReport> {
+        let rec = self.live_vm(vm)?.clone();
+        check_failover(vm, &rec, test)?;
         let rg = rec.target.resource_group.clone();
         let network = match (test, test_network) {
             (true, Some(n)) => n.to_string(),
@@ -107,7 +150,7 @@ impl Vault {
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
         }
         std::fs::create_dir_all(&tmp).at(&tmp)?;
-        let result = self.materialize_all(&view, &rec.disks, &tmp, &dir, progress);
+        let result = self.materialize_all(view, &rec.disks, &tmp, &dir, progress);
         let disks = match result {
             Ok(d) => d,
             Err(e) => {
@@ -155,6 +198,12 @@ impl Vault {
         self.update(|c| {
             let vmrec = c.vm_mut(vm)?;
             if test {
+                if vmrec.test_failover.is_some() {
+                    // Another test failover (through the VM's owner) got there first.
+                    return Err(Error::Conflict(format!(
+                        "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
+                    )));
+                }
                 vmrec.test_failover = Some(frec);
                 vmrec.state = VmState::TestFailover;
             } else {
@@ -187,21 +236,7 @@ impl Vault {
             replica = p.into_replica();
             cache.close()?;
         }
-        Ok(match spec {
-            PointSpec::Latest => {
-                let p = replica
-                    .latest_point()
-                    .ok_or_else(|| super::unknown_point(vm, "yet"))?;
-                replica.view_point(p.id)?
-            }
-            PointSpec::Seq(seq) => replica
-                .view_seq(seq)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
-            PointSpec::Time(t) => replica
-                .view_time(t)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
-            other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
-        })
+        view_of(&replica, vm, spec)
     }
 
     /// A point of a VM for mounting: its view, held with the VM's lock until dropped.

@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 pub const FILE_NAME: &str = "lock";
 
@@ -22,9 +23,14 @@ pub struct VaultLock {
 pub enum LockWait {
     /// Fail at once with [`Error::Locked`].
     Fail,
-    /// Block until the holder releases it.
+    /// Wait until the holder releases it.
     Block,
+    /// Wait at most this long, then fail with [`Error::Locked`] naming the holder.
+    Until(Duration),
 }
+
+/// How often a waiter looks again (it takes the lock within this of its release).
+const POLL: Duration = Duration::from_millis(20);
 
 fn flock(f: &File, nonblocking: bool) -> std::io::Result<bool> {
     let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
@@ -54,10 +60,28 @@ pub fn acquire(dir: &Path, who: &str, wait: LockWait) -> Result<VaultLock> {
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
     if !flock(&f, true).map_err(|e| Error::io(&path, e))? {
-        if wait == LockWait::Fail {
-            return Err(Error::Locked(holder(&mut f)));
+        // Polled rather than a blocking flock: the waiter can give up at its deadline, and
+        // it takes the lock as soon as it is free, whoever frees it.
+        let deadline = match wait {
+            LockWait::Fail => return Err(Error::Locked(holder(&mut f))),
+            LockWait::Block => None,
+            LockWait::Until(d) => Some((Instant::now() + d, d)),
+        };
+        loop {
+            std::thread::sleep(POLL);
+            if flock(&f, true).map_err(|e| Error::io(&path, e))? {
+                break;
+            }
+            if let Some((at, d)) = deadline {
+                if Instant::now() >= at {
+                    return Err(Error::Locked(format!(
+                        "{} (gave up after waiting {}; stop it first, or pass a longer --wait)",
+                        holder(&mut f),
+                        humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
+                    )));
+                }
+            }
         }
-        flock(&f, false).map_err(|e| Error::io(&path, e))?;
     }
     let note = format!("pid {}: {who}\n", std::process::id());
     f.set_len(0).map_err(|e| Error::io(&path, e))?;
@@ -95,5 +119,34 @@ mod tests {
         }
         drop(first);
         acquire(dir.path(), "test two", LockWait::Fail).unwrap();
+    }
+
+    #[test]
+    fn a_waiter_gives_up_at_its_deadline_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = acquire(dir.path(), "standby agent web01", LockWait::Fail).unwrap();
+        match acquire(
+            dir.path(),
+            "two",
+            LockWait::Until(Duration::from_millis(100)),
+        ) {
+            Err(Error::Locked(who)) => {
+                assert!(who.contains("standby agent web01"), "{who}");
+                assert!(who.contains("gave up"), "{who}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_the_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = acquire(dir.path(), "one", LockWait::Fail).unwrap();
+        let d = dir.path().to_path_buf();
+        let waiter = std::thread::spawn(move || acquire(&d, "two", LockWait::Block).map(drop));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "took a held lock");
+        drop(first);
+        waiter.join().unwrap().unwrap();
     }
 }

@@ -24,7 +24,7 @@ mod status;
 pub use catalog::{
     Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource, VmRecord, VmState,
 };
-pub use failover::{sha256_sparse, FailoverDisk, FailoverReport, MountHandle, Sha256Hex};
+pub use failover::{sha256_sparse, view_of, FailoverDisk, FailoverReport, MountHandle, Sha256Hex};
 pub use lock::LockWait;
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
@@ -232,19 +232,36 @@ impl Vault {
 
     fn acquire(&self, dir: &Path, wait: LockWait) -> Result<lock::VaultLock> {
         match lock::acquire(dir, &self.who, LockWait::Fail) {
-            Err(Error::Locked(holder)) if wait == LockWait::Block => {
+            Err(Error::Locked(holder)) if wait != LockWait::Fail => {
                 if let Some(f) = &self.on_wait {
                     f(&holder);
                 }
                 // Ask a holder that yields (`process --follow` of a remote VM) to let go.
-                let wanted = dir.join(WANTED_FILE);
+                // One file per waiter, so one waiter's success never hides another's wish.
+                let wanted = dir.join(format!("{WANTED_FILE}.{}", std::process::id()));
                 let _ = std::fs::write(&wanted, self.who.as_bytes());
-                let got = lock::acquire(dir, &self.who, LockWait::Block);
+                let got = lock::acquire(dir, &self.who, wait);
                 let _ = std::fs::remove_file(&wanted);
                 got
             }
             other => other,
         }
+    }
+
+    /// Take the lock in `dir` (a VM's directory), waiting as `wait` says.
+    pub(crate) fn acquire_dir(&self, dir: &Path, wait: LockWait) -> Result<lock::VaultLock> {
+        self.acquire(dir, wait)
+    }
+
+    /// Whether some command waits for the lock in `dir` (a yielding holder lets go).
+    pub fn lock_wanted(dir: &Path) -> bool {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(WANTED_FILE))
+            })
+        })
     }
 
     /// Change the catalog: under the vault lock, re-read it, apply `f`, store it.
@@ -284,11 +301,16 @@ impl Vault {
         &self.root
     }
 
+    /// Where throw-away files of a VM go (a writable mount's overlays).
+    pub fn vm_scratch(&self, vm: &str) -> PathBuf {
+        self.vm_dir(vm)
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
 
-    fn vm_dir(&self, vm: &str) -> PathBuf {
+    pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
     }
 
@@ -418,7 +440,7 @@ impl Vault {
             &specs,
             ReplicaConfig::default(),
         )?;
-        let config = CacheConfig::with_capacity(record.cache_capacity_bytes);
+        let config = CacheConfig::write_path(record.cache_capacity_bytes);
         let (cache, _) = Cache::open(vm_dir.join("cache"), config)?;
         let cache = Arc::new(cache);
         let _vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
@@ -481,14 +503,14 @@ impl Vault {
         Ok(policy_name)
     }
 
-    fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {
+    pub(crate) fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {
         let rec = self.live_vm(vm)?;
-        let config = CacheConfig::with_capacity(rec.cache_capacity_bytes);
+        let config = CacheConfig::write_path(rec.cache_capacity_bytes);
         let (cache, _) = Cache::open(self.vm_dir(vm).join("cache"), config)?;
         Ok(Arc::new(cache))
     }
 
-    fn open_replica(&self, vm: &str) -> Result<Replica> {
+    pub(crate) fn open_replica(&self, vm: &str) -> Result<Replica> {
         self.live_vm(vm)?;
         Ok(Replica::open(
             self.vfs.clone(),
@@ -680,9 +702,23 @@ impl Vault {
     ) -> Result<(VerifyReport, Option<PointInfo>)> {
         let _lock = self.lock_vm(vm)?;
         let replica = self.open_replica(vm)?;
+        let cache = self.open_cache(vm)?;
+        let result = self.verify_open(vm, spec, &replica, &cache);
+        cache.close()?;
+        result
+    }
+
+    /// [`Vault::verify`] of a VM whose replica and log the caller has open (the process
+    /// that owns the VM).
+    pub fn verify_open(
+        &self,
+        vm: &str,
+        spec: Option<PointSpec>,
+        replica: &Replica,
+        cache: &Cache,
+    ) -> Result<(VerifyReport, Option<PointInfo>)> {
         let mut report = replica.verify()?;
         // The change log: reading every retained record verifies every frame.
-        let cache = self.open_cache(vm)?;
         let first = cache.stats().first_seq;
         let mut reader = cache.reader(first)?;
         loop {
@@ -702,7 +738,6 @@ impl Vault {
                 Err(e) => return Err(e),
             }
         }
-        cache.close()?;
         let point = match spec {
             None => None,
             Some(PointSpec::Id(id)) => {
@@ -717,7 +752,7 @@ impl Vault {
                 None
             }
             Some(other) => {
-                let p = resolve_existing(&replica, vm, other)?;
+                let p = resolve_existing(replica, vm, other)?;
                 report.damage.retain(|d| d.points.contains(&p.id));
                 Some(p)
             }

@@ -2,27 +2,20 @@
 //!
 //! - `protect_remote` registers the VM with the disks its agent declared to the cache
 //!   service (the agent's first run ships every allocated block: the initial replication).
-//! - `follow` keeps pulling the VM's records into the vault's staging log and processing
-//!   them, reconnecting as needed; it holds the VM's lock only while connected, and lets go
-//!   of it whenever another command waits for it (failover, mount, point), then resumes.
-//!   Every second it writes `vms/VM/status.json` (the live status) for `standby status`.
+//! - the follower (`crate::runtime::follow`) pulls the VM's records into the vault's
+//!   staging log and processes them; every second it writes `vms/VM/status.json` (the live
+//!   status) for `standby status`.
 
-use super::{
-    catalog, lock, placements, ProtectRequest, RemoteSource, Vault, VmRecord, VmState, WANTED_FILE,
-};
+use super::{catalog, placements, ProtectRequest, RemoteSource, Vault, VmRecord, VmState};
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, Result};
-use crate::link::pull::{self, PullStatus};
+use crate::link::pull::PullStatus;
 use crate::link::tls::{Credentials, Role};
 use crate::link::wire::{self, DiskInfo, Msg, PeerRole};
 use crate::link::{self, auth, Security};
-use crate::process::{PassReport, Processor};
 use crate::replica::{DiskSpec, Replica, ReplicaConfig};
-use parking_lot::Mutex;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// The file `follow` keeps the live status of a remote VM in.
 pub const STATUS_FILE: &str = "status.json";
@@ -169,185 +162,8 @@ impl Vault {
 /// One event worth telling the operator.
 pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Pull and process one remote VM until `stop` is set. Returns early only if the VM stops
-/// being replicated (failed over, committed, unprotected).
-pub fn follow(
-    root: &Path,
-    who: &str,
-    vm: &str,
-    every: Duration,
-    stop: &AtomicBool,
-    log: Log,
-) -> Result<()> {
-    let status = Arc::new(Mutex::new(PullStatus::default()));
-    let mut backoff = Duration::from_millis(200);
-    let mut last_error: Option<String> = None;
-    while !stop.load(Ordering::SeqCst) {
-        let vault = Vault::open(root, who, lock::LockWait::Block)?;
-        let rec = match vault.catalog.vm(vm) {
-            Ok(r) => r.clone(),
-            Err(_) => return Ok(()),
-        };
-        let Some(remote) = rec.remote.clone() else {
-            return Err(Error::Invalid(format!("VM '{vm}' is not a remote VM")));
-        };
-        if rec.committed || rec.state == VmState::FailedOver {
-            log(&format!("{vm}: failed over; no longer pulled"));
-            return Ok(());
-        }
-        let expected: Vec<DiskInfo> = rec
-            .disks
-            .iter()
-            .map(|d| DiskInfo {
-                name: d.name.clone(),
-                size_bytes: d.size_bytes,
-            })
-            .collect();
-        let attempt = (|| -> Result<bool> {
-            let security = vault.link_security(remote.insecure_loopback)?;
-            let l = link::connect(&remote.cache, &security, PeerRole::Processor, vm)?;
-            // Connected: now own the VM (waiting for whoever has it).
-            let vm_dir = vault.vm_dir(vm);
-            let _lock = vault.acquire(&vm_dir, lock::LockWait::Block)?;
-            let staging = vault.open_cache(vm)?;
-            let processor = Processor::new(
-                staging.clone(),
-                vault.open_replica(vm)?,
-                vault.vm_policy(vm)?,
-            )?;
-            let result = run_connected(
-                &vault, vm, &vm_dir, &staging, processor, l, &expected, &status, stop, every, &log,
-            );
-            staging.close()?;
-            result
-        })();
-        match attempt {
-            Ok(yielded) => {
-                backoff = Duration::from_millis(200);
-                if yielded {
-                    // Someone waits for the VM: give them time to take the lock.
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if last_error.as_deref() != Some(&msg) {
-                    log(&format!("{vm}: {msg}"));
-                    last_error = Some(msg.clone());
-                }
-                {
-                    let mut st = status.lock();
-                    st.connected = false;
-                    st.last_error = Some(msg);
-                }
-                let _ = write_status_file(&vault, vm, None, &status.lock());
-                let until = Instant::now() + backoff;
-                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Run a connected session: pull on one thread, process here every `every`, publish the
-/// status every second. Returns `Ok(true)` if it let go because another command wants the
-/// VM, `Ok(false)` if `stop` was set.
-#[allow(clippy::too_many_arguments)]
-fn run_connected(
-    vault: &Vault,
-    vm: &str,
-    vm_dir: &Path,
-    staging: &Arc<Cache>,
-    mut processor: Processor,
-    l: link::Link,
-    expected: &[DiskInfo],
-    status: &Arc<Mutex<PullStatus>>,
-    stop: &AtomicBool,
-    every: Duration,
-    log: &Log,
-) -> Result<bool> {
-    let session_stop = Arc::new(AtomicBool::new(false));
-    let puller = {
-        let (staging, status, session_stop, expected) = (
-            staging.clone(),
-            status.clone(),
-            session_stop.clone(),
-            expected.to_vec(),
-        );
-        let (r, w) = (l.reader, l.writer);
-        std::thread::spawn(move || pull::session(&staging, r, w, &expected, &status, &session_stop))
-    };
-    log(&format!("{vm}: pulling from the cache service"));
-    let mut last_pass = Instant::now() - every;
-    let mut last_status = Instant::now() - Duration::from_secs(1);
-    let mut yielded = false;
-    let mut failure = None;
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if vm_dir.join(WANTED_FILE).exists() {
-            yielded = true;
-            break;
-        }
-        if puller.is_finished() {
-            break;
-        }
-        if last_pass.elapsed() >= every {
-            last_pass = Instant::now();
-            match processor.run_pass() {
-                Ok(r) => report_pass(vm, &r, log),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        if last_status.elapsed() >= Duration::from_secs(1) {
-            last_status = Instant::now();
-            let st = vault.status_of(vm, staging, processor.replica());
-            let _ = write_status_file(vault, vm, st.ok(), &status.lock());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    session_stop.store(true, Ordering::SeqCst);
-    let pulled = puller
-        .join()
-        .unwrap_or_else(|_| Err(Error::Link("the puller panicked".into())));
-    // Whatever arrived is processed before the VM changes hands.
-    let pass = processor.run_pass();
-    if let Ok(r) = &pass {
-        report_pass(vm, r, log);
-    }
-    let st = vault.status_of(vm, staging, processor.replica());
-    let _ = write_status_file(vault, vm, st.ok(), &status.lock());
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    pass?;
-    if stop.load(Ordering::SeqCst) || yielded {
-        return Ok(yielded);
-    }
-    pulled.map(|()| false)
-}
-
-fn report_pass(vm: &str, r: &PassReport, log: &Log) {
-    if !r.points.is_empty() || !r.prune.pruned_points.is_empty() {
-        log(&format!(
-            "{vm}: applied {} records, {} new point(s), {} pruned, durable to seq {}",
-            r.applied,
-            r.points.len(),
-            r.prune.pruned_points.len(),
-            r.durable_seq
-        ));
-    }
-}
-
 /// The live status of a remote VM as `follow` sees it: the vault's view plus the link.
-fn write_status_file(
+pub(crate) fn write_status_file(
     vault: &Vault,
     vm: &str,
     st: Option<super::VmStatus>,

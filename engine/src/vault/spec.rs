@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::UNIX_EPOCH;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PointSpec {
     /// Process everything pending, cut a point, use it (lowest RPO).
     Latest,

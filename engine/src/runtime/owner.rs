@@ -1,0 +1,275 @@
+//! The owner of a VM answers control requests from its live processor: the embedded agent
+//! and the target's follower each own a VM's log and replica for as long as they run, so a
+//! point, points, status, verify, a test failover or a mount of that VM is served here,
+//! from views published by the processor, while the VM's writes go on.
+//!
+//! Invariant: the processor's lock is held only to build a view (a view pins the layers it
+//! reads, so pruning never frees them under it) or to cut a point; materializing, serving
+//! and hashing run without it, so processing goes on meanwhile.
+
+use super::control::{Handler, Reply, Request};
+use super::{Event, Events};
+use crate::agent::Agent;
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::mount::MountDisk;
+use crate::nbd::{BlockDevice, ExportList, Server, ServerConfig};
+use crate::process::Processor;
+use crate::record::{Consistency, Marker};
+use crate::replica::{PointKind, View};
+use crate::vault::{view_of, LockWait, NoProgress, PointSpec, Vault, VmState};
+use parking_lot::Mutex;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A VM as its owning process holds it.
+pub struct VmOwner {
+    pub(crate) root: PathBuf,
+    pub(crate) who: String,
+    pub(crate) vm: String,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) processor: Arc<Mutex<Processor>>,
+    /// The write tap, when the owner is the embedded agent (points go through it as
+    /// markers, ordered with the VM's writes).
+    pub(crate) agent: Option<Arc<Agent>>,
+    pub(crate) events: Events,
+}
+
+impl VmOwner {
+    fn vault(&self) -> Result<Vault> {
+        Vault::open(&self.root, &self.who, LockWait::Block)
+    }
+
+    /// The view `spec` names. `latest` first makes every acknowledged write durable and
+    /// processes it (lowest RPO), cutting a point if anything changed since the last.
+    pub fn view(&self, spec: PointSpec) -> Result<View> {
+        let failed_over = self.vault()?.catalog().vm(&self.vm)?.state == VmState::FailedOver;
+        if spec == PointSpec::Latest && !failed_over {
+            if let Some(a) = &self.agent {
+                a.make_durable()?;
+            }
+        }
+        let mut p = self.processor.lock();
+        if spec == PointSpec::Latest && !failed_over {
+            let r = p.run_pass()?;
+            self.report_points(&r.points);
+            if p.replica().changed_since_last_point() {
+                let pt = p.cut_point(PointKind::CrashConsistent, None)?;
+                self.report_points(std::slice::from_ref(&pt));
+            }
+        }
+        view_of(p.replica(), &self.vm, spec)
+    }
+
+    fn report_points(&self, points: &[crate::replica::PointInfo]) {
+        for pt in points {
+            (self.events)(Event::Point {
+                vm: self.vm.clone(),
+                point: pt.clone(),
+            });
+        }
+    }
+
+    fn point(&self, app: bool, name: Option<String>) -> Result<Reply> {
+        if let Some(n) = &name {
+            if n.len() > crate::record::MAX_NAME_BYTES {
+                return Err(Error::Invalid("point name is too long".into()));
+            }
+        }
+        let Some(agent) = &self.agent else {
+            // A remote VM: its staging log mirrors the source's, so nothing is appended
+            // here; a crash-consistent point is cut where processing stands.
+            if app {
+                return Err(Error::Conflict(format!(
+                    "VM '{}' is replicated from a remote site: app-consistent points are cut by its agent there",
+                    self.vm
+                )));
+            }
+            let mut p = self.processor.lock();
+            let r = p.run_pass()?;
+            self.report_points(&r.points);
+            if p.in_resync() {
+                return Err(Error::Conflict(format!(
+                    "VM '{}' is in the middle of a resync: no consistent point can be cut until it ends",
+                    self.vm
+                )));
+            }
+            let pt = p
+                .replica_mut()
+                .cut_point(PointKind::CrashConsistent, name.as_deref())?;
+            p.replica_mut().flush()?;
+            self.report_points(std::slice::from_ref(&pt));
+            return Ok(Reply::Point {
+                seq: pt.seq,
+                point: Some(pt),
+            });
+        };
+        let marker = Marker {
+            consistency: if app {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            },
+            name,
+            group: None,
+        };
+        let seq = agent.marker(&marker)?;
+        let mut p = self.processor.lock();
+        let report = p.run_pass()?;
+        self.report_points(&report.points);
+        let pt = report
+            .points
+            .into_iter()
+            .find(|pt| pt.seq == seq)
+            .or_else(|| p.replica().points().into_iter().find(|pt| pt.seq == seq))
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "the marker at seq {seq} cut no point (the VM is in a resync window)"
+                ))
+            })?;
+        Ok(Reply::Point {
+            seq,
+            point: Some(pt),
+        })
+    }
+
+    fn status(&self) -> Result<Reply> {
+        let vault = self.vault()?;
+        let p = self.processor.lock();
+        let mut st = vault.status_of(&self.vm, &self.cache, p.replica())?;
+        drop(p);
+        if let Some(a) = &self.agent {
+            if let Some(bytes) = a.resync_pending() {
+                st.reasons.push(format!(
+                    "the change log could not take writes: {bytes} bytes of blocks to resync"
+                ));
+            }
+        }
+        Ok(Reply::Status {
+            status: serde_json::to_value(&st)
+                .map_err(|e| Error::Invalid(format!("cannot encode the status: {e}")))?,
+            owner_pid: std::process::id(),
+            resync_bytes: self.agent.as_ref().and_then(|a| a.resync_pending()),
+        })
+    }
+
+    fn test_failover(
+        &self,
+        spec: PointSpec,
+        out: Option<PathBuf>,
+        network: Option<String>,
+    ) -> Result<Reply> {
+        let mut vault = self.vault()?;
+        let rec = vault.catalog().vm(&self.vm)?.clone();
+        if rec.test_failover.is_some() {
+            return Err(Error::Conflict(format!(
+                "a test failover of VM '{}' is already up; run `standby test-failover-cleanup {}` first",
+                self.vm, self.vm
+            )));
+        }
+        let view = self.view(spec)?;
+        let report = vault.failover_from_view(
+            &self.vm,
+            &view,
+            out.as_deref(),
+            true,
+            network.as_deref(),
+            &mut NoProgress,
+        )?;
+        Ok(Reply::TestFailover { report })
+    }
+
+    fn mount(
+        &self,
+        spec: PointSpec,
+        listen: &str,
+        writable: bool,
+        answer: &mut dyn FnMut(Result<Reply>),
+        conn: &UnixStream,
+    ) {
+        let started = (|| -> Result<(Server, Reply)> {
+            let vault = self.vault()?;
+            let rec = vault.catalog().vm(&self.vm)?.clone();
+            let view = Arc::new(self.view(spec)?);
+            let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+            for (i, d) in rec.disks.iter().enumerate() {
+                let dev = if writable {
+                    let scratch = vault.vm_scratch(&self.vm).join(format!(
+                        "mount-{}-{}-{}.overlay",
+                        std::process::id(),
+                        crate::now_us(),
+                        d.name
+                    ));
+                    MountDisk::writable(view.clone(), i as u16, &scratch)?
+                } else {
+                    MountDisk::read_only(view.clone(), i as u16)?
+                };
+                exports.push((d.name.clone(), Arc::new(dev)));
+            }
+            let server = Server::start(
+                listen,
+                Arc::new(ExportList(exports)),
+                ServerConfig::default(),
+            )
+            .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
+            let reply = Reply::Mounted {
+                addr: server.local_addr().to_string(),
+                disks: rec.disks.iter().map(|d| d.name.clone()).collect(),
+                point: view.point().cloned(),
+                seq: view.seq(),
+                time_us: view.time_us(),
+            };
+            Ok((server, reply))
+        })();
+        match started {
+            Err(e) => answer(Err(e)),
+            Ok((mut server, reply)) => {
+                answer(Ok(reply));
+                // Serve until the client goes (its command stopped or was killed).
+                let mut b = [0u8; 64];
+                let mut r = conn;
+                while let Ok(n) = std::io::Read::read(&mut r, &mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                server.stop();
+            }
+        }
+    }
+}
+
+impl Handler for VmOwner {
+    fn handle(&self, req: Request, answer: &mut dyn FnMut(Result<Reply>), conn: &UnixStream) {
+        let r = match req {
+            Request::Point { app, name } => self.point(app, name),
+            Request::Marker { .. } => Err(Error::Invalid(
+                "markers are written through a source-site agent (`standby point --journal`)"
+                    .into(),
+            )),
+            Request::Status => self.status(),
+            Request::Points => Ok(Reply::Points {
+                points: self.processor.lock().replica().points_with_bytes(),
+            }),
+            Request::Verify { point: spec } => (|| {
+                let vault = self.vault()?;
+                let p = self.processor.lock();
+                let (report, point) =
+                    vault.verify_open(&self.vm, spec, p.replica(), &self.cache)?;
+                Ok(Reply::Verify { report, point })
+            })(),
+            Request::TestFailover {
+                point,
+                out,
+                network,
+            } => self.test_failover(point, out, network),
+            Request::Mount {
+                point,
+                listen,
+                writable,
+            } => return self.mount(point, &listen, writable, answer, conn),
+        };
+        answer(r)
+    }
+}

@@ -1,0 +1,328 @@
+//! The source site's agent: serves a VM's disks over NBD through the write tap over a local
+//! journal, ships the journal to the cache service, and answers `marker` requests (points
+//! cut at the source) on a control socket in the journal directory.
+//!
+//! State files in the journal directory, written through the Vfs ([`super::flag`]):
+//! `resync.required` is durable before the first write bypasses the journal (the dirty
+//! bitmap lives in memory: if the process dies, every allocated block is shipped again on
+//! the next start); `initialized` once the first run's initial copy began.
+
+use super::control::{ControlServer, Handler, Reply, Request};
+use super::{flag, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use crate::agent::{Agent, SourceDisk};
+use crate::cache::{Cache, CacheConfig};
+use crate::error::{Error, Result};
+use crate::link::ship::{Shipper, ShipperConfig};
+use crate::link::wire::{AgentState, DiskInfo};
+use crate::link::Security;
+use crate::nbd::Server;
+use crate::record::{Consistency, Marker};
+use crate::vault::lock::{self, LockWait, VaultLock};
+use crate::vfs::{RealFs, Vfs};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Set before the agent first writes around its journal; cleared when the resync that
+/// follows is done.
+pub const RESYNC_FLAG: &str = "resync.required";
+/// Set once the agent's first run has begun its initial copy.
+pub const INITIALIZED: &str = "initialized";
+/// The running agent's control socket, in its journal directory.
+pub const SOCKET: &str = "agent.sock";
+
+/// Settings of a source-site agent.
+pub struct SourceOptions {
+    pub vm: String,
+    /// The cache service's address.
+    pub cache: String,
+    pub security: Security,
+    pub journal: PathBuf,
+    pub journal_capacity: Option<u64>,
+    /// Source disks: name and raw image.
+    pub disks: Vec<(String, PathBuf)>,
+    pub listen: String,
+    pub events: Events,
+}
+
+/// A running source-site agent.
+pub struct SourceAgent {
+    vm: String,
+    agent: Arc<Agent>,
+    journal: Arc<Cache>,
+    server: Server,
+    shipper: Option<Shipper>,
+    control: Option<ControlServer>,
+    stop: Arc<AtomicBool>,
+    worker: Option<JoinHandle<Result<()>>>,
+    events: Events,
+    _lock: VaultLock,
+}
+
+struct Markers {
+    agent: Arc<Agent>,
+}
+
+impl Handler for Markers {
+    fn handle(&self, req: Request, answer: &mut dyn FnMut(Result<Reply>), _: &UnixStream) {
+        answer(match req {
+            Request::Marker { app, name } => {
+                let marker = Marker {
+                    consistency: if app {
+                        Consistency::App
+                    } else {
+                        Consistency::Crash
+                    },
+                    name,
+                    group: None,
+                };
+                self.agent
+                    .marker(&marker)
+                    .map(|seq| Reply::Point { point: None, seq })
+            }
+            _ => Err(Error::Invalid(
+                "a source-site agent answers marker requests only; ask the target's vault for the rest".into(),
+            )),
+        })
+    }
+}
+
+impl SourceAgent {
+    pub fn start(o: SourceOptions) -> Result<SourceAgent> {
+        Self::start_with(Arc::new(RealFs), o)
+    }
+
+    /// Start with the given filesystem for the agent's state files.
+    pub fn start_with(vfs: Arc<dyn Vfs>, o: SourceOptions) -> Result<SourceAgent> {
+        crate::vault::check_name("VM", &o.vm)?;
+        if o.disks.is_empty() {
+            return Err(Error::Invalid(
+                "the agent needs at least one --disk NAME=PATH".into(),
+            ));
+        }
+        crate::link::resolve(&o.cache, &o.security)?;
+        std::fs::create_dir_all(&o.journal).map_err(|e| Error::io(&o.journal, e))?;
+        let lock = lock::acquire(&o.journal, &format!("agent {}", o.vm), LockWait::Fail)?;
+        let mut disks = Vec::new();
+        for (name, path) in &o.disks {
+            crate::vault::check_name("disk", name)?;
+            if disks.iter().any(|d: &SourceDisk| &d.name == name) {
+                return Err(Error::Invalid(format!("disk '{name}' is named twice")));
+            }
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            if !meta.is_file() || meta.len() == 0 || meta.len() % 512 != 0 {
+                return Err(Error::Invalid(format!(
+                    "{} is not a raw image whose size is a non-zero multiple of 512 bytes",
+                    path.display()
+                )));
+            }
+            disks.push(SourceDisk {
+                name: name.clone(),
+                path: std::path::absolute(path).map_err(|e| Error::io(path, e))?,
+                size_bytes: meta.len(),
+            });
+        }
+        let infos: Vec<DiskInfo> = disks
+            .iter()
+            .map(|d| DiskInfo {
+                name: d.name.clone(),
+                size_bytes: d.size_bytes,
+            })
+            .collect();
+        let (journal, report) = Cache::open_with(
+            vfs.clone(),
+            o.journal.join("log"),
+            CacheConfig::write_path(o.journal_capacity),
+        )?;
+        if let Some((file, offset, n, why)) = &report.truncated {
+            (o.events)(Event::Notice(format!(
+                "journal: cut a torn tail of {n} bytes at byte {offset} of {} ({why})",
+                file.display()
+            )));
+        }
+        let journal = Arc::new(journal);
+        let agent = Arc::new(Agent::open(journal.clone(), disks)?);
+        {
+            let (vfs, dir) = (vfs.clone(), o.journal.clone());
+            agent.on_bitmap(move || flag::set(&*vfs, &dir, RESYNC_FLAG));
+        }
+        if !flag::is_set(&*vfs, &o.journal, INITIALIZED)? {
+            (o.events)(Event::Notice(format!(
+                "{}: first run: shipping every allocated block (initial replication)",
+                o.vm
+            )));
+            agent.require_full_resync()?;
+            flag::set(&*vfs, &o.journal, INITIALIZED)?;
+        } else if flag::is_set(&*vfs, &o.journal, RESYNC_FLAG)? {
+            (o.events)(Event::Notice(format!(
+                "{}: the dirty bitmap of an earlier run was lost with it; shipping every allocated block again",
+                o.vm
+            )));
+            agent.require_full_resync()?;
+        }
+        let server = super::serve_disks(&agent, &o.listen)?;
+        let shipper = {
+            let (agent, journal) = (agent.clone(), journal.clone());
+            let events = o.events.clone();
+            Shipper::start(
+                journal.clone(),
+                ShipperConfig {
+                    addr: o.cache.clone(),
+                    security: o.security.clone(),
+                    vm: o.vm.clone(),
+                    disks: infos,
+                },
+                move || {
+                    let st = journal.stats();
+                    AgentState {
+                        resync_bytes: agent.resync_pending().unwrap_or(0),
+                        bitmap_mode: agent.resync_pending().is_some(),
+                        journal_bytes: st.stored_bytes,
+                        journal_seq: st.next_seq - 1,
+                    }
+                },
+                move |line: &str| events(Event::Notice(line.to_string())),
+            )
+        };
+        let control = ControlServer::start(
+            &o.journal.join(SOCKET),
+            &o.vm,
+            Arc::new(Markers {
+                agent: agent.clone(),
+            }),
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (agent, stop, vm, events) =
+                (agent.clone(), stop.clone(), o.vm.clone(), o.events.clone());
+            let (vfs, dir) = (vfs.clone(), o.journal.clone());
+            std::thread::Builder::new()
+                .name("standby-drain".into())
+                .spawn(move || {
+                    let r = drain_loop(&agent, &*vfs, &dir, &stop, &vm, &events);
+                    stop.store(true, Ordering::SeqCst);
+                    r
+                })
+                .map_err(|e| Error::io("drain thread", e))?
+        };
+        Ok(SourceAgent {
+            vm: o.vm,
+            agent,
+            journal,
+            server,
+            shipper: Some(shipper),
+            control: Some(control),
+            stop,
+            worker: Some(worker),
+            events: o.events,
+            _lock: lock,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub fn disks(&self) -> Vec<String> {
+        self.agent.disks().map(|d| d.name.clone()).collect()
+    }
+
+    /// Run until `stop` is set (or the write path fails), then stop cleanly: no new
+    /// requests, everything durable and in the source images, and shipped if the cache
+    /// service can be reached soon.
+    pub fn run_until(mut self, stop: &AtomicBool) -> Result<()> {
+        while !stop.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.control.take();
+        self.stop.store(true, Ordering::SeqCst);
+        let result = match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Invalid("the drain thread panicked".into())),
+            None => Ok(()),
+        };
+        self.server.stop();
+        self.agent.flush()?;
+        let last = self.journal.durable_seq();
+        if let Some(shipper) = self.shipper.take() {
+            if !shipper.wait_acked(last, Duration::from_secs(10)) {
+                (self.events)(Event::Notice(format!(
+                    "{}: the cache service has not acknowledged everything; the journal keeps it for the next run",
+                    self.vm
+                )));
+            }
+            shipper.stop();
+        }
+        let SourceAgent { agent, .. } = self;
+        let agent = Arc::try_unwrap(agent)
+            .map_err(|_| Error::Invalid("agent still in use at shutdown".into()))?;
+        agent.close()?;
+        result
+    }
+}
+
+/// Ask the agent running with its journal in `journal` to write a marker; returns its
+/// sequence number once it is durable in the journal.
+pub fn marker(journal: &Path, vm: &str, app: bool, name: Option<&str>) -> Result<u64> {
+    let sock = journal.join(SOCKET);
+    let req = Request::Marker {
+        app,
+        name: name.map(str::to_string),
+    };
+    match super::control::ask_once(&sock, vm, &req) {
+        Some(Ok(Reply::Point { seq, .. })) => Ok(seq),
+        Some(Ok(other)) => Err(Error::Conflict(format!(
+            "unexpected reply from the agent: {other:?}"
+        ))),
+        Some(Err(e)) => Err(e),
+        None => Err(Error::NotFound(format!(
+            "no agent is running with its journal in {} (no {})",
+            journal.display(),
+            sock.display()
+        ))),
+    }
+}
+
+fn drain_loop(
+    agent: &Agent,
+    vfs: &dyn Vfs,
+    dir: &Path,
+    stop: &AtomicBool,
+    vm: &str,
+    events: &Events,
+) -> Result<()> {
+    let mut last_sync = Instant::now();
+    let mut resyncing = agent.resync_pending().is_some();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(DRAIN_EVERY);
+        if let Some(bytes) = agent.resync_pending() {
+            if !resyncing {
+                events(Event::Notice(format!(
+                    "{vm}: the journal is full (the cache service is unreachable or full); tracking writes in the dirty bitmap ({bytes} bytes so far)"
+                )));
+                resyncing = true;
+            }
+            if agent.resync_step(RESYNC_STEP_BYTES)? {
+                // Everything is in the journal again: the flag can go.
+                flag::clear(vfs, dir, RESYNC_FLAG)?;
+                resyncing = false;
+                events(Event::Notice(format!(
+                    "{vm}: resync finished; replicating through the journal again"
+                )));
+            }
+        }
+        let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
+        if let Err(e) = agent.drain(persist) {
+            events(Event::Trouble(format!("{vm}: agent: {e}")));
+            return Err(e);
+        }
+        if persist {
+            last_sync = Instant::now();
+        }
+    }
+    Ok(())
+}
