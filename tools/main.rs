@@ -260,8 +260,8 @@ enum PolicyCmd {
         #[arg(long, value_parser = parse_duration)]
         crash_interval: Option<Duration>,
         /// How often app-consistent points are expected, or `off`.
-        #[arg(long, value_parser = parse_optional_duration)]
-        app_interval: Option<Option<Duration>>,
+        #[arg(long, value_parser = parse_interval, value_name = "DURATION|off")]
+        app_interval: Option<Interval>,
         /// Points older than this are pruned.
         #[arg(long, value_parser = parse_duration)]
         retention: Option<Duration>,
@@ -338,11 +338,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}' is not a duration like 30s, 5m, 1h, 2d: {e}"))
 }
 
-fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+/// A duration or `off`. Its own type because clap's derive reads `Option<Option<T>>` as
+/// "a flag with an optional value" and would then ask for a bare `T`.
+#[derive(Clone, Copy, Debug)]
+struct Interval(Option<Duration>);
+
+fn parse_interval(s: &str) -> Result<Interval, String> {
     if s == "off" {
-        Ok(None)
+        Ok(Interval(None))
     } else {
-        parse_duration(s).map(Some)
+        parse_duration(s).map(|d| Interval(Some(d)))
     }
 }
 
@@ -462,7 +467,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             if let Some(d) = crash_interval {
                 p.crash_interval = d;
             }
-            if let Some(d) = app_interval {
+            if let Some(Interval(d)) = app_interval {
                 p.app_interval = d;
             }
             if let Some(d) = retention {

