@@ -395,3 +395,58 @@ fn policy_set_app_interval_takes_a_duration_or_off() {
     let err = env.fails(&["policy", "set", "x", "--app-interval", "sometimes"], 2);
     assert!(err.contains("sometimes"), "{err}");
 }
+
+/// Run with stdout into a pipe whose reader is already gone, so every write fails.
+fn into_closed_pipe(env: &Env, args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    env.cmd(args)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let env = Env::new();
+    let vault = env.vault.to_str().unwrap().to_string();
+    let other = env.path("other-vault");
+    env.ok(&["init", &vault]);
+    env.ok(&["protect", "vm1", "--disk", "os=new:1MiB"]);
+    env.ok(&["point", "vm1", "--name", "a"]);
+    for args in [
+        vec!["init", other.as_str()],
+        vec!["policy", "set", "gold", "--retention", "48h"],
+        vec!["policy", "list"],
+        vec!["policy", "list", "--json"],
+        vec!["point", "vm1", "--name", "b"],
+        vec!["points", "vm1"],
+        vec!["points", "vm1", "--json"],
+        vec!["status"],
+        vec!["status", "vm1", "--json"],
+        vec!["process"],
+        vec!["verify", "vm1"],
+        vec!["verify", "vm1", "--json"],
+        vec!["test-failover", "vm1", "--point", "latest-processed"],
+        vec!["test-failover-cleanup", "vm1"],
+        vec!["--help"],
+        vec!["status", "--help"],
+    ] {
+        let out = into_closed_pipe(&env, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        no_panic(&err);
+        assert_eq!(out.status.code(), Some(0), "standby {args:?}: {err}");
+        assert!(err.is_empty(), "standby {args:?}: {err}");
+    }
+    // The commands did their work even though nobody read what they said.
+    let points = env.json(&["points", "vm1", "--json"]);
+    let names: Vec<&str> = points["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(names.contains(&"b"), "{names:?}");
+    assert!(std::path::Path::new(&other).join("catalog").exists());
+}

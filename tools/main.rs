@@ -3,6 +3,18 @@
 //! on stderr and exit status 1 (2 for usage errors). Nothing here touches vault files
 //! directly.
 
+/// Every line the CLI prints to stdout goes through [`output::line`]: this shadows std's
+/// `println!` for the whole crate (the modules below included), so a closed pipe
+/// (`standby status | head -1`) ends the command quietly instead of panicking.
+macro_rules! println {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod agent;
 mod demo;
 mod output;
