@@ -450,3 +450,31 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(names.contains(&"b"), "{names:?}");
     assert!(std::path::Path::new(&other).join("catalog").exists());
 }
+
+#[test]
+fn an_empty_standby_vault_counts_as_unset() {
+    let env = Env::new();
+    let out = env
+        .cmd(&["status"])
+        .env("STANDBY_VAULT", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    no_panic(&err);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no vault given"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // And a set one still works, as does --vault over it.
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    env.ok(&["status"]);
+    let out = env
+        .cmd(&["--vault", env.vault.to_str().unwrap(), "status"])
+        .env("STANDBY_VAULT", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

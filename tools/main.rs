@@ -55,8 +55,8 @@ Examples:
     after_help = EXAMPLES
 )]
 struct Cli {
-    /// The vault directory (or set STANDBY_VAULT).
-    #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT", global = true)]
+    /// The vault directory (default: $STANDBY_VAULT; set but empty counts as unset).
+    #[arg(long, value_name = "VAULT", global = true)]
     vault: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -445,9 +445,21 @@ static VAULT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 
 /// The vault this command works on.
 fn vault() -> Result<PathBuf, Error> {
-    VAULT.get().cloned().flatten().ok_or_else(|| {
-        Error::Invalid("no vault given: pass --vault VAULT or set STANDBY_VAULT".into())
-    })
+    // Read here rather than by clap, which refuses a set-but-empty variable as a missing
+    // value of --vault.
+    let from_env = || {
+        std::env::var_os("STANDBY_VAULT")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    VAULT
+        .get()
+        .cloned()
+        .flatten()
+        .or_else(from_env)
+        .ok_or_else(|| {
+            Error::Invalid("no vault given: pass --vault VAULT or set STANDBY_VAULT".into())
+        })
 }
 
 fn who(what: &str) -> String {
