@@ -478,3 +478,41 @@ fn an_empty_standby_vault_counts_as_unset() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn new_disks_are_created_inside_the_vault_per_vm() {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    let mut created = Vec::new();
+    for vm in ["vm1", "vm2"] {
+        let out = env.ok(&["protect", vm, "--disk", "data=new:1MiB"]);
+        let path = env.vault.join("sources").join(vm).join("data.raw");
+        assert!(
+            out.contains(&format!("created disk data: {}", path.display())),
+            "{out}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        let st = env.json(&["status", vm, "--json"]);
+        assert_eq!(
+            st["vms"][0]["disks"][0]["source"].as_str(),
+            Some(path.to_str().unwrap())
+        );
+        created.push(path);
+    }
+    assert_ne!(created[0], created[1]);
+    // Nothing lands in the current directory any more.
+    assert!(!env.root.join("data.raw").exists());
+    // An explicit path after the size is honoured.
+    let at = env.root.join("images/logs.raw");
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    let spec = format!("logs=new:2MiB:{}", at.display());
+    let out = env.ok(&["protect", "vm3", "--disk", &spec]);
+    assert!(
+        out.contains(&format!("created disk logs: {}", at.display())),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(&at).unwrap().len(), 2 << 20);
+    // A disk of an existing image is not reported as created.
+    let out = env.ok(&["protect", "vm4", "--disk", &format!("os={}", at.display())]);
+    assert!(!out.contains("created disk"), "{out}");
+}

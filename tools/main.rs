@@ -297,8 +297,9 @@ enum PolicyCmd {
 #[derive(Args)]
 struct ProtectArgs {
     vm: String,
-    /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one (repeatable).
-    #[arg(long = "disk", value_name = "NAME=PATH", required_unless_present = "cache", value_parser = parse_disk)]
+    /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one at
+    /// VAULT/sources/VM/NAME.raw, or NAME=new:SIZE:PATH to create it at PATH (repeatable).
+    #[arg(long = "disk", value_name = "NAME=PATH|NAME=new:SIZE[:PATH]", required_unless_present = "cache", value_parser = parse_disk)]
     disks: Vec<(String, DiskSource)>,
     /// The VM's source site is remote: its agent ships to the cache service at ADDR, which
     /// says what disks it has (start the agent first).
@@ -402,13 +403,13 @@ fn parse_disk(s: &str) -> Result<(String, DiskSource), String> {
     let (name, path) =
         parse_pair(s).map_err(|_| format!("'{s}' is not NAME=PATH or NAME=new:SIZE"))?;
     let src = match path.strip_prefix("new:") {
-        Some(rest) => {
-            let (size, file) = match rest.split_once(':') {
-                Some((size, file)) => (size, PathBuf::from(file)),
-                None => (rest, PathBuf::from(format!("{name}.raw"))),
-            };
-            DiskSource::New(file, parse_size(size)?)
-        }
+        Some(rest) => match rest.split_once(':') {
+            Some((size, file)) if !file.is_empty() => {
+                DiskSource::New(PathBuf::from(file), parse_size(size)?)
+            }
+            Some(_) => return Err(format!("'{s}' has no PATH after new:SIZE:")),
+            None => DiskSource::NewInVault(parse_size(rest)?),
+        },
         None => DiskSource::Existing(PathBuf::from(path)),
     };
     Ok((name, src))
@@ -867,6 +868,12 @@ fn protect(a: ProtectArgs) -> Result<(), Error> {
         r.initial_point.id,
         r.initial_point.seq
     );
+    for (name, path) in &r.created {
+        println!(
+            "created disk {name}: {} (an empty sparse image; attach it to the VM)",
+            path.display()
+        );
+    }
     println!(
         "target: resource group {}, network {}, subnet {}{}",
         rec.target.resource_group,
