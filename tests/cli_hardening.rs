@@ -516,3 +516,86 @@ fn new_disks_are_created_inside_the_vault_per_vm() {
     let out = env.ok(&["protect", "vm4", "--disk", &format!("os={}", at.display())]);
     assert!(!out.contains("created disk"), "{out}");
 }
+
+/// A VM with one small disk, protected in a fresh vault.
+fn protected() -> Env {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    env.ok(&["protect", "vm1", "--disk", "os=new:1MiB"]);
+    env
+}
+
+fn point_names(env: &Env) -> Vec<String> {
+    let v = env.json(&["points", "vm1", "--json"]);
+    v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn thaw_runs_after_a_failed_quiesce_and_after_a_failed_cut() {
+    let env = protected();
+    let thawed = env.root.join("thawed");
+    let thaw = format!("touch {}", thawed.display());
+    let point = |name: &str, quiesce: &str, thaw: &str| {
+        env.run(&[
+            "point",
+            "vm1",
+            "--app-consistent",
+            "--name",
+            name,
+            "--quiesce-command",
+            quiesce,
+            "--thaw-command",
+            thaw,
+        ])
+    };
+    let line = |out: &Output| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        no_panic(&err);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    };
+
+    // The quiesce fails: nothing is cut, the guest is thawed, the line says both.
+    let err = line(&point("frozen", "exit 3", &thaw));
+    assert!(thawed.exists(), "the thaw command did not run: {err}");
+    assert!(err.contains("the quiesce command failed"), "{err}");
+    assert!(err.contains("nothing was cut"), "{err}");
+    assert!(err.contains("the thaw command ran and succeeded"), "{err}");
+    assert!(!point_names(&env).contains(&"frozen".to_string()));
+
+    // The quiesce works but the cut fails (a name past the limit): thawed all the same.
+    std::fs::remove_file(&thawed).unwrap();
+    let long = "n".repeat(2000);
+    let err = line(&point(&long, "true", &thaw));
+    assert!(thawed.exists(), "the thaw command did not run: {err}");
+    assert!(err.contains("too long"), "{err}");
+    assert!(err.contains("the thaw command ran and succeeded"), "{err}");
+
+    // Both fail: the line names both.
+    let err = line(&point("x", "exit 3", "exit 4"));
+    assert!(err.contains("the quiesce command failed"), "{err}");
+    assert!(err.contains("the thaw command failed"), "{err}");
+
+    // The cut works and only the thaw fails: the point exists and the line says so.
+    let err = line(&point("kept", "true", "exit 4"));
+    assert!(err.contains("cut point"), "{err}");
+    assert!(err.contains("but the thaw command failed"), "{err}");
+    assert!(point_names(&env).contains(&"kept".to_string()));
+
+    // And all well: exit 0, thawed.
+    std::fs::remove_file(&thawed).unwrap();
+    let out = point("fine", "true", &thaw);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(thawed.exists());
+    assert!(point_names(&env).contains(&"fine".to_string()));
+}

@@ -160,10 +160,12 @@ enum Command {
         app_consistent: bool,
         #[arg(long)]
         name: Option<String>,
-        /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest.
+        /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest;
+        /// if it fails, nothing is cut (and the thaw command still runs).
         #[arg(long, requires = "app_consistent")]
         quiesce_command: Option<String>,
-        /// Run this after the marker (always, even if cutting failed).
+        /// Run this after the marker: always, also when the quiesce command or the cut
+        /// failed, so the guest is never left frozen.
         #[arg(long, requires = "app_consistent")]
         thaw_command: Option<String>,
         /// At the source site of a remote VM: write the marker through the running agent
@@ -607,14 +609,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             thaw_command,
             journal: Some(journal),
         } => {
-            if let Some(cmd) = &quiesce_command {
-                run_hook("quiesce", cmd)?;
-            }
-            let result = remote::marker(&journal, &vm, app_consistent, name.as_deref());
-            if let Some(cmd) = &thaw_command {
-                run_hook("thaw", cmd)?;
-            }
-            let seq = result?;
+            let hooked = with_hooks(
+                quiesce_command.as_deref(),
+                thaw_command.as_deref(),
+                || remote::marker(&journal, &vm, app_consistent, name.as_deref()),
+                |seq| format!("wrote the marker for {vm} at seq {seq}"),
+            );
+            let seq = match hooked {
+                Ok(seq) => seq,
+                Err(line) => {
+                    eprintln!("standby: {line}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
             println!(
                 "wrote {} marker for {vm} at seq {seq}; the target cuts the point when it arrives",
                 if app_consistent {
@@ -634,14 +641,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             let mut vault = open_vault(&vault()?, &who("point"))?;
             vault.catalog().vm(&vm)?;
-            if let Some(cmd) = &quiesce_command {
-                run_hook("quiesce", cmd)?;
-            }
-            let result = cut_point(&mut vault, &vm, app_consistent, name.as_deref());
-            if let Some(cmd) = &thaw_command {
-                run_hook("thaw", cmd)?;
-            }
-            let p = result?;
+            let hooked = with_hooks(
+                quiesce_command.as_deref(),
+                thaw_command.as_deref(),
+                || cut_point(&mut vault, &vm, app_consistent, name.as_deref()),
+                |p| format!("cut point {} of {vm} at seq {}", p["id"], p["seq"]),
+            );
+            let p = match hooked {
+                Ok(p) => p,
+                Err(line) => {
+                    eprintln!("standby: {line}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
             println!(
                 "cut point {} of {vm} at seq {} ({}, {})",
                 p["id"],
@@ -805,18 +817,41 @@ fn cut_point(
     Ok(output::point_json(&p, None))
 }
 
-/// Run an operator's hook with `sh -c`; a failure stops the command.
-fn run_hook(what: &str, cmd: &str) -> Result<(), Error> {
+/// Run an operator's hook with `sh -c`; the error is what to tell the operator.
+fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
-        .map_err(|e| Error::Invalid(format!("cannot run the {what} command: {e}")))?;
+        .map_err(|e| format!("the {what} command could not be started ({e}): {cmd}"))?;
     if !status.success() {
-        return Err(Error::Invalid(format!(
-            "the {what} command failed ({status}): {cmd}"
-        )));
+        return Err(format!("the {what} command failed ({status}): {cmd}"));
     }
     Ok(())
+}
+
+/// Cut between the quiesce and the thaw hook. Once quiesce was attempted the thaw hook
+/// always runs — after a failed quiesce (nothing is cut then: the guest may not be
+/// consistent) and after a failed cut too — so a guest is never left frozen. The error is
+/// one line that says what happened to each step; `done` describes a cut that worked
+/// when only the thaw failed.
+fn with_hooks<T>(
+    quiesce: Option<&str>,
+    thaw: Option<&str>,
+    cut: impl FnOnce() -> Result<T, Error>,
+    done: impl FnOnce(&T) -> String,
+) -> Result<T, String> {
+    let cut = match quiesce.map(|c| run_hook("quiesce", c)) {
+        Some(Err(q)) => Err(format!("{q}; nothing was cut")),
+        _ => cut().map_err(|e| output::one_line(&e)),
+    };
+    let thawed = thaw.map(|c| run_hook("thaw", c));
+    match (cut, thawed) {
+        (Ok(v), None | Some(Ok(()))) => Ok(v),
+        (Ok(v), Some(Err(t))) => Err(format!("{}, but {t}", done(&v))),
+        (Err(e), None) => Err(e),
+        (Err(e), Some(Ok(()))) => Err(format!("{e}; the thaw command ran and succeeded")),
+        (Err(e), Some(Err(t))) => Err(format!("{e}; {t} too")),
+    }
 }
 
 fn protect(a: ProtectArgs) -> Result<(), Error> {
