@@ -599,3 +599,180 @@ fn thaw_runs_after_a_failed_quiesce_and_after_a_failed_cut() {
     assert!(thawed.exists());
     assert!(point_names(&env).contains(&"fine".to_string()));
 }
+
+fn manifest(dir: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("vm.json")).unwrap()).unwrap()
+}
+
+/// Write one block through the VM's write tap; returns its seq.
+fn write_block(env: &Env, fill: u8) -> u64 {
+    use standby_engine::vault::{LockWait, Vault};
+    let v = Vault::open(&env.vault, "test", LockWait::Block).unwrap();
+    let agent = v.agent("vm1").unwrap();
+    let seq = agent.write(0, 0, &[fill; 4096], false).unwrap();
+    agent.close().unwrap();
+    seq
+}
+
+#[test]
+fn a_test_failover_maps_every_network_to_its_isolated_twin() {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    let protect = |vm: &str, extra: &[&str]| {
+        let mut args = vec![
+            "protect",
+            vm,
+            "--disk",
+            "os=new:1MiB",
+            "--network",
+            "prod-net",
+        ];
+        args.extend_from_slice(extra);
+        env.run(&args)
+    };
+    // --target-network contradicting the mapping of the source network is refused.
+    let out = protect(
+        "bad",
+        &[
+            "--target-network",
+            "other-net",
+            "--network-mapping",
+            "prod-net=dr-net",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("contradicts"), "{err}");
+    assert!(
+        err.contains("other-net") && err.contains("prod-net=dr-net"),
+        "{err}"
+    );
+    let st = env.json(&["status", "--json"]);
+    assert!(st["vms"].as_array().unwrap().is_empty(), "{st}");
+    // Agreeing ones are fine, and the mapping alone sets the target network.
+    let out = protect(
+        "same",
+        &[
+            "--target-network",
+            "dr-net",
+            "--network-mapping",
+            "prod-net=dr-net",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = protect(
+        "vm1",
+        &[
+            "--network-mapping",
+            "prod-net=dr-net",
+            "--network-mapping",
+            "mgmt=mgmt-dr",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = env.json(&["status", "vm1", "--json"]);
+    assert_eq!(st["vms"][0]["target"]["network"], "dr-net");
+
+    let tf = env.root.join("tf");
+    let tfs = tf.to_str().unwrap();
+    env.ok(&[
+        "test-failover",
+        "vm1",
+        "--point",
+        "latest-processed",
+        "--out",
+        tfs,
+    ]);
+    let m = manifest(&tf);
+    assert_eq!(m["target"]["network"], "dr-net-test");
+    assert_eq!(m["network_mapping"]["prod-net"], "dr-net-test");
+    assert_eq!(m["network_mapping"]["mgmt"], "mgmt-dr-test");
+    env.ok(&["test-failover-cleanup", "vm1"]);
+    env.ok(&[
+        "test-failover",
+        "vm1",
+        "--point",
+        "latest-processed",
+        "--out",
+        tfs,
+        "--network",
+        "iso",
+    ]);
+    let m = manifest(&tf);
+    assert_eq!(m["target"]["network"], "iso");
+    assert_eq!(m["network_mapping"]["prod-net"], "iso");
+    assert_eq!(m["network_mapping"]["mgmt"], "iso");
+    env.ok(&["test-failover-cleanup", "vm1"]);
+    // A real failover keeps the production mapping.
+    let fo = env.root.join("fo");
+    env.ok(&[
+        "failover",
+        "vm1",
+        "--point",
+        "latest-processed",
+        "--out",
+        fo.to_str().unwrap(),
+    ]);
+    let m = manifest(&fo);
+    assert_eq!(m["target"]["network"], "dr-net");
+    assert_eq!(m["network_mapping"]["prod-net"], "dr-net");
+    assert_eq!(m["network_mapping"]["mgmt"], "mgmt-dr");
+}
+
+fn has_micros(t: &str) -> bool {
+    // 2026-11-26T09:30:00.123456Z
+    let frac = t
+        .strip_suffix('Z')
+        .and_then(|t| t.rsplit_once('.'))
+        .map(|(_, f)| f);
+    frac.is_some_and(|f| f.len() == 6 && f.chars().all(|c| c.is_ascii_digit()))
+}
+
+#[test]
+fn a_failover_manifest_says_what_seq_or_time_chose() {
+    let env = protected();
+    let initial = env.json(&["points", "vm1", "--json"])["points"][0].clone();
+    let write_seq = write_block(&env, 7);
+    env.ok(&["point", "vm1", "--name", "after"]);
+    let out = env.root.join("tf");
+    let outs = out.to_str().unwrap();
+    let tf = |spec: &str| {
+        env.ok(&["test-failover", "vm1", "--point", spec, "--out", outs]);
+        let m = manifest(&out);
+        env.ok(&["test-failover-cleanup", "vm1"]);
+        m
+    };
+    // seq: of a point: the manifest names the point.
+    let m = tf(&format!("seq:{}", initial["seq"]));
+    assert_eq!(m["requested"], format!("seq:{}", initial["seq"]));
+    assert_eq!(m["point"]["id"], initial["id"]);
+    assert_eq!(m["seq"], initial["seq"]);
+    // seq: of a write: no point, but what was asked and what was chosen, to the µs.
+    let spec = format!("seq:{write_seq}");
+    let m = tf(&spec);
+    assert_eq!(m["requested"], spec);
+    assert!(m["point"].is_null(), "{m}");
+    assert_eq!(m["seq"], write_seq);
+    let t = m["time"].as_str().unwrap().to_string();
+    assert!(has_micros(&t), "{t}");
+    // time: with microseconds is taken at its word and echoed back.
+    let spec = format!("time:{t}");
+    let m = tf(&spec);
+    assert_eq!(m["requested"], spec);
+    assert!(m["seq"].as_u64().unwrap() >= write_seq, "{m}");
+    assert!(has_micros(m["time"].as_str().unwrap()), "{m}");
+    // A point's own time carries its microseconds too.
+    let m = tf("latest-processed");
+    assert_eq!(m["requested"], "latest-processed");
+    assert!(has_micros(m["point"]["time"].as_str().unwrap()), "{m}");
+    assert_eq!(m["point"]["name"], "after");
+}

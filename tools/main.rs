@@ -75,7 +75,7 @@ enum Command {
     Policy(PolicyCmd),
     /// Enable replication of a VM: register it, run initial replication, cut the initial point.
     #[command(
-        after_help = "Examples:\n  standby protect web01 --disk os=/images/web01.raw\n  standby protect db01 --disk os=/images/db01.raw --disk logs=new:10GiB \\\n      --resource-group prod --network prod-net --subnet db --availability-set db-set \\\n      --target-resource-group dr-prod --network-mapping prod-net=dr-net\n\nTarget settings default from the source: RG-asr, NET-asr, the same subnet, SET-asr."
+        after_help = "Examples:\n  standby protect web01 --disk os=/images/web01.raw\n  standby protect db01 --disk os=/images/db01.raw --disk logs=new:10GiB \\\n      --resource-group prod --network prod-net --subnet db --availability-set db-set \\\n      --target-resource-group dr-prod --network-mapping prod-net=dr-net\n\nTarget settings default from the source: RG-asr, NET-asr (or the network --network-mapping\nmaps NET to; a --target-network that contradicts it is refused), the same subnet, SET-asr."
     )]
     Protect(ProtectArgs),
     /// Apply pending changes into the replicas and cut points per policy.
@@ -199,7 +199,8 @@ enum Command {
     TestFailover {
         #[command(flatten)]
         f: FailoverArgs,
-        /// The isolated network (default: the target network with -test).
+        /// The isolated network (default: the target network with -test). vm.json maps every
+        /// source network to it (by default each mapped network to its own -test twin).
         #[arg(long)]
         network: Option<String>,
     },

@@ -7,7 +7,8 @@
 //! the previous failover (or none) intact.
 
 use super::{
-    now_us, resolve_existing, spec::rfc3339, FailoverRecord, PointSpec, Progress, Vault, VmState,
+    now_us, resolve_existing, spec::rfc3339, spec::rfc3339_micros, FailoverRecord, PointSpec,
+    Progress, Vault, VmState,
 };
 use crate::error::{Error, IoContext, Result};
 use crate::process::Processor;
@@ -33,7 +34,10 @@ pub struct FailoverDisk {
 pub struct FailoverReport {
     pub vm: String,
     pub test: bool,
-    /// The point used, when the spec named one (not for `seq:`/`time:` moments).
+    /// The point as it was asked for (`latest`, an id, `seq:N`, `time:…`).
+    pub requested: PointSpec,
+    /// The point the disks show: the one the spec named, or for a `seq:`/`time:` moment
+    /// the point at exactly that seq if there is one.
     pub point: Option<PointInfo>,
     pub seq: u64,
     pub time_us: u64,
@@ -44,6 +48,9 @@ pub struct FailoverReport {
     pub network: String,
     pub subnet: String,
     pub availability_set: Option<String>,
+    /// Source network to target network, as written into `vm.json`; for a test failover
+    /// every target is the isolated network.
+    pub network_mapping: std::collections::BTreeMap<String, String>,
 }
 
 impl Vault {
@@ -76,13 +83,24 @@ impl Vault {
                 "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
             )));
         }
-        let view = self.resolve_view(vm, &rec, spec)?;
+        let (view, point) = self.resolve_point(vm, &rec, spec)?;
         let rg = rec.target.resource_group.clone();
-        let network = match (test, test_network) {
-            (true, Some(n)) => n.to_string(),
-            (true, None) => format!("{}-test", rec.target.network),
-            (false, _) => rec.target.network.clone(),
+        // A test failover never names a production network: the target network and every
+        // mapping's target become their isolated twins (NET-test, or the --network given).
+        let isolated = |n: &str| match test_network {
+            Some(t) => t.to_string(),
+            None => format!("{n}-test"),
         };
+        let network = if test {
+            isolated(&rec.target.network)
+        } else {
+            rec.target.network.clone()
+        };
+        let network_mapping = rec
+            .network_mapping
+            .iter()
+            .map(|(s, d)| (s.clone(), if test { isolated(d) } else { d.clone() }))
+            .collect();
         let dir = match out {
             Some(d) => d.to_path_buf(),
             None => self
@@ -118,7 +136,8 @@ impl Vault {
         let report = FailoverReport {
             vm: vm.to_string(),
             test,
-            point: view.point().cloned(),
+            requested: spec,
+            point,
             seq: view.seq(),
             time_us: view.time_us(),
             manifest: dir.join("vm.json"),
@@ -128,8 +147,9 @@ impl Vault {
             network,
             subnet: rec.target.subnet.clone(),
             availability_set: rec.target.availability_set.clone(),
+            network_mapping,
         };
-        let manifest = vm_json(&report, &rec.network_mapping);
+        let manifest = vm_json(&report);
         let mpath = tmp.join("vm.json");
         std::fs::write(&mpath, manifest).at(&mpath)?;
         std::fs::File::open(&mpath)
@@ -166,6 +186,22 @@ impl Vault {
         Ok(report)
     }
 
+    /// The view `spec` names (the caller holds the VM's lock), and the point it shows: the
+    /// point `spec` names, or for a `seq:`/`time:` moment the point cut at exactly that seq.
+    fn resolve_point(
+        &self,
+        vm: &str,
+        rec: &super::VmRecord,
+        spec: PointSpec,
+    ) -> Result<(View, Option<PointInfo>)> {
+        let (view, points) = self.resolve_view_and_points(vm, rec, spec)?;
+        let point = match view.point() {
+            Some(p) => Some(p.clone()),
+            None => points.into_iter().find(|p| p.seq == view.seq()),
+        };
+        Ok((view, point))
+    }
+
     /// The view `spec` names (the caller holds the VM's lock). `latest` first processes
     /// everything pending and cuts a point, unless the VM is failed over.
     pub(crate) fn resolve_view(
@@ -174,6 +210,15 @@ impl Vault {
         rec: &super::VmRecord,
         spec: PointSpec,
     ) -> Result<View> {
+        Ok(self.resolve_view_and_points(vm, rec, spec)?.0)
+    }
+
+    fn resolve_view_and_points(
+        &self,
+        vm: &str,
+        rec: &super::VmRecord,
+        spec: PointSpec,
+    ) -> Result<(View, Vec<PointInfo>)> {
         let policy = self.vm_policy(vm)?;
         let mut replica = self.open_replica(vm)?;
         if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
@@ -187,7 +232,7 @@ impl Vault {
             replica = p.into_replica();
             cache.close()?;
         }
-        Ok(match spec {
+        let view = match spec {
             PointSpec::Latest => {
                 let p = replica
                     .latest_point()
@@ -201,7 +246,8 @@ impl Vault {
                 .view_time(t)
                 .map_err(|e| outside_window(&replica, vm, &spec, e))?,
             other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
-        })
+        };
+        Ok((view, replica.points()))
     }
 
     /// A point of a VM for mounting: its view, held with the VM's lock until dropped.
@@ -366,12 +412,12 @@ pub fn sha256_sparse(path: &Path, size: u64) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, String>) -> String {
+fn vm_json(r: &FailoverReport) -> String {
     let point = r.point.as_ref().map(|p| {
         serde_json::json!({
             "id": p.id,
             "seq": p.seq,
-            "time": rfc3339(p.time_us),
+            "time": rfc3339_micros(p.time_us),
             "kind": super::status::kind_str(p.kind),
             "name": p.name,
         })
@@ -379,16 +425,17 @@ fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, Stri
     let doc = serde_json::json!({
         "vm": r.vm,
         "test_failover": r.test,
+        "requested": r.requested.to_string(),
         "point": point,
         "seq": r.seq,
-        "time": rfc3339(r.time_us),
+        "time": rfc3339_micros(r.time_us),
         "target": {
             "resource_group": r.resource_group,
             "network": r.network,
             "subnet": r.subnet,
             "availability_set": r.availability_set,
         },
-        "network_mapping": mapping,
+        "network_mapping": r.network_mapping,
         "disks": r.disks,
     });
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();

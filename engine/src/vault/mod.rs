@@ -801,6 +801,28 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
             .unwrap_or_else(|| "default".into()),
         availability_set: req.source.availability_set.clone(),
     };
+    // The source network's entry of --network-mapping and --target-network say the same
+    // thing; each defaults from the other, and a contradiction is refused.
+    let mut mapped: BTreeMap<&str, &str> = BTreeMap::new();
+    for (s, d) in &req.network_mapping {
+        match mapped.insert(s, d) {
+            Some(prev) if prev != d => {
+                return Err(Error::Invalid(format!(
+                    "--network-mapping maps network {s} twice: to {prev} and to {d}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let mapped_target = mapped.get(source.network.as_str()).map(|d| d.to_string());
+    if let (Some(t), Some(m)) = (&req.target.network, &mapped_target) {
+        if t != m {
+            return Err(Error::Invalid(format!(
+                "--target-network {t} contradicts --network-mapping {}={m}; give one of them (or the same network in both)",
+                source.network
+            )));
+        }
+    }
     let target = Placement {
         resource_group: req
             .target
@@ -811,6 +833,7 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
             .target
             .network
             .clone()
+            .or(mapped_target)
             .unwrap_or_else(|| format!("{}-asr", source.network)),
         subnet: req
             .target

@@ -56,7 +56,8 @@ impl fmt::Display for PointSpec {
             PointSpec::LatestAppConsistent => f.write_str("latest-app-consistent"),
             PointSpec::Id(id) => write!(f, "{id}"),
             PointSpec::Seq(n) => write!(f, "seq:{n}"),
-            PointSpec::Time(us) => write!(f, "time:{}", rfc3339(*us)),
+            PointSpec::Time(us) if us % 1_000_000 == 0 => write!(f, "time:{}", rfc3339(*us)),
+            PointSpec::Time(us) => write!(f, "time:{}", rfc3339_micros(*us)),
         }
     }
 }
@@ -65,6 +66,13 @@ impl fmt::Display for PointSpec {
 pub fn rfc3339(us: u64) -> String {
     let t = UNIX_EPOCH + std::time::Duration::from_micros(us);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Format microseconds since the Unix epoch as RFC 3339 with every microsecond
+/// (`2026-11-26T09:30:00.123456Z`): what a manifest records and `time:` accepts back.
+pub fn rfc3339_micros(us: u64) -> String {
+    let t = UNIX_EPOCH + std::time::Duration::from_micros(us);
+    humantime::format_rfc3339_micros(t).to_string()
 }
 
 #[cfg(test)]
@@ -80,6 +88,7 @@ mod tests {
             "17",
             "seq:99",
             "time:2026-11-26T10:00:00Z",
+            "time:2026-11-26T10:00:00.000042Z",
         ] {
             let spec: PointSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
