@@ -776,3 +776,103 @@ fn a_failover_manifest_says_what_seq_or_time_chose() {
     assert!(has_micros(m["point"]["time"].as_str().unwrap()), "{m}");
     assert_eq!(m["point"]["name"], "after");
 }
+
+#[test]
+fn a_point_past_the_newest_write_says_exactly_what_is_wrong() {
+    let env = protected();
+    let newest = env.json(&["points", "vm1", "--json"])["points"][0]["seq"]
+        .as_u64()
+        .unwrap();
+    let err = env.fails(&["test-failover", "vm1", "--point", "seq:9999"], 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "seq 9999 is past the newest write of VM 'vm1' (seq {newest})"
+        )),
+        "{err}"
+    );
+    let err = env.fails(
+        &[
+            "test-failover",
+            "vm1",
+            "--point",
+            "time:2099-01-01T00:00:00Z",
+        ],
+        1,
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("time 2099-01-01T00:00:00.000000Z is in the future"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("the newest write of VM 'vm1' is seq {newest} at ")),
+        "{err}"
+    );
+    // A write in the log but not yet in the replica: say so, and what to run.
+    let logged = write_block(&env, 9);
+    let err = env.fails(
+        &["test-failover", "vm1", "--point", &format!("seq:{logged}")],
+        1,
+    );
+    assert!(err.contains("logged but not processed yet"), "{err}");
+    assert!(err.contains("standby process vm1"), "{err}");
+    let err = env.fails(&["mount", "vm1", "--point", "seq:9999"], 1);
+    assert!(
+        err.contains(&format!(
+            "seq 9999 is past the newest write of VM 'vm1' (seq {logged})"
+        )),
+        "{err}"
+    );
+    // Once processed it is a fine moment.
+    env.ok(&["process", "vm1"]);
+    let out = env.root.join("tf");
+    env.ok(&[
+        "test-failover",
+        "vm1",
+        "--point",
+        &format!("seq:{logged}"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(manifest(&out)["seq"], logged);
+}
+
+#[test]
+fn a_point_can_be_chosen_by_its_name_and_the_newest_of_a_name_wins() {
+    let env = protected();
+    let cut = |name: &str| -> u64 {
+        let out = env.ok(&["point", "vm1", "--name", name]);
+        // "cut point ID of vm1 at seq ..."
+        out.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    write_block(&env, 1);
+    let first = cut("nightly");
+    write_block(&env, 2);
+    let other = cut("before-upgrade");
+    write_block(&env, 3);
+    let second = cut("nightly");
+    assert!(first < second);
+    let out = env.root.join("tf");
+    let outs = out.to_str().unwrap();
+    // vm.json's `requested` is the spec in its plain form.
+    for (spec, want, requested) in [
+        ("nightly", second, "nightly"),
+        ("name:nightly", second, "nightly"),
+        ("before-upgrade", other, "before-upgrade"),
+        ("initial", 1, "initial"),
+    ] {
+        env.ok(&["test-failover", "vm1", "--point", spec, "--out", outs]);
+        let m = manifest(&out);
+        assert_eq!(m["point"]["id"], want, "{spec}: {m}");
+        assert_eq!(m["requested"], requested, "{spec}: {m}");
+        env.ok(&["test-failover-cleanup", "vm1"]);
+    }
+    let v = env.json(&["verify", "vm1", "--point", "before-upgrade", "--json"]);
+    assert_eq!(v["point"], other);
+    let err = env.fails(&["test-failover", "vm1", "--point", "nope"], 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no recovery point named 'nope'"), "{err}");
+    // A malformed form is still a usage error.
+    env.fails(&["test-failover", "vm1", "--point", "seq:x"], 2);
+}

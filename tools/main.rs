@@ -158,6 +158,7 @@ enum Command {
         /// Mark the point app-consistent (the guest was quiesced).
         #[arg(long)]
         app_consistent: bool,
+        /// Name the point; `--point NAME` picks it later (the newest, if names repeat).
         #[arg(long)]
         name: Option<String>,
         /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest;
@@ -189,7 +190,7 @@ enum Command {
     },
     /// Fail a VM over: materialize its disks at a point in the target resource group.
     #[command(
-        after_help = "POINT is latest, latest-processed, latest-app-consistent, a point id, seq:N or\ntime:RFC3339 (inside the any-moment window).\n\nExamples:\n  standby failover web01 --point latest\n  standby failover web01 --point time:2026-11-26T09:30:00Z --out /srv/recovered/web01"
+        after_help = "POINT is latest, latest-processed, latest-app-consistent, a point id, a point's name\n(the newest point of that name; name:NAME for a name that looks like another form), seq:N\nor time:RFC3339 (inside the any-moment window; fractions of a second are kept).\n\nExamples:\n  standby failover web01 --point latest\n  standby failover web01 --point before-upgrade\n  standby failover web01 --point time:2026-11-26T09:30:00Z --out /srv/recovered/web01"
     )]
     Failover(FailoverArgs),
     /// End a failover: it becomes final and the VM's recovery points are deleted.
@@ -341,7 +342,8 @@ struct ProtectArgs {
 #[derive(Args)]
 struct FailoverArgs {
     vm: String,
-    /// latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339.
+    /// latest, latest-processed, latest-app-consistent, an id, a name (the newest point of
+    /// that name), seq:N or time:RFC3339.
     #[arg(long, value_parser = parse_spec)]
     point: PointSpec,
     /// Output directory (default: VAULT/failover/TARGET-RG/VM).

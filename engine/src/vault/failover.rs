@@ -83,7 +83,7 @@ impl Vault {
                 "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
             )));
         }
-        let (view, point) = self.resolve_point(vm, &rec, spec)?;
+        let (view, point) = self.resolve_point(vm, &rec, spec.clone())?;
         let rg = rec.target.resource_group.clone();
         // A test failover never names a production network: the target network and every
         // mapping's target become their isolated twins (NET-test, or the --network given).
@@ -239,15 +239,68 @@ impl Vault {
                     .ok_or_else(|| super::unknown_point(vm, "yet"))?;
                 replica.view_point(p.id)?
             }
-            PointSpec::Seq(seq) => replica
-                .view_seq(seq)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
-            PointSpec::Time(t) => replica
-                .view_time(t)
-                .map_err(|e| outside_window(&replica, vm, &spec, e))?,
+            PointSpec::Seq(seq) => {
+                if seq > replica.applied_seq() {
+                    return Err(self.past_newest(vm, &replica, seq));
+                }
+                replica
+                    .view_seq(seq)
+                    .map_err(|e| outside_window(&replica, vm, &spec, e))?
+            }
+            PointSpec::Time(t) => {
+                let now = now_us();
+                if t > now {
+                    return Err(Error::Invalid(format!(
+                        "time {} is in the future (it is now {}); the newest write of VM '{vm}' is {}",
+                        rfc3339_micros(t),
+                        rfc3339_micros(now),
+                        self.newest_write(vm, &replica)
+                    )));
+                }
+                replica
+                    .view_time(t)
+                    .map_err(|e| outside_window(&replica, vm, &spec, e))?
+            }
             other => replica.view_point(resolve_existing(&replica, vm, other)?.id)?,
         };
         Ok((view, replica.points()))
+    }
+
+    /// The newest record of a VM's replica, in words, and any the log holds beyond it.
+    fn newest_write(&self, vm: &str, replica: &crate::replica::Replica) -> String {
+        let applied = replica.applied_seq();
+        let mut s = format!(
+            "seq {applied} at {}",
+            rfc3339_micros(replica.applied_time_us())
+        );
+        if let Some(logged) = self.logged_seq(vm).filter(|&l| l > applied) {
+            s.push_str(&format!(
+                " (seq {logged} is logged but not processed yet: `standby process {vm}`)"
+            ));
+        }
+        s
+    }
+
+    /// The newest durable seq in a VM's change log, if it can be read.
+    fn logged_seq(&self, vm: &str) -> Option<u64> {
+        let cache = self.open_cache(vm).ok()?;
+        let seq = cache.durable_seq();
+        let _ = cache.close();
+        Some(seq)
+    }
+
+    /// `seq:N` past what the replica holds: past the newest write, or not processed yet.
+    fn past_newest(&self, vm: &str, replica: &crate::replica::Replica, seq: u64) -> Error {
+        let applied = replica.applied_seq();
+        match self.logged_seq(vm) {
+            Some(logged) if logged >= seq => Error::NotFound(format!(
+                "seq {seq} of VM '{vm}' is logged but not processed yet (processed up to seq {applied}): run `standby process {vm}` first"
+            )),
+            logged => Error::NotFound(format!(
+                "seq {seq} is past the newest write of VM '{vm}' (seq {})",
+                logged.unwrap_or(applied).max(applied)
+            )),
+        }
     }
 
     /// A point of a VM for mounting: its view, held with the VM's lock until dropped.

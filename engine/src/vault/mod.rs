@@ -771,6 +771,18 @@ pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> 
         PointSpec::Id(id) => replica
             .point(id)
             .ok_or_else(|| unknown_point(vm, &id.to_string())),
+        // Names need not be unique: the newest point of that name.
+        PointSpec::Name(name) => points
+            .iter()
+            .rev()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .cloned()
+            .ok_or_else(|| {
+                unknown_point(
+                    vm,
+                    &format!("named '{name}' (a point is latest, latest-processed, latest-app-consistent, an id, a name, seq:N or time:RFC3339)"),
+                )
+            }),
         other => Err(Error::Invalid(format!(
             "'{other}' does not name a single recovery point"
         ))),
