@@ -778,10 +778,9 @@ pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> 
             .find(|p| p.name.as_deref() == Some(name.as_str()))
             .cloned()
             .ok_or_else(|| {
-                unknown_point(
-                    vm,
-                    &format!("named '{name}' (a point is latest, latest-processed, latest-app-consistent, an id, a name, seq:N or time:RFC3339)"),
-                )
+                Error::NotFound(format!(
+                    "VM '{vm}' has no recovery point named '{name}' (see `standby points {vm}`; a point is also latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339)"
+                ))
             }),
         other => Err(Error::Invalid(format!(
             "'{other}' does not name a single recovery point"
