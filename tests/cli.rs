@@ -362,7 +362,10 @@ fn mistakes_get_one_clear_line_and_a_non_zero_exit() {
     assert!(err.contains("no test failover"), "{err}");
     // Usage errors exit 2.
     env.fails(&["failover", "vm1"], 2);
-    env.fails(&["failover", "vm1", "--point", "yesterday"], 2);
+    env.fails(&["failover", "vm1", "--point", "time:yesterday"], 2);
+    // A bare word is a point's name: an unknown one is a plain error.
+    let err = env.fails(&["failover", "vm1", "--point", "yesterday"], 1);
+    assert!(err.contains("no recovery point named 'yesterday'"), "{err}");
     env.fails(&["protect", "vm2", "--disk", "nonsense"], 2);
     env.fails(&["policy", "set", "p", "--crash-interval", "soon"], 2);
     let err = env.fails(&["policy", "set", "p", "--crash-interval", "100ms"], 1);

@@ -3,6 +3,18 @@
 //! on stderr and exit status 1 (2 for usage errors). Nothing here touches vault files
 //! directly.
 
+/// Every line the CLI prints to stdout goes through [`output::line`]: this shadows std's
+/// `println!` for the whole crate (the modules below included), so a closed pipe
+/// (`standby status | head -1`) ends the command quietly instead of panicking.
+macro_rules! println {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod agent;
 mod demo;
 mod output;
@@ -44,8 +56,8 @@ Examples:
     after_help = EXAMPLES
 )]
 struct Cli {
-    /// The vault directory (or set STANDBY_VAULT).
-    #[arg(long, env = "STANDBY_VAULT", value_name = "VAULT", global = true)]
+    /// The vault directory (default: $STANDBY_VAULT; set but empty counts as unset).
+    #[arg(long, value_name = "VAULT", global = true)]
     vault: Option<PathBuf>,
     /// How long a command waits for a VM or vault another process holds before it gives
     /// up naming the holder (`forever` waits for good). Commands that a running agent or
@@ -70,7 +82,7 @@ enum Command {
     Policy(PolicyCmd),
     /// Enable replication of a VM: register it, run initial replication, cut the initial point.
     #[command(
-        after_help = "Examples:\n  standby protect web01 --disk os=/images/web01.raw\n  standby protect db01 --disk os=/images/db01.raw --disk logs=new:10GiB \\\n      --resource-group prod --network prod-net --subnet db --availability-set db-set \\\n      --target-resource-group dr-prod --network-mapping prod-net=dr-net\n\nTarget settings default from the source: RG-asr, NET-asr, the same subnet, SET-asr."
+        after_help = "Examples:\n  standby protect web01 --disk os=/images/web01.raw\n  standby protect db01 --disk os=/images/db01.raw --disk logs=new:10GiB \\\n      --resource-group prod --network prod-net --subnet db --availability-set db-set \\\n      --target-resource-group dr-prod --network-mapping prod-net=dr-net\n\nTarget settings default from the source: RG-asr, NET-asr (or the network --network-mapping\nmaps NET to; a --target-network that contradicts it is refused), the same subnet, SET-asr."
     )]
     Protect(ProtectArgs),
     /// Apply pending changes into the replicas and cut points per policy.
@@ -153,12 +165,15 @@ enum Command {
         /// Mark the point app-consistent (the guest was quiesced).
         #[arg(long)]
         app_consistent: bool,
+        /// Name the point; `--point NAME` picks it later (the newest, if names repeat).
         #[arg(long)]
         name: Option<String>,
-        /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest.
+        /// Run this (with sh -c) before an app-consistent marker, e.g. fsfreeze in the guest;
+        /// if it fails, nothing is cut (and the thaw command still runs).
         #[arg(long, requires = "app_consistent")]
         quiesce_command: Option<String>,
-        /// Run this after the marker (always, even if cutting failed).
+        /// Run this after the marker: always, also when the quiesce command or the cut
+        /// failed, so the guest is never left frozen.
         #[arg(long, requires = "app_consistent")]
         thaw_command: Option<String>,
         /// At the source site of a remote VM: write the marker through the running agent
@@ -182,7 +197,7 @@ enum Command {
     },
     /// Fail a VM over: materialize its disks at a point in the target resource group.
     #[command(
-        after_help = "POINT is latest, latest-processed, latest-app-consistent, a point id, seq:N or\ntime:RFC3339 (inside the any-moment window).\n\nExamples:\n  standby failover web01 --point latest\n  standby failover web01 --point time:2026-11-26T09:30:00Z --out /srv/recovered/web01"
+        after_help = "POINT is latest, latest-processed, latest-app-consistent, a point id, a point's name\n(the newest point of that name; name:NAME for a name that looks like another form), seq:N\nor time:RFC3339 (inside the any-moment window; fractions of a second are kept).\n\nExamples:\n  standby failover web01 --point latest\n  standby failover web01 --point before-upgrade\n  standby failover web01 --point time:2026-11-26T09:30:00Z --out /srv/recovered/web01"
     )]
     Failover(FailoverArgs),
     /// End a failover: it becomes final and the VM's recovery points are deleted.
@@ -192,7 +207,8 @@ enum Command {
     TestFailover {
         #[command(flatten)]
         f: FailoverArgs,
-        /// The isolated network (default: the target network with -test).
+        /// The isolated network (default: the target network with -test). vm.json maps every
+        /// source network to it (by default each mapped network to its own -test twin).
         #[arg(long)]
         network: Option<String>,
     },
@@ -267,8 +283,8 @@ enum PolicyCmd {
         #[arg(long, value_parser = parse_duration)]
         crash_interval: Option<Duration>,
         /// How often app-consistent points are expected, or `off`.
-        #[arg(long, value_parser = parse_optional_duration)]
-        app_interval: Option<Option<Duration>>,
+        #[arg(long, value_parser = parse_interval, value_name = "DURATION|off")]
+        app_interval: Option<Interval>,
         /// Points older than this are pruned.
         #[arg(long, value_parser = parse_duration)]
         retention: Option<Duration>,
@@ -292,8 +308,9 @@ enum PolicyCmd {
 #[derive(Args)]
 struct ProtectArgs {
     vm: String,
-    /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one (repeatable).
-    #[arg(long = "disk", value_name = "NAME=PATH", required_unless_present = "cache", value_parser = parse_disk)]
+    /// NAME=PATH of a raw image, or NAME=new:SIZE to create an empty sparse one at
+    /// VAULT/sources/VM/NAME.raw, or NAME=new:SIZE:PATH to create it at PATH (repeatable).
+    #[arg(long = "disk", value_name = "NAME=PATH|NAME=new:SIZE[:PATH]", required_unless_present = "cache", value_parser = parse_disk)]
     disks: Vec<(String, DiskSource)>,
     /// The VM's source site is remote: its agent ships to the cache service at ADDR, which
     /// says what disks it has (start the agent first).
@@ -332,7 +349,8 @@ struct ProtectArgs {
 #[derive(Args)]
 struct FailoverArgs {
     vm: String,
-    /// latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339.
+    /// latest, latest-processed, latest-app-consistent, an id, a name (the newest point of
+    /// that name), seq:N or time:RFC3339.
     #[arg(long, value_parser = parse_spec)]
     point: PointSpec,
     /// Output directory (default: VAULT/failover/TARGET-RG/VM).
@@ -348,11 +366,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}' is not a duration like 30s, 5m, 1h, 2d: {e}"))
 }
 
-fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+/// A duration or `off`. Its own type because clap's derive reads `Option<Option<T>>` as
+/// "a flag with an optional value" and would then ask for a bare `T`.
+#[derive(Clone, Copy, Debug)]
+struct Interval(Option<Duration>);
+
+fn parse_interval(s: &str) -> Result<Interval, String> {
     if s == "off" {
-        Ok(None)
+        Ok(Interval(None))
     } else {
-        parse_duration(s).map(Some)
+        parse_duration(s).map(|d| Interval(Some(d)))
     }
 }
 
@@ -403,13 +426,13 @@ fn parse_disk(s: &str) -> Result<(String, DiskSource), String> {
     let (name, path) =
         parse_pair(s).map_err(|_| format!("'{s}' is not NAME=PATH or NAME=new:SIZE"))?;
     let src = match path.strip_prefix("new:") {
-        Some(rest) => {
-            let (size, file) = match rest.split_once(':') {
-                Some((size, file)) => (size, PathBuf::from(file)),
-                None => (rest, PathBuf::from(format!("{name}.raw"))),
-            };
-            DiskSource::New(file, parse_size(size)?)
-        }
+        Some(rest) => match rest.split_once(':') {
+            Some((size, file)) if !file.is_empty() => {
+                DiskSource::New(PathBuf::from(file), parse_size(size)?)
+            }
+            Some(_) => return Err(format!("'{s}' has no PATH after new:SIZE:")),
+            None => DiskSource::NewInVault(parse_size(rest)?),
+        },
         None => DiskSource::Existing(PathBuf::from(path)),
     };
     Ok((name, src))
@@ -452,9 +475,21 @@ fn wait() -> Duration {
 
 /// The vault this command works on.
 fn vault() -> Result<PathBuf, Error> {
-    VAULT.get().cloned().flatten().ok_or_else(|| {
-        Error::Invalid("no vault given: pass --vault VAULT or set STANDBY_VAULT".into())
-    })
+    // Read here rather than by clap, which refuses a set-but-empty variable as a missing
+    // value of --vault.
+    let from_env = || {
+        std::env::var_os("STANDBY_VAULT")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    VAULT
+        .get()
+        .cloned()
+        .flatten()
+        .or_else(from_env)
+        .ok_or_else(|| {
+            Error::Invalid("no vault given: pass --vault VAULT or set STANDBY_VAULT".into())
+        })
 }
 
 fn who(what: &str) -> String {
@@ -487,7 +522,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             if let Some(d) = crash_interval {
                 p.crash_interval = d;
             }
-            if let Some(d) = app_interval {
+            if let Some(Interval(d)) = app_interval {
                 p.app_interval = d;
             }
             if let Some(d) = retention {
@@ -553,7 +588,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             writable,
         } => {
             let req = standby_engine::runtime::control::Request::Mount {
-                point,
+                point: point.clone(),
                 listen: listen.clone(),
                 writable,
             };
@@ -563,7 +598,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 &vm,
                 &req,
                 wait(),
-                |v| mount(v, &vm, point, &listen, writable),
+                |v| mount(v, &vm, point.clone(), &listen, writable),
                 |reply, session| mounted_through_owner(&vm, reply, session, writable),
             )?;
         }
@@ -613,14 +648,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             thaw_command,
             journal: Some(journal),
         } => {
-            if let Some(cmd) = &quiesce_command {
-                run_hook("quiesce", cmd)?;
-            }
-            let result = remote::marker(&journal, &vm, app_consistent, name.as_deref());
-            if let Some(cmd) = &thaw_command {
-                run_hook("thaw", cmd)?;
-            }
-            let seq = result?;
+            let hooked = with_hooks(
+                quiesce_command.as_deref(),
+                thaw_command.as_deref(),
+                || remote::marker(&journal, &vm, app_consistent, name.as_deref()),
+                |seq| format!("wrote the marker for {vm} at seq {seq}"),
+            );
+            let seq = match hooked {
+                Ok(seq) => seq,
+                Err(line) => {
+                    eprintln!("standby: {line}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
             println!(
                 "wrote {} marker for {vm} at seq {seq}; the target cuts the point when it arrives",
                 if app_consistent {
@@ -641,14 +681,20 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Vault::open(&vault()?, &who("point"), LockWait::Fail)?
                 .catalog()
                 .vm(&vm)?;
-            if let Some(cmd) = &quiesce_command {
-                run_hook("quiesce", cmd)?;
-            }
-            let result = cut_point(&vault()?, &vm, app_consistent, name.as_deref());
-            if let Some(cmd) = &thaw_command {
-                run_hook("thaw", cmd)?;
-            }
-            let p = result?;
+            let root = vault()?;
+            let hooked = with_hooks(
+                quiesce_command.as_deref(),
+                thaw_command.as_deref(),
+                || cut_point(&root, &vm, app_consistent, name.as_deref()),
+                |p| format!("cut point {} of {vm} at seq {}", p["id"], p["seq"]),
+            );
+            let p = match hooked {
+                Ok(p) => p,
+                Err(line) => {
+                    eprintln!("standby: {line}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
             println!(
                 "cut point {} of {vm} at seq {} ({}, {})",
                 p["id"],
@@ -738,9 +784,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 &vault()?,
                 &who("verify"),
                 &vm,
-                &Request::Verify { point },
+                &Request::Verify {
+                    point: point.clone(),
+                },
                 wait(),
-                |v| v.verify(&vm, point),
+                |v| v.verify(&vm, point.clone()),
                 |reply, _| match reply {
                     Reply::Verify { report, point } => Ok((report, point)),
                     other => Err(owner::unexpected(&other)),
@@ -903,18 +951,41 @@ fn cut_point(
     Ok(output::point_json(&p, None))
 }
 
-/// Run an operator's hook with `sh -c`; a failure stops the command.
-fn run_hook(what: &str, cmd: &str) -> Result<(), Error> {
+/// Run an operator's hook with `sh -c`; the error is what to tell the operator.
+fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
-        .map_err(|e| Error::Invalid(format!("cannot run the {what} command: {e}")))?;
+        .map_err(|e| format!("the {what} command could not be started ({e}): {cmd}"))?;
     if !status.success() {
-        return Err(Error::Invalid(format!(
-            "the {what} command failed ({status}): {cmd}"
-        )));
+        return Err(format!("the {what} command failed ({status}): {cmd}"));
     }
     Ok(())
+}
+
+/// Cut between the quiesce and the thaw hook. Once quiesce was attempted the thaw hook
+/// always runs — after a failed quiesce (nothing is cut then: the guest may not be
+/// consistent) and after a failed cut too — so a guest is never left frozen. The error is
+/// one line that says what happened to each step; `done` describes a cut that worked
+/// when only the thaw failed.
+fn with_hooks<T>(
+    quiesce: Option<&str>,
+    thaw: Option<&str>,
+    cut: impl FnOnce() -> Result<T, Error>,
+    done: impl FnOnce(&T) -> String,
+) -> Result<T, String> {
+    let cut = match quiesce.map(|c| run_hook("quiesce", c)) {
+        Some(Err(q)) => Err(format!("{q}; nothing was cut")),
+        _ => cut().map_err(|e| output::one_line(&e)),
+    };
+    let thawed = thaw.map(|c| run_hook("thaw", c));
+    match (cut, thawed) {
+        (Ok(v), None | Some(Ok(()))) => Ok(v),
+        (Ok(v), Some(Err(t))) => Err(format!("{}, but {t}", done(&v))),
+        (Err(e), None) => Err(e),
+        (Err(e), Some(Ok(()))) => Err(format!("{e}; the thaw command ran and succeeded")),
+        (Err(e), Some(Err(t))) => Err(format!("{e}; {t} too")),
+    }
 }
 
 fn protect(a: ProtectArgs) -> Result<(), Error> {
@@ -966,6 +1037,12 @@ fn protect(a: ProtectArgs) -> Result<(), Error> {
         r.initial_point.id,
         r.initial_point.seq
     );
+    for (name, path) in &r.created {
+        println!(
+            "created disk {name}: {} (an empty sparse image; attach it to the VM)",
+            path.display()
+        );
+    }
     println!(
         "target: resource group {}, network {}, subnet {}{}",
         rec.target.resource_group,
@@ -1103,7 +1180,7 @@ fn failover(f: FailoverArgs, test: bool, network: Option<String>) -> Result<(), 
     let r = if test {
         // A test failover runs beside replication: through the VM's owner if it runs.
         let req = Request::TestFailover {
-            point: f.point,
+            point: f.point.clone(),
             out: f
                 .out
                 .as_ref()
@@ -1120,7 +1197,7 @@ fn failover(f: FailoverArgs, test: bool, network: Option<String>) -> Result<(), 
                 let mut bar = progress::Bar::new();
                 v.failover(
                     &f.vm,
-                    f.point,
+                    f.point.clone(),
                     f.out.as_deref(),
                     true,
                     network.as_deref(),

@@ -7,6 +7,21 @@ use standby_engine::replica::{PointInfo, PointKind, VerifyReport};
 use standby_engine::vault::{Catalog, FailoverReport, VmStatus};
 use standby_engine::Error;
 
+/// Write one line to stdout (the crate's `println!`). When the reader has gone away (a
+/// closed pipe, `| head`), the command ends at once with exit status 0, as a filter's
+/// producer should, without a word; any other write error is one line and exit 1.
+pub fn line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("standby: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 pub fn rfc3339(us: u64) -> String {
     standby_engine::vault::spec::rfc3339(us)
 }

@@ -16,8 +16,8 @@ use crate::mount::MountDisk;
 use crate::nbd::{BlockDevice, ExportList, Server, ServerConfig};
 use crate::process::Processor;
 use crate::record::{Consistency, Marker};
-use crate::replica::{PointKind, View};
-use crate::vault::{view_of, LockWait, NoProgress, PointSpec, Vault, VmState};
+use crate::replica::{PointInfo, PointKind, View};
+use crate::vault::{point_at, view_of, LockWait, NoProgress, PointSpec, Vault, VmState};
 use parking_lot::Mutex;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -41,17 +41,18 @@ impl VmOwner {
         Vault::open(&self.root, &self.who, LockWait::Block)
     }
 
-    /// The view `spec` names. `latest` first makes every acknowledged write durable and
-    /// processes it (lowest RPO), cutting a point if anything changed since the last.
-    pub fn view(&self, spec: PointSpec) -> Result<View> {
+    /// The view `spec` names and the point it shows. `latest` first makes every
+    /// acknowledged write durable and processes it (lowest RPO), cutting a point if
+    /// anything changed since the last.
+    pub fn view(&self, spec: &PointSpec) -> Result<(View, Option<PointInfo>)> {
         let failed_over = self.vault()?.catalog().vm(&self.vm)?.state == VmState::FailedOver;
-        if spec == PointSpec::Latest && !failed_over {
+        if *spec == PointSpec::Latest && !failed_over {
             if let Some(a) = &self.agent {
                 a.make_durable()?;
             }
         }
         let mut p = self.processor.lock();
-        if spec == PointSpec::Latest && !failed_over {
+        if *spec == PointSpec::Latest && !failed_over {
             let r = p.run_pass()?;
             self.report_points(&r.points);
             if p.replica().changed_since_last_point() {
@@ -59,10 +60,13 @@ impl VmOwner {
                 self.report_points(std::slice::from_ref(&pt));
             }
         }
-        view_of(p.replica(), &self.vm, spec)
+        let durable = self.cache.durable_seq();
+        let view = view_of(p.replica(), &self.vm, spec, &|| Some(durable))?;
+        let point = point_at(&view, p.replica().points());
+        Ok((view, point))
     }
 
-    fn report_points(&self, points: &[crate::replica::PointInfo]) {
+    fn report_points(&self, points: &[PointInfo]) {
         for pt in points {
             (self.events)(Event::Point {
                 vm: self.vm.clone(),
@@ -168,10 +172,12 @@ impl VmOwner {
                 self.vm, self.vm
             )));
         }
-        let view = self.view(spec)?;
+        let (view, point) = self.view(&spec)?;
         let report = vault.failover_from_view(
             &self.vm,
             &view,
+            point,
+            spec,
             out.as_deref(),
             true,
             network.as_deref(),
@@ -191,7 +197,7 @@ impl VmOwner {
         let started = (|| -> Result<(Server, Reply)> {
             let vault = self.vault()?;
             let rec = vault.catalog().vm(&self.vm)?.clone();
-            let view = Arc::new(self.view(spec)?);
+            let view = Arc::new(self.view(&spec)?.0);
             let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
             for (i, d) in rec.disks.iter().enumerate() {
                 let dev = if writable {

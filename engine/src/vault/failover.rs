@@ -7,7 +7,8 @@
 //! the previous failover (or none) intact.
 
 use super::{
-    now_us, resolve_existing, spec::rfc3339, FailoverRecord, PointSpec, Progress, Vault, VmState,
+    now_us, resolve_existing, spec::rfc3339, spec::rfc3339_micros, FailoverRecord, PointSpec,
+    Progress, Vault, VmState,
 };
 use crate::error::{Error, IoContext, Result};
 use crate::process::Processor;
@@ -17,47 +18,6 @@ use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// The view `spec` names in `replica` (`latest` is the newest point: the caller processes
-/// first to make it the lowest-RPO one).
-pub fn view_of(replica: &crate::replica::Replica, vm: &str, spec: PointSpec) -> Result<View> {
-    Ok(match spec {
-        PointSpec::Latest => {
-            let p = replica
-                .latest_point()
-                .ok_or_else(|| super::unknown_point(vm, "yet"))?;
-            replica.view_point(p.id)?
-        }
-        PointSpec::Seq(seq) => replica
-            .view_seq(seq)
-            .map_err(|e| outside_window(replica, vm, &spec, e))?,
-        PointSpec::Time(t) => replica
-            .view_time(t)
-            .map_err(|e| outside_window(replica, vm, &spec, e))?,
-        other => replica.view_point(resolve_existing(replica, vm, other)?.id)?,
-    })
-}
-
-/// Whether `rec` can take a (test) failover now.
-fn check_failover(vm: &str, rec: &super::VmRecord, test: bool) -> Result<()> {
-    if test {
-        if rec.test_failover.is_some() {
-            return Err(Error::Conflict(format!(
-                    "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
-                )));
-        }
-        if rec.state == VmState::FailedOver {
-            return Err(Error::Conflict(format!(
-                "VM '{vm}' is failed over; a test failover needs a protected VM"
-            )));
-        }
-    } else if rec.test_failover.is_some() {
-        return Err(Error::Conflict(format!(
-                "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
-            )));
-    }
-    Ok(())
-}
 
 /// One materialized disk.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -74,7 +34,10 @@ pub struct FailoverDisk {
 pub struct FailoverReport {
     pub vm: String,
     pub test: bool,
-    /// The point used, when the spec named one (not for `seq:`/`time:` moments).
+    /// The point as it was asked for (`latest`, an id, `seq:N`, `time:…`).
+    pub requested: PointSpec,
+    /// The point the disks show: the one the spec named, or for a `seq:`/`time:` moment
+    /// the point at exactly that seq if there is one.
     pub point: Option<PointInfo>,
     pub seq: u64,
     pub time_us: u64,
@@ -85,6 +48,9 @@ pub struct FailoverReport {
     pub network: String,
     pub subnet: String,
     pub availability_set: Option<String>,
+    /// Source network to target network, as written into `vm.json`; for a test failover
+    /// every target is the isolated network.
+    pub network_mapping: std::collections::BTreeMap<String, String>,
 }
 
 impl Vault {
@@ -102,17 +68,20 @@ impl Vault {
         let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?.clone();
         check_failover(vm, &rec, test)?;
-        let view = self.resolve_view(vm, &rec, spec)?;
-        self.failover_from_view(vm, &view, out, test, test_network, progress)
+        let (view, point) = self.resolve_point(vm, &rec, spec.clone())?;
+        self.failover_from_view(vm, &view, point, spec, out, test, test_network, progress)
     }
 
-    /// The failover of `vm` to `view`, which the caller took from the VM's replica (under
-    /// the VM's lock, or from the live views of the process that owns the VM): the images,
-    /// `vm.json`, and the catalog's record of it.
+    /// The failover of `vm` to `view` (showing `point`, asked for as `spec`), which the
+    /// caller took from the VM's replica: under the VM's lock, or from the live views of
+    /// the process that owns the VM. Writes the images and `vm.json`, and records it.
+    #[allow(clippy::too_many_arguments)]
     pub fn failover_from_view(
         &mut self,
         vm: &str,
         view: &View,
+        point: Option<PointInfo>,
+        spec: PointSpec,
         out: Option<&Path>,
         test: bool,
         test_network: Option<&str>,
@@ -121,11 +90,22 @@ impl Vault {
         let rec = self.live_vm(vm)?.clone();
         check_failover(vm, &rec, test)?;
         let rg = rec.target.resource_group.clone();
-        let network = match (test, test_network) {
-            (true, Some(n)) => n.to_string(),
-            (true, None) => format!("{}-test", rec.target.network),
-            (false, _) => rec.target.network.clone(),
+        // A test failover never names a production network: the target network and every
+        // mapping's target become their isolated twins (NET-test, or the --network given).
+        let isolated = |n: &str| match test_network {
+            Some(t) => t.to_string(),
+            None => format!("{n}-test"),
         };
+        let network = if test {
+            isolated(&rec.target.network)
+        } else {
+            rec.target.network.clone()
+        };
+        let network_mapping = rec
+            .network_mapping
+            .iter()
+            .map(|(s, d)| (s.clone(), if test { isolated(d) } else { d.clone() }))
+            .collect();
         let dir = match out {
             Some(d) => d.to_path_buf(),
             None => self
@@ -161,7 +141,8 @@ impl Vault {
         let report = FailoverReport {
             vm: vm.to_string(),
             test,
-            point: view.point().cloned(),
+            requested: spec,
+            point,
             seq: view.seq(),
             time_us: view.time_us(),
             manifest: dir.join("vm.json"),
@@ -171,8 +152,9 @@ impl Vault {
             network,
             subnet: rec.target.subnet.clone(),
             availability_set: rec.target.availability_set.clone(),
+            network_mapping,
         };
-        let manifest = vm_json(&report, &rec.network_mapping);
+        let manifest = vm_json(&report);
         let mpath = tmp.join("vm.json");
         std::fs::write(&mpath, manifest).at(&mpath)?;
         std::fs::File::open(&mpath)
@@ -215,6 +197,19 @@ impl Vault {
         Ok(report)
     }
 
+    /// The view `spec` names (the caller holds the VM's lock), and the point it shows: the
+    /// point `spec` names, or for a `seq:`/`time:` moment the point cut at exactly that seq.
+    fn resolve_point(
+        &self,
+        vm: &str,
+        rec: &super::VmRecord,
+        spec: PointSpec,
+    ) -> Result<(View, Option<PointInfo>)> {
+        let (view, points) = self.resolve_view_and_points(vm, rec, spec)?;
+        let point = point_at(&view, points);
+        Ok((view, point))
+    }
+
     /// The view `spec` names (the caller holds the VM's lock). `latest` first processes
     /// everything pending and cuts a point, unless the VM is failed over.
     pub(crate) fn resolve_view(
@@ -223,6 +218,15 @@ impl Vault {
         rec: &super::VmRecord,
         spec: PointSpec,
     ) -> Result<View> {
+        Ok(self.resolve_view_and_points(vm, rec, spec)?.0)
+    }
+
+    fn resolve_view_and_points(
+        &self,
+        vm: &str,
+        rec: &super::VmRecord,
+        spec: PointSpec,
+    ) -> Result<(View, Vec<PointInfo>)> {
         let policy = self.vm_policy(vm)?;
         let mut replica = self.open_replica(vm)?;
         if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
@@ -236,7 +240,16 @@ impl Vault {
             replica = p.into_replica();
             cache.close()?;
         }
-        view_of(&replica, vm, spec)
+        let view = view_of(&replica, vm, &spec, &|| self.logged_seq(vm))?;
+        Ok((view, replica.points()))
+    }
+
+    /// The newest durable seq in a VM's change log, if it can be read.
+    fn logged_seq(&self, vm: &str) -> Option<u64> {
+        let cache = self.open_cache(vm).ok()?;
+        let seq = cache.durable_seq();
+        let _ = cache.close();
+        Some(seq)
     }
 
     /// A point of a VM for mounting: its view, held with the VM's lock until dropped.
@@ -334,6 +347,116 @@ impl Vault {
     }
 }
 
+/// The view `spec` names in `replica` (`latest`: its newest point; the caller processes
+/// first to make that the lowest-RPO one). `logged` tells the newest seq the VM's log
+/// holds, for saying what is wrong with a moment past what was processed.
+pub fn view_of(
+    replica: &crate::replica::Replica,
+    vm: &str,
+    spec: &PointSpec,
+    logged: &dyn Fn() -> Option<u64>,
+) -> Result<View> {
+    let spec = spec.clone();
+    Ok(match spec {
+        PointSpec::Latest => {
+            let p = replica
+                .latest_point()
+                .ok_or_else(|| super::unknown_point(vm, "yet"))?;
+            replica.view_point(p.id)?
+        }
+        PointSpec::Seq(seq) => {
+            if seq > replica.applied_seq() {
+                return Err(past_newest(vm, replica, seq, logged));
+            }
+            replica
+                .view_seq(seq)
+                .map_err(|e| outside_window(replica, vm, &spec, e))?
+        }
+        PointSpec::Time(t) => {
+            let now = now_us();
+            if t > now {
+                return Err(Error::Invalid(format!(
+                    "time {} is in the future (it is now {}); the newest write of VM '{vm}' is {}",
+                    rfc3339_micros(t),
+                    rfc3339_micros(now),
+                    newest_write(vm, replica, logged)
+                )));
+            }
+            replica
+                .view_time(t)
+                .map_err(|e| outside_window(replica, vm, &spec, e))?
+        }
+        other => replica.view_point(resolve_existing(replica, vm, other)?.id)?,
+    })
+}
+
+/// The point a view shows: the one it was opened by, or the point cut at exactly its seq.
+pub fn point_at(view: &View, points: Vec<PointInfo>) -> Option<PointInfo> {
+    match view.point() {
+        Some(p) => Some(p.clone()),
+        None => points.into_iter().find(|p| p.seq == view.seq()),
+    }
+}
+
+/// The newest record of a VM's replica, in words, and any the log holds beyond it.
+fn newest_write(
+    vm: &str,
+    replica: &crate::replica::Replica,
+    logged: &dyn Fn() -> Option<u64>,
+) -> String {
+    let applied = replica.applied_seq();
+    let mut s = format!(
+        "seq {applied} at {}",
+        rfc3339_micros(replica.applied_time_us())
+    );
+    if let Some(logged) = logged().filter(|&l| l > applied) {
+        s.push_str(&format!(
+            " (seq {logged} is logged but not processed yet: `standby process {vm}`)"
+        ));
+    }
+    s
+}
+
+/// `seq:N` past what the replica holds: past the newest write, or not processed yet.
+fn past_newest(
+    vm: &str,
+    replica: &crate::replica::Replica,
+    seq: u64,
+    logged: &dyn Fn() -> Option<u64>,
+) -> Error {
+    let applied = replica.applied_seq();
+    match logged() {
+        Some(logged) if logged >= seq => Error::NotFound(format!(
+            "seq {seq} of VM '{vm}' is logged but not processed yet (processed up to seq {applied}): run `standby process {vm}` first"
+        )),
+        logged => Error::NotFound(format!(
+            "seq {seq} is past the newest write of VM '{vm}' (seq {})",
+            logged.unwrap_or(applied).max(applied)
+        )),
+    }
+}
+
+/// Whether `rec` can take a (test) failover now.
+fn check_failover(vm: &str, rec: &super::VmRecord, test: bool) -> Result<()> {
+    if test {
+        if rec.test_failover.is_some() {
+            return Err(Error::Conflict(format!(
+                    "a test failover of VM '{vm}' is already up; run `standby test-failover-cleanup {vm}` first"
+                )));
+        }
+        if rec.state == VmState::FailedOver {
+            return Err(Error::Conflict(format!(
+                "VM '{vm}' is failed over; a test failover needs a protected VM"
+            )));
+        }
+    } else if rec.test_failover.is_some() {
+        return Err(Error::Conflict(format!(
+                "a test failover of VM '{vm}' is up; run `standby test-failover-cleanup {vm}` before a failover"
+            )));
+    }
+    Ok(())
+}
+
 /// A mounted point: its view and disk names; the VM stays locked while this lives.
 pub struct MountHandle {
     pub view: Arc<View>,
@@ -401,12 +524,12 @@ pub fn sha256_sparse(path: &Path, size: u64) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, String>) -> String {
+fn vm_json(r: &FailoverReport) -> String {
     let point = r.point.as_ref().map(|p| {
         serde_json::json!({
             "id": p.id,
             "seq": p.seq,
-            "time": rfc3339(p.time_us),
+            "time": rfc3339_micros(p.time_us),
             "kind": super::status::kind_str(p.kind),
             "name": p.name,
         })
@@ -414,16 +537,17 @@ fn vm_json(r: &FailoverReport, mapping: &std::collections::BTreeMap<String, Stri
     let doc = serde_json::json!({
         "vm": r.vm,
         "test_failover": r.test,
+        "requested": r.requested.to_string(),
         "point": point,
         "seq": r.seq,
-        "time": rfc3339(r.time_us),
+        "time": rfc3339_micros(r.time_us),
         "target": {
             "resource_group": r.resource_group,
             "network": r.network,
             "subnet": r.subnet,
             "availability_set": r.availability_set,
         },
-        "network_mapping": mapping,
+        "network_mapping": r.network_mapping,
         "disks": r.disks,
     });
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();

@@ -24,7 +24,9 @@ mod status;
 pub use catalog::{
     Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource, VmRecord, VmState,
 };
-pub use failover::{sha256_sparse, view_of, FailoverDisk, FailoverReport, MountHandle, Sha256Hex};
+pub use failover::{
+    point_at, sha256_sparse, view_of, FailoverDisk, FailoverReport, MountHandle, Sha256Hex,
+};
 pub use lock::LockWait;
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
@@ -76,8 +78,12 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
 pub enum DiskSource {
     /// An existing raw image.
     Existing(PathBuf),
-    /// Create an empty sparse raw image of this size.
+    /// Create an empty sparse raw image of this size at this path.
     New(PathBuf, u64),
+    /// Create an empty sparse raw image of this size inside the vault, at
+    /// `VAULT/sources/VM/DISK.raw` (see [`Vault::new_disk_path`]): scoped by VM, so two VMs
+    /// may each have a disk named `data`.
+    NewInVault(u64),
 }
 
 /// What `protect` needs to know.
@@ -109,6 +115,8 @@ pub struct ProtectReport {
     /// Bytes read from the source disks and shipped (holes and zero runs skipped).
     pub shipped_bytes: u64,
     pub scanned_bytes: u64,
+    /// The images this protect created (`new:SIZE` disks), by disk name.
+    pub created: Vec<(String, PathBuf)>,
 }
 
 /// Called with the holder's description before a command blocks on a busy lock.
@@ -345,6 +353,7 @@ impl Vault {
             ));
         }
         let mut disks = Vec::new();
+        let mut create: Vec<(String, PathBuf, u64)> = Vec::new();
         for (name, src) in &req.disks {
             check_name("disk", name)?;
             if disks.iter().any(|d: &DiskRecord| &d.name == name) {
@@ -375,6 +384,17 @@ impl Vault {
                     }
                     (p.clone(), *size)
                 }
+                DiskSource::NewInVault(size) => {
+                    let p = self.new_disk_path(&req.vm, name);
+                    if p.exists() {
+                        return Err(Error::Conflict(format!(
+                            "{} already exists (left by an earlier protect of VM '{}'?); remove it, or use --disk {name}=PATH for an existing image",
+                            p.display(),
+                            req.vm
+                        )));
+                    }
+                    (p, *size)
+                }
             };
             if size == 0
                 || !size.is_multiple_of(crate::SECTOR_BYTES)
@@ -385,22 +405,17 @@ impl Vault {
                 )));
             }
             let path = std::path::absolute(&path).map_err(|e| Error::io(&path, e))?;
+            if matches!(src, DiskSource::New(..) | DiskSource::NewInVault(_)) {
+                create.push((name.clone(), path.clone(), size));
+            }
             disks.push(DiskRecord {
                 name: name.clone(),
                 source: path.to_string_lossy().into_owned(),
                 size_bytes: size,
             });
         }
-        for (_, src) in &req.disks {
-            if let Some(DiskSource::New(p, size)) = src {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(p)
-                    .map_err(|e| Error::io(p, e))?;
-                f.set_len(*size).map_err(|e| Error::io(p, e))?;
-                f.sync_all().map_err(|e| Error::io(p, e))?;
-            }
+        for (_, p, size) in &create {
+            create_sparse_image(p, *size)?;
         }
         let (source, target, network_mapping) = placements(req)?;
         let record = VmRecord {
@@ -486,7 +501,16 @@ impl Vault {
             initial_point,
             shipped_bytes: shipped,
             scanned_bytes: scanned,
+            created: create.into_iter().map(|(n, p, _)| (n, p)).collect(),
         })
+    }
+
+    /// Where `--disk NAME=new:SIZE` creates a VM's new source image: `VAULT/sources/VM/NAME.raw`.
+    pub fn new_disk_path(&self, vm: &str, disk: &str) -> PathBuf {
+        self.root
+            .join("sources")
+            .join(vm)
+            .join(format!("{disk}.raw"))
     }
 
     /// A protect request's VM name is valid and free, and its policy exists: the policy's name.
@@ -784,6 +808,17 @@ pub(crate) fn resolve_existing(replica: &Replica, vm: &str, spec: PointSpec) -> 
         PointSpec::Id(id) => replica
             .point(id)
             .ok_or_else(|| unknown_point(vm, &id.to_string())),
+        // Names need not be unique: the newest point of that name.
+        PointSpec::Name(name) => points
+            .iter()
+            .rev()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "VM '{vm}' has no recovery point named '{name}' (see `standby points {vm}`; a point is also latest, latest-processed, latest-app-consistent, an id, seq:N or time:RFC3339)"
+                ))
+            }),
         other => Err(Error::Invalid(format!(
             "'{other}' does not name a single recovery point"
         ))),
@@ -814,6 +849,28 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
             .unwrap_or_else(|| "default".into()),
         availability_set: req.source.availability_set.clone(),
     };
+    // The source network's entry of --network-mapping and --target-network say the same
+    // thing; each defaults from the other, and a contradiction is refused.
+    let mut mapped: BTreeMap<&str, &str> = BTreeMap::new();
+    for (s, d) in &req.network_mapping {
+        match mapped.insert(s, d) {
+            Some(prev) if prev != d => {
+                return Err(Error::Invalid(format!(
+                    "--network-mapping maps network {s} twice: to {prev} and to {d}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let mapped_target = mapped.get(source.network.as_str()).map(|d| d.to_string());
+    if let (Some(t), Some(m)) = (&req.target.network, &mapped_target) {
+        if t != m {
+            return Err(Error::Invalid(format!(
+                "--target-network {t} contradicts --network-mapping {}={m}; give one of them (or the same network in both)",
+                source.network
+            )));
+        }
+    }
     let target = Placement {
         resource_group: req
             .target
@@ -824,6 +881,7 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
             .target
             .network
             .clone()
+            .or(mapped_target)
             .unwrap_or_else(|| format!("{}-asr", source.network)),
         subnet: req
             .target
@@ -848,6 +906,26 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
         network_mapping.insert(s.clone(), d.clone());
     }
     Ok((source, target, network_mapping))
+}
+
+/// Create an empty sparse raw image (its parent directories as needed); the file and its
+/// directory are synced, so the image protect recorded survives a crash.
+fn create_sparse_image(p: &Path, size: u64) -> Result<()> {
+    let dir = p
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", p.display())))?;
+    std::fs::create_dir_all(dir).at(dir)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(|e| Error::io(p, e))?;
+    f.set_len(size).map_err(|e| Error::io(p, e))?;
+    f.sync_all().map_err(|e| Error::io(p, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .at(dir)?;
+    Ok(())
 }
 
 fn drain_into(cache: &Cache, replica: &mut Replica) -> Result<()> {
