@@ -632,7 +632,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     let docs = v["points"].as_array().cloned().unwrap_or_default();
                     output::point_docs(&vm, &docs, json);
                 }
-                None => output::points(&vm, &vault.points_with_bytes(&vm)?, json),
+                None => {
+                    let (points, damage) = vault.points_report(&vm)?;
+                    output::points(&vm, &points, &damage, json);
+                }
             }
         }
         Command::Status { vm, json } => {
