@@ -880,6 +880,7 @@ fn process(
                 _ => true,
             }
     };
+    let mut failed = false;
     loop {
         {
             let mut vault = open_vault(
@@ -936,7 +937,16 @@ fn process(
                         continue;
                     }
                 }
-                let r = vault.process(&n)?;
+                let r = match vault.process(&n) {
+                    Ok(r) => r,
+                    Err(e) if vm.is_none() => {
+                        // One VM's failure (a damaged replica, say) leaves the others be.
+                        eprintln!("standby: {n}: {}", output::one_line(&e));
+                        failed = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if !follow
                     || r.applied > 0
                     || !r.points.is_empty()
@@ -954,7 +964,11 @@ fn process(
             }
         }
         if !follow {
-            return Ok(ExitCode::SUCCESS);
+            return Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
         }
         let until = std::time::Instant::now() + every;
         while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
