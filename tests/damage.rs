@@ -240,3 +240,37 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
     ]);
     assert_eq!(env.failed_over_sum(&out), sum_before);
 }
+
+/// The manifest is the root of every point: no containment inside the VM, but its commands
+/// fail in one line naming the file, its status is critical, and the other VM is unaffected.
+#[test]
+fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    for vm in ["a", "b"] {
+        std::fs::write(env.root.join(format!("{vm}.raw")), vec![3u8; DISK_BYTES]).unwrap();
+        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
+    }
+    let manifest = env.vault.join("vms/a/replica/manifest");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    bytes[40] ^= 0x01;
+    std::fs::write(&manifest, &bytes).unwrap();
+    let file = manifest.to_str().unwrap();
+
+    let st = env.json(&["status", "--json"]);
+    assert_eq!(status_of(&st, "b")["health"], "healthy", "{st}");
+    let a = status_of(&st, "a");
+    assert_eq!(a["health"], "critical", "{a}");
+    assert!(a["reasons"][0].as_str().unwrap().contains(file), "{a}");
+    for args in [
+        &["points", "a"][..],
+        &["verify", "a"],
+        &["failover", "a", "--point", "1"],
+    ] {
+        let err = env.fails(args);
+        assert!(err.contains(file), "{args:?}: {err}");
+    }
+    env.ok(&["verify", "b"]);
+    let err = env.fails(&["process"]);
+    assert!(err.contains(file), "{err}");
+}
