@@ -2,13 +2,14 @@
 //! layer index of VM `a` in a vault with VMs `a` and `b`. `b` is unaffected; `a` is
 //! critical naming the file; `points` still lists every point and marks the spoiled ones;
 //! `verify` reports the damage (text and JSON, exit 1); a point older than the damaged
-//! layer still fails over bit-exact, a point that reads it is refused in one line naming
-//! the file; processing stops for `a` only.
+//! layer still fails over and mounts bit-exact, a point that reads it is refused in one
+//! line naming the file; processing stops for `a` only.
 
 use serde_json::Value;
 use standby_engine::vault::{LockWait, Sha256Hex, Vault};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 const DISK_BYTES: usize = 4 << 20;
 
@@ -59,6 +60,24 @@ impl Env {
         err
     }
 
+    /// Start a long-running command; returns once it printed its first line (listening).
+    fn serve(&self, args: &[&str]) -> Child {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_standby"))
+            .args(args)
+            .env("STANDBY_VAULT", &self.vault)
+            .current_dir(&self.root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("127.0.0.1"), "{args:?}: {first}");
+        child
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         serde_json::from_str(&self.ok(args)).unwrap()
     }
@@ -84,6 +103,14 @@ impl Env {
         );
         sha(&bytes)
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -228,6 +255,25 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
         let err = env.fails(&["failover", "a", "--point", &spec]);
         assert!(err.contains(&name), "{spec}: {err}");
     }
+    // Mounting: the same. The older point, copied by qemu-img over NBD, is bit-exact.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let p3 = ids[2].to_string();
+    let err = env.fails(&["mount", "a", "--point", &p3, "--listen", &addr]);
+    assert!(err.contains(&name), "{err}");
+    let mut mount = env.serve(&["mount", "a", "--point", &p2, "--listen", &addr]);
+    let copy = env.root.join("copy.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd://{addr}/os"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    let _ = Command::new("kill")
+        .args(["-INT", &mount.id().to_string()])
+        .status();
+    let _ = mount.wait();
+    assert!(st.success(), "qemu-img convert from the mount failed");
+    assert_eq!(sha(&std::fs::read(&copy).unwrap()), sum_before);
     // To the point before it: bit-exact with what it was before the damage.
     let out = env.root.join("after");
     env.ok(&[
