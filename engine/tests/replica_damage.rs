@@ -381,3 +381,33 @@ fn writes_past_the_end_of_a_disk_are_refused_and_nothing_is_applied() {
     write(&mut r, 1, 1, 0, 512, 9);
     assert_eq!(r.flush().unwrap(), 1);
 }
+
+/// Verify of a replica with a damaged layer index still checks every frame the intact
+/// layers and the open layer reference, and names the intact points a damaged frame spoils.
+#[test]
+fn verify_reports_frame_damage_beside_a_damaged_layer() {
+    let fs = SimFs::new();
+    let mut r = replica(&fs);
+    write(&mut r, 1, 0, 0, 8192, 1);
+    let p1 = r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    write(&mut r, 2, 0, 1 << 20, 4096, 2);
+    let p2 = r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    write(&mut r, 3, 0, 2 << 20, 4096, 3); // the open layer
+    r.close().unwrap();
+    let data = Path::new(DIR).join("data").join(format!("{:016x}.dat", 1));
+    flip(&fs, &data, 40 + 48 + 100); // p1's frame
+    let layers = Path::new(DIR).join("layers");
+    let mut names = fs.list(&layers).unwrap();
+    names.sort();
+    let victim = layers.join(&names[1]); // p2's layer
+    flip(&fs, &victim, 30);
+    let (r, _) = Replica::open(Arc::new(fs.clone()), DIR, ReplicaConfig::default()).unwrap();
+    let report = r.verify().unwrap();
+    assert_eq!(report.damage.len(), 2, "{report:?}");
+    let layer = report.damage.iter().find(|d| d.path == victim).unwrap();
+    assert_eq!((layer.points.clone(), layer.latest), (vec![p2.id], true));
+    let frame = report.damage.iter().find(|d| d.path == data).unwrap();
+    assert_eq!((frame.offset, frame.points.clone()), (40, vec![p1.id]));
+    assert!(!frame.latest, "the open layer does not read it");
+    assert!(report.frames_checked >= 2, "{report:?}");
+}
