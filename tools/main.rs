@@ -881,6 +881,7 @@ fn process(
             }
     };
     let mut failed = false;
+    let mut errors: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     loop {
         {
             let mut vault = open_vault(
@@ -940,13 +941,19 @@ fn process(
                 let r = match vault.process(&n) {
                     Ok(r) => r,
                     Err(e) if vm.is_none() => {
-                        // One VM's failure (a damaged replica, say) leaves the others be.
-                        eprintln!("standby: {n}: {}", output::one_line(&e));
+                        // One VM's failure (a damaged replica, say) leaves the others be;
+                        // --follow says it again only when it changes.
+                        let line = output::one_line(&e);
+                        if errors.get(&n) != Some(&line) {
+                            eprintln!("standby: {n}: {line}");
+                        }
+                        errors.insert(n.clone(), line);
                         failed = true;
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
+                errors.remove(&n);
                 if !follow
                     || r.applied > 0
                     || !r.points.is_empty()
