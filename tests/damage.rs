@@ -320,3 +320,37 @@ fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
     let err = env.fails(&["process"]);
     assert!(err.contains(file), "{err}");
 }
+
+/// A change log too damaged to open makes its VM's status critical naming the file; the
+/// other VM's status is unaffected.
+#[test]
+fn a_damaged_change_log_makes_only_its_vm_critical() {
+    let env = Env::new();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    for vm in ["a", "b"] {
+        std::fs::write(env.root.join(format!("{vm}.raw")), vec![5u8; DISK_BYTES]).unwrap();
+        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
+    }
+    let dir = env.vault.join("vms/a/cache");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segs.sort();
+    let seg = &segs[0];
+    let mut bytes = std::fs::read(seg).unwrap();
+    bytes[10] ^= 0x01; // inside the segment header
+    std::fs::write(seg, &bytes).unwrap();
+    let st = env.json(&["status", "--json"]);
+    assert_eq!(status_of(&st, "b")["health"], "healthy", "{st}");
+    let a = status_of(&st, "a");
+    assert_eq!(a["health"], "critical", "{a}");
+    assert!(
+        a["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains(seg.to_str().unwrap()),
+        "{a}"
+    );
+}

@@ -117,10 +117,14 @@ impl Vault {
     fn local_status(&self, vm: &str) -> Result<VmStatus> {
         let replica = match self.open_replica(vm) {
             Ok(r) => r,
-            Err(e) if is_damage(&e) => return self.unopenable_status(vm, &e),
+            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "replica", &e),
             Err(e) => return Err(e),
         };
-        let cache = self.open_cache(vm)?;
+        let cache = match self.open_cache(vm) {
+            Ok(c) => c,
+            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "change log", &e),
+            Err(e) => return Err(e),
+        };
         let st = self.status_of(vm, &cache, &replica);
         cache.close()?;
         st
@@ -319,12 +323,12 @@ impl Vault {
         Ok(st)
     }
 
-    /// A VM whose replica cannot be opened at all (its manifest is damaged): critical,
+    /// A VM whose replica (its manifest) or change log is too damaged to open: critical,
     /// with the one-line error; the vault's other VMs are not affected.
-    fn unopenable_status(&self, vm: &str, e: &crate::Error) -> Result<VmStatus> {
+    fn unopenable_status(&self, vm: &str, what: &str, e: &crate::Error) -> Result<VmStatus> {
         let mut st = self.base_status(vm)?;
         st.damage = vec![format!(
-            "the replica cannot be opened: {}",
+            "the {what} cannot be opened: {}",
             e.to_string().replace('\n', " ")
         )];
         mark_damage(&mut st);
