@@ -1,7 +1,9 @@
 //! The verify pass: re-read the manifest and every live layer index and check their crcs,
 //! then read and check every data frame any layer (or the open layer) references. Damage is
 //! reported as (file, offset, what) together with the recovery points that read it, so an
-//! operator knows which points are still good. Verify reads; it never repairs.
+//! operator knows which points are still good. A layer index found damaged on open is
+//! reported as it was found (with its point and every later one), and the frames of the
+//! other layers are still checked. Verify reads; it never repairs.
 
 use super::index::{self, decode_layer_index, Loc};
 use super::manifest::{self, decode_manifest};

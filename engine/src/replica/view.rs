@@ -6,7 +6,9 @@
 //! it lives.
 //!
 //! Reads verify every frame they touch; damage is an error naming the file and offset,
-//! never garbage. Materialization writes only allocated ranges, in offset order, into a
+//! never garbage. A view that needs a layer whose index was found damaged on open (a point
+//! at or after it, a seq or time inside or after it, the latest state) is refused the same
+//! way; older points are untouched by it. Materialization writes only allocated ranges, in offset order, into a
 //! sparse file.
 
 use super::index::{Entry, LayerIndex, Loc};
