@@ -198,6 +198,12 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
     let first = a["reasons"][0].as_str().unwrap();
     assert!(first.contains(&name) && first.contains("at byte 64"), "{a}");
     assert!(a["damage"][0].as_str().unwrap().contains(&name), "{a}");
+    // What a failover can still recover: the newest readable point, p2 (1 MiB + 256 KiB).
+    assert_eq!(
+        a["disks"][0]["replicated_bytes"],
+        (1 << 20) + (256 << 10),
+        "{a}"
+    );
     let text = env.ok(&["status"]);
     assert!(
         text.contains(&name) && text.contains("health critical"),

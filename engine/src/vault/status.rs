@@ -32,7 +32,8 @@ pub struct DiskStatus {
     pub name: String,
     pub source: String,
     pub size_bytes: u64,
-    /// Bytes holding data in the replica's latest state.
+    /// Bytes holding data in the replica's latest state (when a damaged layer makes that
+    /// unreadable: in the newest point still readable; 0 if none is).
     pub replicated_bytes: u64,
 }
 
@@ -344,12 +345,21 @@ fn is_damage(e: &crate::Error) -> bool {
     )
 }
 
-/// The latest state, unless a damaged layer makes it unreadable.
+/// The latest state; when a damaged layer makes it unreadable, the newest point that is
+/// still readable (what a failover can recover), if any.
 fn latest_if_readable(replica: &Replica) -> Result<Option<crate::replica::View>> {
     if replica.damage().is_empty() {
-        Ok(Some(replica.view_latest()?))
-    } else {
-        Ok(None)
+        return Ok(Some(replica.view_latest()?));
+    }
+    let unreadable = replica.unreadable_points();
+    match replica
+        .points()
+        .iter()
+        .rev()
+        .find(|p| !unreadable.contains(&p.id))
+    {
+        Some(p) => Ok(Some(replica.view_point(p.id)?)),
+        None => Ok(None),
     }
 }
 
