@@ -143,7 +143,7 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
     // a: the initial point, then three more, each after its own writes.
     let mut sums = vec![sha(&models[0])];
     for round in 1..=3u8 {
-        let at = round as usize * (512 << 10);
+        let at = round as usize * (1 << 20);
         env.write("a", at, 256 << 10, round, &mut models[0]);
         env.ok(&["point", "a"]);
         sums.push(sha(&models[0]));
@@ -198,7 +198,7 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
     let first = a["reasons"][0].as_str().unwrap();
     assert!(first.contains(&name) && first.contains("at byte 64"), "{a}");
     assert!(a["damage"][0].as_str().unwrap().contains(&name), "{a}");
-    // What a failover can still recover: the newest readable point, p2 (1 MiB + 256 KiB).
+    // What a failover can still recover: the newest readable point, p2.
     assert_eq!(
         a["disks"][0]["replicated_bytes"],
         (1 << 20) + (256 << 10),
