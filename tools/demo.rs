@@ -187,7 +187,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<(), Error> {
     step(4, "status and points");
     output::status(&[vault.status("web01")?], false);
     println!();
-    output::points("web01", &vault.points_with_bytes("web01")?, false);
+    output::points("web01", &vault.points_with_bytes("web01")?, &[], false);
 
     let (name, sums) = expected.ok_or_else(|| Error::Invalid("no round was recorded".into()))?;
     let point = vault

@@ -705,19 +705,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Points { vm, json } => {
             use standby_engine::runtime::control::{Reply, Request};
-            let pts = owner::run(
+            let (points, damage) = owner::run(
                 &vault()?,
                 &who("points"),
                 &vm,
                 &Request::Points,
                 wait(),
-                |v| v.points_with_bytes(&vm),
+                |v| v.points_report(&vm),
                 |reply, _| match reply {
-                    Reply::Points { points } => Ok(points),
+                    Reply::Points { points, damage } => Ok((points, damage)),
                     other => Err(owner::unexpected(&other)),
                 },
             )?;
-            output::points(&vm, &pts, json);
+            output::points(&vm, &points, &damage, json);
         }
         Command::Status { vm, json } => {
             use standby_engine::runtime::control::{Reply, Request};
@@ -1081,6 +1081,8 @@ fn process(
                 _ => true,
             }
     };
+    let mut failed = false;
+    let mut errors: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     loop {
         {
             let mut vault = open_vault(
@@ -1140,7 +1142,22 @@ fn process(
                         continue;
                     }
                 }
-                let r = vault.process(&n)?;
+                let r = match vault.process(&n) {
+                    Ok(r) => r,
+                    Err(e) if vm.is_none() => {
+                        // One VM's failure (a damaged replica, say) leaves the others be;
+                        // --follow says it again only when it changes.
+                        let line = output::one_line(&e);
+                        if errors.get(&n) != Some(&line) {
+                            eprintln!("standby: {n}: {line}");
+                        }
+                        errors.insert(n.clone(), line);
+                        failed = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                errors.remove(&n);
                 if !follow
                     || r.applied > 0
                     || !r.points.is_empty()
@@ -1158,7 +1175,11 @@ fn process(
             }
         }
         if !follow {
-            return Ok(ExitCode::SUCCESS);
+            return Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
         }
         let until = std::time::Instant::now() + every;
         while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use standby_engine::policy::Policy;
-use standby_engine::replica::{PointInfo, PointKind, VerifyReport};
+use standby_engine::replica::{Damage, PointInfo, PointKind, VerifyReport};
 use standby_engine::vault::{Catalog, FailoverReport, VmStatus};
 use standby_engine::Error;
 
@@ -121,12 +121,38 @@ pub fn point_json(p: &PointInfo, bytes: Option<u64>) -> Value {
     v
 }
 
-pub fn points(vm: &str, points: &[(PointInfo, u64)], as_json: bool) {
+/// One line naming a piece of damage: file, offset, what failed.
+fn damage_where(d: &Damage) -> String {
+    format!("{} at byte {}: {}", d.path.display(), d.offset, d.what)
+}
+
+/// Points with their bytes; a point that reads damaged bytes (`damage`) is marked
+/// unreadable, naming the damage.
+pub fn points(vm: &str, points: &[(PointInfo, u64)], damage: &[Damage], as_json: bool) {
     let docs: Vec<Value> = points
         .iter()
-        .map(|(p, b)| point_json(p, Some(*b)))
+        .map(|(p, b)| {
+            let mut v = point_json(p, Some(*b));
+            if let Some(d) = damage.iter().find(|d| d.points.contains(&p.id)) {
+                v["readable"] = json!(false);
+                v["damage"] = json!(damage_where(d));
+            } else if !damage.is_empty() {
+                v["readable"] = json!(true);
+            }
+            v
+        })
         .collect();
     point_docs(vm, &docs, as_json);
+    if !as_json {
+        for d in damage {
+            let pts: Vec<String> = d.points.iter().map(|p| p.to_string()).collect();
+            println!(
+                "damaged: {}; points [{}] cannot be recovered (see `standby verify {vm}`)",
+                damage_where(d),
+                pts.join(", ")
+            );
+        }
+    }
 }
 
 /// Print point documents (built here, or received from a running agent).
@@ -151,7 +177,12 @@ pub fn point_docs(vm: &str, docs: &[Value], as_json: bool) {
             p["time"].as_str().unwrap_or(""),
             p["kind"].as_str().unwrap_or(""),
             bytes(p["bytes"].as_u64().unwrap_or(0)),
-            p["name"].as_str().unwrap_or("")
+            p["name"].as_str().unwrap_or("").to_string()
+                + if p["readable"] == json!(false) {
+                    "  [unreadable: damaged]"
+                } else {
+                    ""
+                }
         );
     }
 }
@@ -322,6 +353,7 @@ pub fn status_json(s: &VmStatus) -> Value {
             "availability_set": r.target.availability_set,
         },
         "network_mapping": r.network_mapping,
+        "damage": s.damage,
         "disks": s.disks.iter().map(|d| json!({
             "name": d.name,
             "source": d.source,

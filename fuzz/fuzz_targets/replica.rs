@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            let _ = index::decode_layer_index(rest);
+            // The offset a failure names lies within the file (or at its end).
+            if let Err((at, _)) = index::decode_layer_index_located(rest) {
+                assert!(at <= rest.len() as u64);
+            }
         }
         _ => {
             let _ = manifest::decode_manifest(rest);

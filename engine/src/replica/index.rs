@@ -155,55 +155,81 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
 
 /// Decode and validate a whole layer index file.
 pub fn decode_layer_index(b: &[u8]) -> Result<LayerIndex, FormatError> {
+    decode_layer_index_located(b).map_err(|(_, e)| e)
+}
+
+/// Decode and validate a whole layer index file; a failure comes with the byte offset in
+/// the file of the part that failed: 0 for the header, the entry's offset for a bad entry,
+/// [`HEADER_BYTES`] when the checksum over the entries fails (the header's own checksum
+/// held, so the damage is in the entries or the trailer).
+pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatError)> {
+    let at = |off: usize| move |e: FormatError| (off as u64, e);
     let mut c = Cursor::new(b);
-    let magic = c.bytes(8)?;
-    if magic != MAGIC {
-        return Err(bad("not a Standby layer index (bad magic)"));
-    }
-    let version = c.u16()?;
-    let header_bytes = c.u16()? as usize;
-    let incompat = c.u32()?;
-    let compat = c.u32()?;
-    let entry_bytes = c.u32()? as usize;
-    let layer_id = c.u64()?;
-    let base_seq = c.u64()?;
-    let end_seq = c.u64()?;
-    let exact_from = c.u64()?;
-    let count = c.u32()? as usize;
-    let hcrc = c.u32()?;
-    if seeded_crc(HEADER_SEED, layer_id, &[&b[..60]]) != hcrc {
-        return Err(bad("layer index header checksum mismatch"));
-    }
-    check_features("layer index", version, VERSION, incompat, KNOWN_INCOMPAT)?;
-    if header_bytes != HEADER_BYTES || entry_bytes != ENTRY_BYTES {
-        return Err(bad("layer index header or entry size is wrong"));
-    }
-    if base_seq > end_seq || exact_from < base_seq || exact_from > end_seq {
-        return Err(bad("layer index sequence range is inconsistent"));
-    }
+    let h = (|| {
+        let magic = c.bytes(8)?;
+        if magic != MAGIC {
+            return Err(bad("not a Standby layer index (bad magic)"));
+        }
+        let version = c.u16()?;
+        let header_bytes = c.u16()? as usize;
+        let incompat = c.u32()?;
+        let compat = c.u32()?;
+        let entry_bytes = c.u32()? as usize;
+        let layer_id = c.u64()?;
+        let base_seq = c.u64()?;
+        let end_seq = c.u64()?;
+        let exact_from = c.u64()?;
+        let count = c.u32()? as usize;
+        let hcrc = c.u32()?;
+        if seeded_crc(HEADER_SEED, layer_id, &[&b[..60]]) != hcrc {
+            return Err(bad("layer index header checksum mismatch"));
+        }
+        check_features("layer index", version, VERSION, incompat, KNOWN_INCOMPAT)?;
+        if header_bytes != HEADER_BYTES || entry_bytes != ENTRY_BYTES {
+            return Err(bad("layer index header or entry size is wrong"));
+        }
+        if base_seq > end_seq || exact_from < base_seq || exact_from > end_seq {
+            return Err(bad("layer index sequence range is inconsistent"));
+        }
+        Ok((layer_id, base_seq, end_seq, exact_from, compat, count))
+    })();
+    let (layer_id, base_seq, end_seq, exact_from, compat, count) = h.map_err(at(0))?;
     // The count was verified by the header crc; still bound it by the bytes present
     // before allocating.
     let need = HEADER_BYTES as u64 + count as u64 * ENTRY_BYTES as u64 + TRAILER_BYTES as u64;
     if (b.len() as u64) < need {
-        return Err(FormatError::Truncated {
-            needed: need as usize,
-            have: b.len(),
-        });
+        return Err((
+            b.len() as u64,
+            FormatError::Truncated {
+                needed: need as usize,
+                have: b.len(),
+            },
+        ));
     }
     if b.len() as u64 != need {
-        return Err(bad("layer index has trailing bytes"));
+        return Err((need, bad("layer index has trailing bytes")));
     }
     let body_end = need as usize - TRAILER_BYTES;
     let mut t = Cursor::new(&b[body_end..]);
-    if seeded_crc(CRC_SEED, layer_id, &[&b[..body_end]]) != t.u32()? {
-        return Err(bad("layer index checksum mismatch"));
+    if seeded_crc(CRC_SEED, layer_id, &[&b[..body_end]]) != t.u32().map_err(at(body_end))? {
+        return Err((
+            HEADER_BYTES as u64,
+            bad(format!(
+                "layer index checksum mismatch (entries at bytes {HEADER_BYTES}..{body_end} \
+                 or the trailer)"
+            )),
+        ));
     }
     let mut entries = Vec::with_capacity(count);
     let mut last_seq = base_seq;
     for i in 0..count {
-        let e = decode_entry(&mut c).map_err(|e| bad(format!("entry {i}: {e}")))?;
+        let off = HEADER_BYTES + i * ENTRY_BYTES;
+        let e = decode_entry(&mut c).map_err(|e| (off as u64, bad(format!("entry {i}: {e}"))))?;
         if e.seq <= base_seq || e.seq > end_seq || e.seq < last_seq {
-            return Err(bad(format!("entry {i}: sequence number out of order")));
+            return Err((
+                off as u64,
+                bad(format!("entry {i}: sequence number out of order")),
+            ));
         }
         last_seq = e.seq;
         entries.push(e);
@@ -347,6 +373,25 @@ mod tests {
             assert!(decode_layer_index(&b[..cut]).is_err(), "cut {cut}");
         }
         assert!(decode_layer_index(&vec![0u8; b.len()]).is_err());
+    }
+
+    #[test]
+    fn a_failure_says_which_part_of_the_file() {
+        let b = sample().encode();
+        let located = |i: usize| {
+            let mut d = b.clone();
+            d[i] ^= 0x10;
+            decode_layer_index_located(&d).unwrap_err().0
+        };
+        assert_eq!(located(30), 0, "header");
+        assert_eq!(located(HEADER_BYTES + ENTRY_BYTES + 9), HEADER_BYTES as u64);
+        assert_eq!(located(b.len() - 1), HEADER_BYTES as u64, "trailer");
+        let mut longer = b.clone();
+        longer.push(0);
+        assert_eq!(
+            decode_layer_index_located(&longer).unwrap_err().0,
+            b.len() as u64
+        );
     }
 
     #[test]

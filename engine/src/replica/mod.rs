@@ -14,7 +14,8 @@
 //! - everything after the manifest's open position is the open layer, rebuilt on open by
 //!   scanning (a torn tail is cut off), so `applied_seq` never claims more than is stored;
 //! - point k reads layers L0..=Lk; a layer is never changed in place, only replaced by a
-//!   new index file (coalesced or merged) in one manifest swap;
+//!   new index file (coalesced or merged) in one manifest swap; a damaged layer j spoils
+//!   points j.. only, and makes the replica read-only (see `open`);
 //! - a frame's bytes are punched only after a durable manifest stops referencing them and
 //!   no live view pins them; a crash in between is healed on open by a reference scan.
 
@@ -145,6 +146,9 @@ pub struct Replica {
     /// Snapshots of the open layer taken by views since the last maintenance.
     pending_pins: Mutex<Vec<Arc<LayerIndex>>>,
     poisoned: Option<String>,
+    /// Live layers whose index failed to load (position in `layers`, oldest first): the
+    /// replica is read-only and views from the first one on are refused (see `open`).
+    damaged: Vec<(usize, Damage)>,
     frame_buf: Vec<u8>,
 }
 
@@ -603,6 +607,9 @@ impl Replica {
     }
 
     fn check_writable(&self) -> Result<()> {
+        if let Some(e) = self.damage_refusal() {
+            return Err(e);
+        }
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),

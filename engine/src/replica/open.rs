@@ -3,13 +3,23 @@
 //! and heal what a crash between a manifest swap and its clean-up left behind (unreferenced
 //! index files, data files and frames). Opening twice in a row changes nothing the second
 //! time.
+//!
+//! A damaged layer index is contained, not fatal: point k reads layers L0..=Lk, so a
+//! damaged layer j spoils points j.. and the latest state, and nothing else. The replica
+//! opens read-only with the damage recorded ([`Replica::damage`]): points before j still
+//! view, fail over and mount bit-exact; a view that needs layer j is refused with an error
+//! naming the file; nothing is applied, cut, pruned or punched (the damaged layer's
+//! references are unknown, so any punch or file removal could destroy frames it reads,
+//! and any new point would read the damaged layer too). Only the manifest, the root of
+//! everything, still refuses to open.
 
 use super::codec::FormatError;
 use super::datafile::{self, decode_data_header, HEADER_BYTES as DATA_HEADER_BYTES};
 use super::extent::{verify_frame, FrameHeader, FRAME_HEADER_BYTES, KIND_DATA};
-use super::index::{self, decode_layer_index, Entry, LayerIndex, Loc};
-use super::manifest::{self, decode_manifest, Manifest, COMPAT_PUNCH_PENDING};
+use super::index::{self, decode_layer_index_located, Entry, LayerIndex, Loc};
+use super::manifest::{self, decode_manifest, Manifest, ManifestPoint, COMPAT_PUNCH_PENDING};
 use super::store::{Refs, Store};
+use super::verify::Damage;
 use super::{OpenLayer, OpenReport, Replica, ReplicaConfig, DATA_DIR, LAYERS_DIR};
 use crate::error::{Error, IoContext, Result};
 use crate::vfs::{VFile, Vfs};
@@ -59,7 +69,7 @@ impl Replica {
             ..OpenReport::default()
         };
         let layers_dir = dir.join(LAYERS_DIR);
-        let layers = load_layers(&*vfs, &layers_dir, &m)?;
+        let (layers, damaged) = load_layers(&*vfs, &layers_dir, &m)?;
         report.removed_files += remove_unreferenced_indexes(&*vfs, &layers_dir, &m)?;
         let mut refs = Refs::default();
         for l in &layers {
@@ -86,8 +96,13 @@ impl Replica {
             pins: Vec::new(),
             pending_pins: Mutex::new(Vec::new()),
             poisoned: None,
+            damaged,
             frame_buf: Vec::new(),
         };
+        if !r.damaged.is_empty() {
+            // Healing needs every layer's references: leave all files as they are.
+            return Ok((r, report));
+        }
         report.removed_files += r.remove_dead_data_files()?;
         if r.manifest.compat & COMPAT_PUNCH_PENDING != 0 {
             report.punched_ranges += r.heal_all()?;
@@ -154,41 +169,163 @@ impl Replica {
     }
 }
 
-fn load_layers(vfs: &dyn Vfs, layers_dir: &Path, m: &Manifest) -> Result<Vec<Arc<LayerIndex>>> {
-    let mut out = Vec::with_capacity(m.points.len());
-    let mut base = 0;
-    for p in &m.points {
-        let path = layers_dir.join(index::file_name(p.layer_id));
-        let bytes = read_all(vfs, &path, MAX_INDEX_BYTES)?;
-        let l = decode_layer_index(&bytes).map_err(|e| e.at(&path, 0))?;
-        if l.layer_id != p.layer_id
-            || l.base_seq != base
-            || l.end_seq != p.info.seq
-            || l.exact_from != p.layer_exact_from
-            || l.entries.len() as u64 != p.layer_entries
-        {
-            return Err(Error::corrupt(
-                &path,
-                0,
-                format!(
-                    "layer index does not match the manifest's point {}",
-                    p.info.id
-                ),
-            ));
-        }
-        for (i, e) in l.entries.iter().enumerate() {
-            check_entry_range(m, e).map_err(|what| {
-                Error::corrupt(
-                    &path,
-                    (index::HEADER_BYTES + i * index::ENTRY_BYTES) as u64,
-                    what,
-                )
-            })?;
-        }
-        base = l.end_seq;
-        out.push(Arc::new(l));
+/// Load every live layer index. A layer whose index is missing or fails validation gets an
+/// empty stand-in (never read: views that need it are refused) and a [`Damage`] naming the
+/// file, the offset and the points that read it; I/O errors are returned.
+impl Replica {
+    /// Damage found in the live layer indexes when the replica was opened, oldest layer
+    /// first (empty when they are sound). Each names the file, the offset and the points
+    /// that read it (that layer's point and every later one) and the latest state.
+    pub fn damage(&self) -> Vec<Damage> {
+        self.damaged.iter().map(|(_, d)| d.clone()).collect()
     }
-    Ok(out)
+
+    /// Ids of the points that read a damaged layer: they cannot be viewed.
+    pub fn unreadable_points(&self) -> Vec<u64> {
+        match self.damaged.first() {
+            Some((_, d)) => d.points.clone(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Position of the oldest damaged layer.
+    pub(super) fn first_damaged(&self) -> Option<usize> {
+        self.damaged.first().map(|(k, _)| *k)
+    }
+
+    /// Which points are still intact, for messages.
+    fn intact_points(&self) -> String {
+        let j = self.first_damaged().unwrap_or(self.manifest.points.len());
+        let ids: Vec<String> = self.manifest.points[..j]
+            .iter()
+            .map(|p| p.info.id.to_string())
+            .collect();
+        match ids.len() {
+            0 => "no point before it is intact".into(),
+            1 => format!("point {} is intact", ids[0]),
+            _ => format!("points {} are intact", ids.join(", ")),
+        }
+    }
+
+    /// Refuse a view of `what` (a point, a seq) that needs layer `k` or a later one, when
+    /// one of them is damaged: the error names the damaged file.
+    pub(super) fn check_readable(&self, k: usize, what: &str) -> Result<()> {
+        match self.damaged.iter().find(|(j, _)| *j <= k) {
+            Some((_, d)) => Err(Error::corrupt(
+                &d.path,
+                d.offset,
+                format!(
+                    "{}: {what} reads this layer index and cannot be recovered; {}",
+                    d.what,
+                    self.intact_points()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Why nothing may change a replica with a damaged layer, if it has one.
+    pub(super) fn damage_refusal(&self) -> Option<Error> {
+        self.damaged.first().map(|(_, d)| {
+            Error::corrupt(
+                &d.path,
+                d.offset,
+                format!(
+                    "{}: the replica is read-only, so processing of this VM has stopped \
+                     (every new point would read this layer index); {}",
+                    d.what,
+                    self.intact_points()
+                ),
+            )
+        })
+    }
+}
+
+/// Damaged live layers: position in the manifest's points, and the damage.
+type DamagedLayers = Vec<(usize, Damage)>;
+
+fn load_layers(
+    vfs: &dyn Vfs,
+    layers_dir: &Path,
+    m: &Manifest,
+) -> Result<(Vec<Arc<LayerIndex>>, DamagedLayers)> {
+    let mut out = Vec::with_capacity(m.points.len());
+    let mut damaged = Vec::new();
+    let mut base = 0;
+    for (k, p) in m.points.iter().enumerate() {
+        let path = layers_dir.join(index::file_name(p.layer_id));
+        match load_layer(vfs, &path, m, p, base) {
+            Ok(l) => out.push(Arc::new(l)),
+            Err(e) => {
+                let (path, offset, what) = super::verify::corruption(e)?;
+                damaged.push((
+                    k,
+                    Damage {
+                        path,
+                        offset,
+                        what,
+                        points: m.points[k..].iter().map(|p| p.info.id).collect(),
+                        latest: true,
+                    },
+                ));
+                out.push(Arc::new(LayerIndex {
+                    layer_id: p.layer_id,
+                    base_seq: base,
+                    end_seq: p.info.seq,
+                    exact_from: p.layer_exact_from,
+                    compat: 0,
+                    entries: Vec::new(),
+                }));
+            }
+        }
+        base = p.info.seq;
+    }
+    Ok((out, damaged))
+}
+
+/// Load and check one layer index against the manifest's point `p` (whose layer starts at
+/// `base`).
+pub(super) fn load_layer(
+    vfs: &dyn Vfs,
+    path: &Path,
+    m: &Manifest,
+    p: &ManifestPoint,
+    base: u64,
+) -> Result<LayerIndex> {
+    if !vfs.exists(path) {
+        return Err(Error::corrupt(
+            path,
+            0,
+            format!("the layer index of point {} is missing", p.info.id),
+        ));
+    }
+    let bytes = read_all(vfs, path, MAX_INDEX_BYTES)?;
+    let l = decode_layer_index_located(&bytes).map_err(|(off, e)| e.at(path, off))?;
+    if l.layer_id != p.layer_id
+        || l.base_seq != base
+        || l.end_seq != p.info.seq
+        || l.exact_from != p.layer_exact_from
+        || l.entries.len() as u64 != p.layer_entries
+    {
+        return Err(Error::corrupt(
+            path,
+            0,
+            format!(
+                "layer index does not match the manifest's point {}",
+                p.info.id
+            ),
+        ));
+    }
+    for (i, e) in l.entries.iter().enumerate() {
+        check_entry_range(m, e).map_err(|what| {
+            Error::corrupt(
+                path,
+                (index::HEADER_BYTES + i * index::ENTRY_BYTES) as u64,
+                what,
+            )
+        })?;
+    }
+    Ok(l)
 }
 
 fn check_entry_range(m: &Manifest, e: &Entry) -> std::result::Result<(), String> {

@@ -1,7 +1,9 @@
 //! The verify pass: re-read the manifest and every live layer index and check their crcs,
 //! then read and check every data frame any layer (or the open layer) references. Damage is
 //! reported as (file, offset, what) together with the recovery points that read it, so an
-//! operator knows which points are still good. Verify reads; it never repairs.
+//! operator knows which points are still good. A layer index found damaged on open is
+//! reported as it was found (with its point and every later one), and the frames of the
+//! other layers are still checked. Verify reads; it never repairs.
 
 use super::index::{self, decode_layer_index, Loc};
 use super::manifest::{self, decode_manifest};
@@ -38,7 +40,7 @@ impl VerifyReport {
     }
 }
 
-fn corruption(e: Error) -> std::result::Result<(PathBuf, u64, String), Error> {
+pub(super) fn corruption(e: Error) -> std::result::Result<(PathBuf, u64, String), Error> {
     match e {
         Error::Corrupt { path, offset, what } => Ok((path, offset, what)),
         Error::Unsupported { path, what } => Ok((path, 0, what)),
@@ -67,6 +69,12 @@ impl Replica {
         }
         let dir = self.layers_dir();
         for (k, l) in self.layers.iter().enumerate() {
+            if let Some((_, d)) = self.damaged.iter().find(|(j, _)| *j == k) {
+                // Found when the replica was opened; its stand-in has nothing to compare.
+                report.indexes_checked += 1;
+                report.damage.push(d.clone());
+                continue;
+            }
             let path = dir.join(index::file_name(l.layer_id));
             let checked = read_all(vfs, &path, u64::MAX).and_then(|b| {
                 decode_layer_index(&b)
@@ -128,15 +136,34 @@ impl Replica {
         // Which points read the damaged frames (rare: costs a view per point).
         let keys: BTreeSet<(u64, u64)> = bad.keys().copied().collect();
         let mut readers: BTreeMap<(u64, u64), (Vec<u64>, bool)> = BTreeMap::new();
-        for p in &self.manifest.points {
+        // Points that read a damaged layer cannot be viewed (their damage is reported
+        // above); neither can the latest state then, and it counts as reading the frame
+        // when the open layer does.
+        let intact = self.first_damaged().unwrap_or(self.manifest.points.len());
+        for p in &self.manifest.points[..intact] {
             let v = self.view_point(p.info.id)?;
             for key in v.frames_read().intersection(&keys) {
                 readers.entry(*key).or_default().0.push(p.info.id);
             }
         }
-        let latest = self.view_latest()?;
-        for key in latest.frames_read().intersection(&keys) {
-            readers.entry(*key).or_default().1 = true;
+        if intact == self.manifest.points.len() {
+            let latest = self.view_latest()?;
+            for key in latest.frames_read().intersection(&keys) {
+                readers.entry(*key).or_default().1 = true;
+            }
+        } else {
+            for e in &self.open.entries {
+                if let Loc::Data {
+                    file_id,
+                    frame_offset,
+                    ..
+                } = e.loc
+                {
+                    if let Some(r) = keys.get(&(file_id, frame_offset)) {
+                        readers.entry(*r).or_default().1 = true;
+                    }
+                }
+            }
         }
         for (key, (path, what)) in bad {
             let (points, latest) = readers.remove(&key).unwrap_or_default();

@@ -6,7 +6,9 @@
 //! it lives.
 //!
 //! Reads verify every frame they touch; damage is an error naming the file and offset,
-//! never garbage. Materialization writes only allocated ranges, in offset order, into a
+//! never garbage. A view that needs a layer whose index was found damaged on open (a point
+//! at or after it, a seq or time inside or after it, the latest state) is refused the same
+//! way; older points are untouched by it. Materialization writes only allocated ranges, in offset order, into a
 //! sparse file.
 
 use super::index::{Entry, LayerIndex, Loc};
@@ -354,6 +356,7 @@ impl Replica {
             .enumerate()
             .find(|(_, p)| p.info.id == id)
             .ok_or_else(|| Error::NotFound(format!("recovery point {id} does not exist")))?;
+        self.check_readable(k, &format!("recovery point {id}"))?;
         let mut v = self.build_view(&self.layers[..=k], None, p.info.seq)?;
         v.point = Some(p.info.clone());
         v.time_us = p.info.time_us;
@@ -380,6 +383,7 @@ impl Replica {
             )));
         }
         let k = self.layers.partition_point(|l| l.end_seq < seq);
+        self.check_readable(k, &format!("the state at seq {seq}"))?;
         if k == self.layers.len() {
             return Ok(k);
         }
@@ -400,14 +404,17 @@ impl Replica {
             Some(r) if r.1 + 1 >= a => r.1 = r.1.max(b),
             _ => out.push((a, b)),
         };
-        for l in &self.layers {
+        let intact = self.first_damaged().unwrap_or(self.layers.len());
+        for l in &self.layers[..intact] {
             if l.exact_from < l.end_seq {
                 push(l.exact_from, l.end_seq);
             } else {
                 push(l.end_seq, l.end_seq);
             }
         }
-        push(self.manifest.sealed_seq(), self.applied_seq);
+        if intact == self.layers.len() {
+            push(self.manifest.sealed_seq(), self.applied_seq);
+        }
         out
     }
 
@@ -465,6 +472,11 @@ impl Replica {
                 "nothing was replicated at or before time {time_us} µs"
             )));
         };
+        if let Some(j) = self.first_damaged() {
+            if best > self.layers[j].base_seq {
+                self.check_readable(j, &format!("the state at time {time_us} µs"))?;
+            }
+        }
         let seq = self
             .viewable_ranges()
             .into_iter()

@@ -72,8 +72,10 @@ pub enum Reply {
         owner_pid: u32,
         resync_bytes: Option<u64>,
     },
+    /// Points with the bytes each one's layer holds, and damage that spoils some of them.
     Points {
         points: Vec<(PointInfo, u64)>,
+        damage: Vec<crate::replica::Damage>,
     },
     Verify {
         report: VerifyReport,

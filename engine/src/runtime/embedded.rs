@@ -164,12 +164,21 @@ impl EmbeddedAgent {
             }
         }
         self.agent.flush()?;
-        let report = self.processor.lock().run_pass()?;
-        for pt in report.points {
-            (self.events)(Event::Point {
-                vm: self.vm.clone(),
-                point: pt,
-            });
+        // The last changes processed; a replica that refuses them (damage) keeps them in
+        // the log, which is closed cleanly all the same.
+        match self.processor.lock().run_pass() {
+            Ok(report) => {
+                for pt in report.points {
+                    (self.events)(Event::Point {
+                        vm: self.vm.clone(),
+                        point: pt,
+                    });
+                }
+            }
+            Err(e) => (self.events)(Event::Trouble(format!(
+                "{}: processing at shutdown: {e}",
+                self.vm
+            ))),
         }
         let EmbeddedAgent {
             agent, processor, ..

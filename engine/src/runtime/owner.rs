@@ -255,9 +255,13 @@ impl Handler for VmOwner {
                     .into(),
             )),
             Request::Status => self.status(),
-            Request::Points => Ok(Reply::Points {
-                points: self.processor.lock().replica().points_with_bytes(),
-            }),
+            Request::Points => {
+                let p = self.processor.lock();
+                Ok(Reply::Points {
+                    points: p.replica().points_with_bytes(),
+                    damage: p.replica().damage(),
+                })
+            }
             Request::Verify { point: spec } => (|| {
                 let vault = self.vault()?;
                 let p = self.processor.lock();

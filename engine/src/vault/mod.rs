@@ -38,7 +38,9 @@ use crate::now_us;
 use crate::policy::Policy;
 use crate::process::{PassReport, Processor};
 use crate::record::{Consistency, Entry, Marker};
-use crate::replica::{DiskSpec, PointInfo, PointKind, Replica, ReplicaConfig, VerifyReport};
+use crate::replica::{
+    Damage, DiskSpec, PointInfo, PointKind, Replica, ReplicaConfig, VerifyReport,
+};
 use crate::vfs::{RealFs, Vfs};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -1007,10 +1009,21 @@ fn initial_replication(
     Ok((shipped, total))
 }
 
+/// A VM's points with the bytes each one's layer holds, and the damage that spoils some.
+pub type PointsReport = (Vec<(PointInfo, u64)>, Vec<Damage>);
+
 impl Vault {
     /// The retained points of a VM with the bytes each one's layer holds.
     pub fn points_with_bytes(&self, vm: &str) -> Result<Vec<(PointInfo, u64)>> {
         let _lock = self.lock_vm(vm)?;
         Ok(self.open_replica(vm)?.points_with_bytes())
+    }
+
+    /// The retained points of a VM with the bytes each one's layer holds, and the damage
+    /// that makes some of them unreadable (each names the points it spoils).
+    pub fn points_report(&self, vm: &str) -> Result<PointsReport> {
+        let _lock = self.lock_vm(vm)?;
+        let replica = self.open_replica(vm)?;
+        Ok((replica.points_with_bytes(), replica.damage()))
     }
 }

@@ -32,7 +32,8 @@ pub struct DiskStatus {
     pub name: String,
     pub source: String,
     pub size_bytes: u64,
-    /// Bytes holding data in the replica's latest state.
+    /// Bytes holding data in the replica's latest state (when a damaged layer makes that
+    /// unreadable: in the newest point still readable; 0 if none is).
     pub replicated_bytes: u64,
 }
 
@@ -57,6 +58,10 @@ pub struct VmStatus {
     /// For a VM replicated from a remote source site: the link and the source's state.
     #[serde(default)]
     pub remote: Option<RemoteStatus>,
+    /// Damage found opening the replica, one line each (file, offset, what failed, which
+    /// points it spoils); any makes the health critical.
+    #[serde(default)]
+    pub damage: Vec<String>,
 }
 
 /// A remote VM's link and source site, as `process --follow` last saw them.
@@ -111,8 +116,16 @@ impl Vault {
     }
 
     fn local_status(&self, vm: &str) -> Result<VmStatus> {
-        let replica = self.open_replica(vm)?;
-        let cache = self.open_cache(vm)?;
+        let replica = match self.open_replica(vm) {
+            Ok(r) => r,
+            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "replica", &e),
+            Err(e) => return Err(e),
+        };
+        let cache = match self.open_cache(vm) {
+            Ok(c) => c,
+            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "change log", &e),
+            Err(e) => return Err(e),
+        };
         let st = self.status_of(vm, &cache, &replica);
         cache.close()?;
         st
@@ -208,6 +221,7 @@ impl Vault {
             ));
         }
         judge(&mut st, rpo);
+        mark_damage(&mut st);
         match r.link.as_str() {
             "connected" => {}
             "disconnected" => {
@@ -260,6 +274,7 @@ impl Vault {
             applied_seq: 0,
             applied_time_us: 0,
             remote: None,
+            damage: Vec::new(),
         };
         if rec.committed {
             st.reasons
@@ -281,13 +296,16 @@ impl Vault {
         st.applied_seq = replica.applied_seq();
         st.applied_time_us = replica.applied_time_us();
         st.points = replica.points().len();
-        let latest = replica.view_latest()?;
+        let latest = latest_if_readable(replica)?;
         for (i, d) in rec.disks.iter().enumerate() {
             st.disks.push(super::DiskStatus {
                 name: d.name.clone(),
                 source: d.source.clone(),
                 size_bytes: d.size_bytes,
-                replicated_bytes: latest.allocated_bytes(i as u16)?,
+                replicated_bytes: match &latest {
+                    Some(v) => v.allocated_bytes(i as u16)?,
+                    None => 0,
+                },
             });
         }
         drop(latest);
@@ -301,8 +319,75 @@ impl Vault {
             now.saturating_sub(newest) as f64 / 1e6
         };
         judge(&mut st, rpo);
+        st.damage = replica.damage().iter().map(damage_line).collect();
+        mark_damage(&mut st);
         Ok(st)
     }
+
+    /// A VM whose replica (its manifest) or change log is too damaged to open: critical,
+    /// with the one-line error; the vault's other VMs are not affected.
+    fn unopenable_status(&self, vm: &str, what: &str, e: &crate::Error) -> Result<VmStatus> {
+        let mut st = self.base_status(vm)?;
+        st.damage = vec![format!(
+            "the {what} cannot be opened: {}",
+            e.to_string().replace('\n', " ")
+        )];
+        mark_damage(&mut st);
+        Ok(st)
+    }
+}
+
+/// Damage in stored bytes (as opposed to an I/O or usage error).
+fn is_damage(e: &crate::Error) -> bool {
+    matches!(
+        e,
+        crate::Error::Corrupt { .. } | crate::Error::Unsupported { .. }
+    )
+}
+
+/// The latest state; when a damaged layer makes it unreadable, the newest point that is
+/// still readable (what a failover can recover), if any.
+fn latest_if_readable(replica: &Replica) -> Result<Option<crate::replica::View>> {
+    if replica.damage().is_empty() {
+        return Ok(Some(replica.view_latest()?));
+    }
+    let unreadable = replica.unreadable_points();
+    match replica
+        .points()
+        .iter()
+        .rev()
+        .find(|p| !unreadable.contains(&p.id))
+    {
+        Some(p) => Ok(Some(replica.view_point(p.id)?)),
+        None => Ok(None),
+    }
+}
+
+fn damage_line(d: &crate::replica::Damage) -> String {
+    let pts: Vec<String> = d.points.iter().map(u64::to_string).collect();
+    format!(
+        "damaged: {} at byte {}: {}; points [{}]{} cannot be recovered",
+        d.path.display(),
+        d.offset,
+        d.what,
+        pts.join(", "),
+        if d.latest {
+            " and the latest state"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Damage makes the health critical and leads the reasons.
+fn mark_damage(st: &mut VmStatus) {
+    if st.damage.is_empty() {
+        return;
+    }
+    st.health = Health::Critical;
+    let mut reasons = st.damage.clone();
+    reasons.append(&mut st.reasons);
+    st.reasons = reasons;
 }
 
 /// Health and reasons from the RPO and the VM's state.
