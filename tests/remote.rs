@@ -509,8 +509,9 @@ fn every_part_killed_mid_burst_and_a_cut_link_lose_nothing() {
     let mut s = Sites::new(0x5eed_0001);
     let cache_addr = s.cache_addr.clone();
     let mut cache = s.cache_service(&cache_addr);
-    // qemu-io's patterns compress ~200:1 in the journal: 128 KiB holds ~400 writes.
-    let mut agent = s.agent(&cache_addr, "128KiB");
+    // The journal stores writes as they came (no compression on the write path): 40 MiB
+    // holds the 400-write bursts (25 MiB) whole, and the 1,500-write one (94 MiB) not.
+    let mut agent = s.agent(&cache_addr, "40MiB");
     s.protect(&cache_addr);
     let mut processor = s.processor(&cache_addr);
 
@@ -548,7 +549,7 @@ fn every_part_killed_mid_burst_and_a_cut_link_lose_nothing() {
         })),
     );
     assert!(acked < 2000, "the burst outlived the agent?");
-    let mut agent = s.agent(&cache_addr, "128KiB");
+    let mut agent = s.agent(&cache_addr, "40MiB");
     assert_eq!(s.burst(100, None), 100);
     s.wait_caught_up();
 
@@ -832,4 +833,122 @@ fn a_full_cache_pushes_back_to_the_agents_bitmap_until_the_processor_drains_it()
     processor.stop();
     cache.stop();
     s.check_every_point();
+}
+
+/// Run `standby` against the vault at `vault`, expecting success.
+fn standby_ok(vault: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .env("STANDBY_VAULT", vault)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "standby {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dr_commands_go_through_the_follower_and_never_drop_the_link() {
+    let mut s = Sites::new(0x5eed_0004);
+    let cache_addr = s.cache_addr.clone();
+    let mut cache = s.cache_service(&cache_addr);
+    let mut agent = s.agent(&cache_addr, "256MiB");
+    s.protect(&cache_addr);
+    let mut processor = s.processor(&cache_addr);
+    assert_eq!(s.burst(100, None), 100);
+    s.wait_caught_up();
+    let sessions = |p: &Proc| p.text().matches("pulling from the cache service").count();
+    let before = sessions(&processor);
+
+    // While qemu-io writes through the agent, every DR command of the VM runs at the
+    // target: the follower answers them.
+    let (vault, root) = (s.vault.clone(), s.root.clone());
+    let drills = std::thread::spawn(move || {
+        let out = standby_ok(&vault, &["point", "web01", "--name", "drill"]);
+        assert!(out.contains("cut point"), "{out}");
+        let pts: Value =
+            serde_json::from_str(&standby_ok(&vault, &["points", "web01", "--json"])).unwrap();
+        let id = pts["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "drill")
+            .expect("the point is listed")["id"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        standby_ok(&vault, &["status", "web01", "--json"]);
+        standby_ok(&vault, &["verify", "web01"]);
+        let tf = root.join("target-site/drill");
+        standby_ok(
+            &vault,
+            &[
+                "test-failover",
+                "web01",
+                "--point",
+                &id,
+                "--out",
+                tf.to_str().unwrap(),
+            ],
+        );
+        let tf_img = std::fs::read(tf.join("os.raw")).unwrap();
+        let maddr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+        let mut mount = Command::new(bin())
+            .args(["mount", "web01", "--point", &id, "--listen", &maddr])
+            .env("STANDBY_VAULT", &vault)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        mount
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut first)
+            .unwrap();
+        let copy = root.join("target-site/mounted.raw");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(format!("nbd://{maddr}/os"))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // SAFETY: kill(2) of our own child with SIGINT; no memory is passed.
+        unsafe { libc_kill(mount.id() as i32, 2) };
+        assert!(mount.wait().unwrap().success());
+        standby_ok(&vault, &["test-failover-cleanup", "web01"]);
+        (tf_img, std::fs::read(&copy).unwrap())
+    });
+    let mut bursts = 0;
+    while !drills.is_finished() {
+        assert_eq!(s.burst(50, None), 50, "the VM's writes go on");
+        bursts += 1;
+    }
+    let (tf_img, mounted) = drills.join().unwrap();
+    assert!(bursts > 0);
+    assert!(
+        tf_img == mounted,
+        "the mount and the test failover of one point differ"
+    );
+    assert!(
+        prefix_of(&tf_img, &s.writes).is_some(),
+        "the drill point is no prefix of the acknowledged writes"
+    );
+    assert_eq!(
+        sessions(&processor),
+        before,
+        "the follower dropped the link for a DR command:\n{}",
+        s.logs()
+    );
+    assert_eq!(s.status()["remote"]["link"], "connected");
+    s.wait_caught_up();
+    agent.stop();
+    s.wait_caught_up_without_agent();
+    processor.stop();
+    cache.stop();
 }
