@@ -296,3 +296,74 @@ h.shutdown()
     );
     mount.stop();
 }
+
+/// The agent's block status reports the source image's holes and the writes not yet
+/// applied to it, so copies from the agent stay sparse: `qemu-img map` shows the holes,
+/// `nbdcopy` writes a sparse file, both with the written bytes where they were written.
+#[test]
+fn copies_from_the_agent_keep_its_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let (agent, url) = env.agent();
+    libnbd(
+        &url,
+        r#"
+h = connect(URL)
+h.pwrite(b"\xaa" * 65536, 1 << 20)
+h.pwrite(b"\xbb" * 65536, 8 << 20)
+h.pwrite(b"\xcc" * 131072, 12 << 20)
+h.zero(65536, 12 << 20)
+seen = []
+h.block_status(16 << 20, 0, lambda ctx, off, ents, err: seen.extend(ents) or 0)
+assert any(flags & nbd.STATE_HOLE for flags in seen[1::2]), seen
+h.shutdown()
+"#,
+    );
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        data,
+        vec![
+            (1 << 20, 64 << 10),
+            (8 << 20, 64 << 10),
+            ((12 << 20) + (64 << 10), 64 << 10)
+        ],
+        "qemu-img map: {map}"
+    );
+    let copy = env.root.join("copy.raw");
+    let st = Command::new("nbdcopy")
+        .args([&url, copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&copy).unwrap();
+    let mut want = vec![0u8; OS as usize];
+    want[1 << 20..(1 << 20) + (64 << 10)].fill(0xaa);
+    want[8 << 20..(8 << 20) + (64 << 10)].fill(0xbb);
+    want[(12 << 20) + (64 << 10)..(12 << 20) + (128 << 10)].fill(0xcc);
+    assert!(
+        bytes == want,
+        "nbdcopy's copy differs from what was written"
+    );
+    let allocated = std::fs::metadata(&copy).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 1 << 20,
+        "nbdcopy's copy of 192 KiB of data in 16 MiB is not sparse: {allocated} bytes allocated"
+    );
+    agent.stop();
+}
