@@ -147,8 +147,13 @@ fn read_requests<R: Read, W: Write>(
                     // Cannot stay in sync without buffering it: hang up.
                     return Err(bad("oversized write"));
                 }
-                payload.resize(req.length as usize, 0);
-                r.read_exact(&mut payload)?;
+                // Grown as the bytes arrive, not allocated up front on the client's word.
+                r.by_ref()
+                    .take(req.length as u64)
+                    .read_to_end(&mut payload)?;
+                if payload.len() != req.length as usize {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
             }
             CMD_DISC => return Ok(()),
             _ => {}
