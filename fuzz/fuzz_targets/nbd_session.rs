@@ -8,6 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use standby_engine::nbd::proto::*;
 use standby_engine::nbd::{serve_session, BlockDevice, ExportList, MemDisk};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 const OS_BYTES: u64 = 1 << 20;
@@ -59,8 +60,11 @@ fn name(src: &mut Src) -> Vec<u8> {
     }
 }
 
+/// The requests a built stream sends, by cookie (each cookie is used once).
+type Sent = HashMap<u64, Request>;
+
 /// A client stream built from the input: a few options, then requests.
-fn build(mut src: Src) -> Vec<u8> {
+fn build(mut src: Src, sent: &mut Sent) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(src.u8() as u32 & 3).to_be_bytes());
     for _ in 0..8 {
@@ -145,6 +149,7 @@ fn build(mut src: Src) -> Vec<u8> {
             length,
         };
         out.extend_from_slice(&r.encode());
+        sent.insert(cookie, r);
         if command == CMD_WRITE {
             // At most what is left: a short payload is the end of the stream.
             let n = (length as usize).min(src.0.len());
@@ -169,8 +174,10 @@ fn be(b: &[u8]) -> u64 {
 
 /// Check what the server sent. Every message is whole; once structured replies were
 /// acknowledged, every transmission reply is a chunk of a type the spec allows, shaped
-/// as the spec says.
-fn check(out: &[u8], no_zeroes: bool) {
+/// as the spec says. With the requests known (`sent`, for a built stream): simple replies
+/// are parsed too, each request is answered at most once, a read's data lies inside it,
+/// and a successful read's data covers it exactly.
+fn check(out: &[u8], no_zeroes: bool, sent: Option<&Sent>) {
     let mut b = out;
     if b.is_empty() {
         return;
@@ -203,9 +210,31 @@ fn check(out: &[u8], no_zeroes: bool) {
             take(&mut b, 124).expect("the export name reply's padding");
         }
     }
+    let defined = [
+        EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+    ];
     if !structured {
-        return; // simple read replies cannot be split without the requests
+        // Simple read replies cannot be split without the requests.
+        let Some(sent) = sent else { return };
+        let mut answered = std::collections::HashSet::new();
+        while !b.is_empty() {
+            assert_eq!(
+                be(take(&mut b, 4).expect("a whole magic")) as u32,
+                SIMPLE_REPLY_MAGIC
+            );
+            let errno = be(take(&mut b, 4).unwrap()) as u32;
+            let cookie = be(take(&mut b, 8).unwrap());
+            assert!(errno == 0 || defined.contains(&errno), "errno {errno}");
+            let req = sent.get(&cookie).expect("a reply to a request sent");
+            assert!(answered.insert(cookie), "cookie {cookie} answered twice");
+            if errno == 0 && req.command == CMD_READ {
+                take(&mut b, req.length as usize).expect("a whole read reply");
+            }
+        }
+        return;
     }
+    // Per cookie: bytes of data chunks, whether an error chunk came, whether DONE came.
+    let mut state: HashMap<u64, (u64, bool, bool)> = HashMap::new();
     while !b.is_empty() {
         assert_eq!(
             be(take(&mut b, 4).expect("a whole magic")) as u32,
@@ -213,9 +242,15 @@ fn check(out: &[u8], no_zeroes: bool) {
         );
         let flags = be(take(&mut b, 2).unwrap()) as u16;
         let kind = be(take(&mut b, 2).unwrap()) as u16;
-        take(&mut b, 8).unwrap();
+        let cookie = be(take(&mut b, 8).unwrap());
         let len = be(take(&mut b, 4).unwrap()) as usize;
         let p = take(&mut b, len).expect("a whole chunk");
+        let req = sent.map(|s| *s.get(&cookie).expect("a reply to a request sent"));
+        let st = state.entry(cookie).or_default();
+        if sent.is_some() {
+            assert!(!st.2, "a chunk after DONE for cookie {cookie}");
+        }
+        st.2 = flags & REPLY_FLAG_DONE != 0;
         match kind {
             REPLY_TYPE_NONE => {
                 assert!(
@@ -226,13 +261,29 @@ fn check(out: &[u8], no_zeroes: bool) {
             REPLY_TYPE_OFFSET_DATA => {
                 assert!(p.len() >= 9, "OFFSET_DATA describes at least one byte");
                 let off = be(&p[..8]);
-                assert!(
-                    off + (p.len() as u64 - 8) <= OS_BYTES,
-                    "data past the export"
-                );
+                let n = p.len() as u64 - 8;
+                assert!(off + n <= OS_BYTES, "data past the export");
+                if let Some(r) = req {
+                    assert_eq!(r.command, CMD_READ, "data for a {}", r.command);
+                    assert!(
+                        off >= r.offset && off + n <= r.offset + r.length as u64,
+                        "data outside the read"
+                    );
+                }
+                st.0 += n;
             }
             REPLY_TYPE_BLOCK_STATUS => {
                 assert!(p.len() >= 12 && (p.len() - 4) % 8 == 0, "descriptors");
+                if let Some(r) = req {
+                    assert_eq!(r.command, CMD_BLOCK_STATUS);
+                    if r.flags & CMD_FLAG_REQ_ONE != 0 {
+                        assert_eq!(p.len(), 12, "REQ_ONE: one descriptor");
+                        assert!(
+                            be(&p[4..8]) <= r.length as u64,
+                            "REQ_ONE: within the request"
+                        );
+                    }
+                }
                 for d in p[4..].chunks(8) {
                     assert_ne!(be(&d[..4]), 0, "a zero-length descriptor");
                 }
@@ -241,13 +292,21 @@ fn check(out: &[u8], no_zeroes: bool) {
                 assert!(p.len() >= 6);
                 let errno = be(&p[..4]) as u32;
                 assert!(
-                    [EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN]
-                        .contains(&errno),
+                    defined.contains(&errno),
                     "errno {errno} is not one the spec defines"
                 );
                 assert_eq!(be(&p[4..6]) as usize, p.len() - 6, "message length");
+                st.1 = true;
             }
             k => panic!("chunk type {k} is not one this server may send"),
+        }
+        if let Some(r) = req {
+            if st.2 && !st.1 && r.command == CMD_READ {
+                assert_eq!(
+                    st.0, r.length as u64,
+                    "a successful read not covered exactly"
+                );
+            }
         }
     }
 }
@@ -256,10 +315,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let client = if mode & 1 == 0 {
-        rest.to_vec()
+    let mut sent = Sent::new();
+    let built = mode & 1 != 0;
+    let client = if built {
+        build(Src(rest), &mut sent)
     } else {
-        build(Src(rest))
+        rest.to_vec()
     };
     let no_zeroes = client.len() >= 4 && client[3] & FLAG_C_NO_ZEROES as u8 != 0;
     let min = if mode & 2 == 0 { 1 } else { 512 };
@@ -275,5 +336,5 @@ fuzz_target!(|data: &[u8]| {
     ]));
     let mut out = Vec::new();
     let _ = serve_session(&client[..], &mut out, exports);
-    check(&out, no_zeroes);
+    check(&out, no_zeroes, built.then_some(&sent));
 });
