@@ -763,7 +763,11 @@ impl crate::nbd::BlockDevice for AgentDisk {
         offset: u64,
         len: u64,
     ) -> crate::nbd::DevResult<Vec<crate::nbd::Extent>> {
-        let runs = self.agent.block_status(self.disk, offset, len)?;
+        // A prefix is enough (the client asks again for the rest): at most 1 GiB a call,
+        // which bounds the time the state's read lock is held over SEEK_DATA calls.
+        let runs = self
+            .agent
+            .block_status(self.disk, offset, len.min(1 << 30))?;
         Ok(runs
             .into_iter()
             .map(|(len, zero)| crate::nbd::Extent {

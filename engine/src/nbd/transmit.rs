@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 /// Requests executed at once per connection.
 const WORKERS: usize = 4;
+/// Most descriptors sent in one block status chunk (the spec's SHOULD NOT exceed).
+const MAX_DESCRIPTORS: usize = 1 << 20;
 /// Requests read ahead of the workers (bounds memory: at most this many payloads).
 const QUEUE_DEPTH: usize = 16;
 
@@ -324,7 +326,8 @@ fn block_status<W: Write>(
     let mut descs: Vec<(u32, u32)> = Vec::new();
     let mut covered = 0u64;
     for e in extents {
-        if covered >= length as u64 || e.len == 0 {
+        // The spec: at most 2^20 descriptors in one chunk (the client asks for the rest).
+        if covered >= length as u64 || e.len == 0 || descs.len() >= MAX_DESCRIPTORS {
             break;
         }
         let len = e.len.min(length as u64 - covered).min(u32::MAX as u64) as u32;
@@ -353,4 +356,31 @@ fn block_status<W: Write>(
         payload.len() as u32,
     );
     replies.send(&[&h, &payload]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_status_sends_at_most_the_specs_descriptor_count() {
+        let replies = Replies {
+            w: Mutex::new(Vec::new()),
+            structured: true,
+            failed: AtomicBool::new(false),
+        };
+        let n = MAX_DESCRIPTORS + 5;
+        let extents: Vec<Extent> = (0..n)
+            .map(|i| Extent {
+                len: 1,
+                hole: i % 2 == 0,
+                zero: i % 2 == 0,
+            })
+            .collect();
+        block_status(&replies, 9, n as u32, false, &extents);
+        let out = replies.w.into_inner();
+        let payload = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+        assert_eq!(out.len(), 20 + payload);
+        assert_eq!((payload - 4) / 8, MAX_DESCRIPTORS);
+    }
 }
