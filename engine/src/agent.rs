@@ -750,6 +750,68 @@ impl Agent {
         self.flush()?;
         self.cache.close()
     }
+
+    /// Allocation of `[offset, offset+len)` of `disk` as every acknowledged change left it:
+    /// runs of `(length, zero)` in order, covering the range, where `zero` means a hole
+    /// that reads as zeros. The source image's holes (SEEK_DATA/SEEK_HOLE), then the
+    /// pending changes painted over them in sequence order: a write makes data, a zero or
+    /// trim makes a hole.
+    pub fn block_status(&self, disk: u16, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let (d, f) = self.check(disk, offset, len)?;
+        let end = offset + len;
+        // start -> (end, zero): non-overlapping, covering [offset, end).
+        let mut runs: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        fn paint(runs: &mut BTreeMap<u64, (u64, bool)>, s: u64, e: u64, zero: bool) {
+            let hit: Vec<(u64, (u64, bool))> = runs
+                .range(..e)
+                .rev()
+                .take_while(|(_, &(re, _))| re > s)
+                .map(|(&rs, &r)| (rs, r))
+                .collect();
+            for (rs, (re, z)) in hit {
+                runs.remove(&rs);
+                if rs < s {
+                    runs.insert(rs, (s, z));
+                }
+                if re > e {
+                    runs.insert(e, (re, z));
+                }
+            }
+            runs.insert(s, (e, zero));
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // Under the state's read lock, the image and the pending set are one moment: a
+        // drain changes both under the write lock.
+        let st = self.state.read();
+        paint(&mut runs, offset, end, true);
+        for (s, e) in crate::fsutil::data_ranges_in(f, offset, end).at(&d.path)? {
+            if s < e {
+                paint(&mut runs, s, e, false);
+            }
+        }
+        for p in st.pending.values().filter(|p| p.disk == disk) {
+            let (n, zero) = match &p.change {
+                Change::Data(data) => (data.len() as u64, false),
+                Change::Zero(n) => (*n, true),
+                Change::Nothing => continue,
+            };
+            let (s, e) = (p.offset.max(offset), (p.offset + n).min(end));
+            if s < e {
+                paint(&mut runs, s, e, zero);
+            }
+        }
+        drop(st);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for (s, (e, zero)) in runs {
+            match out.last_mut() {
+                Some(last) if last.1 == zero => last.0 += e - s,
+                _ => out.push((e - s, zero)),
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn resync_marker(name: &str) -> Marker {
@@ -807,5 +869,24 @@ impl crate::nbd::BlockDevice for AgentDisk {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> crate::nbd::DevResult<()> {
         self.agent.zero(self.disk, offset, len, false, fua)?;
         Ok(())
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::nbd::DevResult<Vec<crate::nbd::Extent>> {
+        // A prefix is enough (the client asks again for the rest): at most 1 GiB a call,
+        // which bounds the time the state's read lock is held over SEEK_DATA calls.
+        let runs = self
+            .agent
+            .block_status(self.disk, offset, len.min(1 << 30))?;
+        Ok(runs
+            .into_iter()
+            .map(|(len, zero)| crate::nbd::Extent {
+                len,
+                hole: zero,
+                zero,
+            })
+            .collect())
     }
 }

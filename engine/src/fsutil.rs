@@ -52,10 +52,15 @@ pub fn zero_range(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<(
 /// SEEK_DATA/SEEK_HOLE; a filesystem without them reports the whole file. Ranges are
 /// rounded out to 512-byte sectors.
 pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    data_ranges_in(f, 0, len)
+}
+
+/// [`data_ranges`] of `[start, len)` only, clipped to it.
+pub fn data_ranges_in(f: &std::fs::File, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
-    let mut at = 0u64;
+    let mut at = start;
     while at < len {
         // SAFETY: lseek on a file descriptor we own; no memory is passed.
         let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
@@ -65,7 +70,7 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
                 break; // no data after `at`
             }
             if e.raw_os_error() == Some(libc::EINVAL) {
-                return Ok(vec![(0, len)]);
+                return Ok(vec![(start, len)]);
             }
             return Err(e);
         }
@@ -80,7 +85,7 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
         } else {
             (hole as u64).min(len)
         };
-        let s = data / 512 * 512;
+        let s = (data / 512 * 512).max(start);
         let e = hole.div_ceil(512) * 512;
         out.push((s, e.min(len)));
         at = hole;

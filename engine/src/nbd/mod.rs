@@ -2,11 +2,15 @@
 //! a small block-device trait. It knows nothing of Standby: the agent and the mount
 //! implement [`BlockDevice`] and hand their exports to [`Server`].
 
+mod mem;
 pub mod proto;
 mod server;
+#[cfg(test)]
+mod tests;
 mod transmit;
 
-pub use server::{Server, ServerConfig};
+pub use mem::MemDisk;
+pub use server::{serve_session, Server, ServerConfig};
 
 use std::sync::Arc;
 
@@ -92,6 +96,17 @@ pub trait BlockDevice: Send + Sync {
 pub trait Exports: Send + Sync {
     fn names(&self) -> Vec<String>;
     fn get(&self, name: &str) -> Option<Arc<dyn BlockDevice>>;
+    /// The export `name` selects and its canonical name: the empty name selects the
+    /// default export, the first of [`Exports::names`].
+    fn resolve(&self, name: &str) -> Option<(String, Arc<dyn BlockDevice>)> {
+        let name = if name.is_empty() {
+            self.names().into_iter().next()?
+        } else {
+            name.to_string()
+        };
+        let dev = self.get(&name)?;
+        Some((name, dev))
+    }
 }
 
 /// A fixed set of exports.

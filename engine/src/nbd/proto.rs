@@ -172,6 +172,26 @@ impl Request {
         b
     }
 
+    /// The spec's table of which command flag goes with which command: FUA with every
+    /// command (`NBD_FLAG_SEND_FUA` is always advertised), DF with READ once structured
+    /// replies (and so `NBD_FLAG_SEND_DF`) are negotiated, NO_HOLE with WRITE_ZEROES,
+    /// REQ_ONE with BLOCK_STATUS. FAST_ZERO is never valid: `NBD_FLAG_SEND_FAST_ZERO` is
+    /// not advertised. A request with any other flag is refused with `NBD_EINVAL`.
+    pub fn flags_allowed(command: u16, structured: bool) -> u16 {
+        CMD_FLAG_FUA
+            | match command {
+                CMD_READ if structured => CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                _ => 0,
+            }
+    }
+
+    /// Whether this request's flags all apply to its command (see [`Request::flags_allowed`]).
+    pub fn flags_fit(&self, structured: bool) -> bool {
+        self.flags & !Self::flags_allowed(self.command, structured) == 0
+    }
+
     /// Whether a payload of `length` bytes follows this header on the wire.
     pub fn has_payload(&self) -> bool {
         self.command == CMD_WRITE
@@ -331,6 +351,37 @@ mod tests {
             Request::parse(&b),
             Err(RequestError::Refuse { errno: EINVAL, .. })
         ));
+    }
+
+    #[test]
+    fn each_flag_fits_only_the_commands_the_spec_gives_it() {
+        let req = |command, flags| Request {
+            flags,
+            command,
+            cookie: 1,
+            offset: 0,
+            length: 512,
+        };
+        for cmd in [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert!(req(cmd, CMD_FLAG_FUA).flags_fit(false), "FUA on {cmd}");
+            assert!(
+                !req(cmd, CMD_FLAG_FAST_ZERO).flags_fit(true),
+                "FAST_ZERO on {cmd}"
+            );
+        }
+        assert!(req(CMD_READ, CMD_FLAG_DF).flags_fit(true));
+        assert!(
+            !req(CMD_READ, CMD_FLAG_DF).flags_fit(false),
+            "DF needs SEND_DF"
+        );
+        assert!(!req(CMD_WRITE, CMD_FLAG_DF).flags_fit(true));
+        assert!(!req(CMD_BLOCK_STATUS, CMD_FLAG_DF).flags_fit(true));
+        assert!(req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA).flags_fit(true));
+        assert!(!req(CMD_TRIM, CMD_FLAG_NO_HOLE).flags_fit(true));
+        assert!(!req(CMD_READ, CMD_FLAG_NO_HOLE).flags_fit(true));
+        assert!(req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE).flags_fit(true));
+        assert!(!req(CMD_TRIM, CMD_FLAG_REQ_ONE).flags_fit(true));
+        assert!(!req(CMD_READ, CMD_FLAG_REQ_ONE).flags_fit(true));
     }
 
     #[test]

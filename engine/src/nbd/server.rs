@@ -67,7 +67,7 @@ impl Server {
                             let h = std::thread::Builder::new().name("nbd-conn".into()).spawn(
                                 move || {
                                     let closer = stream.try_clone();
-                                    let _ = Connection::new(stream, ex, cfg).and_then(|c| c.run());
+                                    let _ = serve_tcp(stream, ex, cfg);
                                     // The server keeps a handle to every socket (to shut it down
                                     // on stop), so close it explicitly: clients wait for EOF.
                                     if let Ok(c) = closer {
@@ -120,14 +120,46 @@ impl Drop for Server {
     }
 }
 
-struct Connection {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
-    stream: TcpStream,
+/// One TCP client: the handshake under the configured timeout, then transmission without.
+fn serve_tcp(stream: TcpStream, exports: Arc<dyn Exports>, config: ServerConfig) -> io::Result<()> {
+    let r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    let w = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+    stream.set_read_timeout(Some(config.handshake_timeout))?;
+    let mut session = Session::new(r, w, exports);
+    match session.handshake()? {
+        Some(dev) => {
+            stream.set_read_timeout(None)?;
+            session.transmit(dev)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Serve one client over any byte stream — the greeting, the option haggling, then
+/// requests — until it disconnects. `r` should be buffered; `w` is flushed after each
+/// message. The TCP server runs every connection through this; tests and the fuzzer run
+/// it over memory.
+pub fn serve_session<R: Read, W: Write + Send>(
+    r: R,
+    w: W,
     exports: Arc<dyn Exports>,
-    config: ServerConfig,
+) -> io::Result<()> {
+    let mut session = Session::new(r, w, exports);
+    match session.handshake()? {
+        Some(dev) => session.transmit(dev),
+        None => Ok(()),
+    }
+}
+
+struct Session<R, W> {
+    r: R,
+    w: W,
+    exports: Arc<dyn Exports>,
+    no_zeroes: bool,
     structured: bool,
-    meta: bool,
+    /// The export that the last NBD_OPT_SET_META_CONTEXT selected `base:allocation` for
+    /// (canonical name): block status is served only if the client goes on to that export.
+    meta: Option<String>,
 }
 
 fn bad(what: &str) -> io::Error {
@@ -136,30 +168,24 @@ fn bad(what: &str) -> io::Error {
 
 enum Next {
     Option,
-    Transmit(Arc<dyn BlockDevice>),
+    Transmit(String, Arc<dyn BlockDevice>),
     Close,
 }
 
-impl Connection {
-    fn new(
-        stream: TcpStream,
-        exports: Arc<dyn Exports>,
-        config: ServerConfig,
-    ) -> io::Result<Connection> {
-        Ok(Connection {
-            r: BufReader::with_capacity(256 << 10, stream.try_clone()?),
-            w: BufWriter::with_capacity(256 << 10, stream.try_clone()?),
-            stream,
+impl<R: Read, W: Write + Send> Session<R, W> {
+    fn new(r: R, w: W, exports: Arc<dyn Exports>) -> Self {
+        Session {
+            r,
+            w,
             exports,
-            config,
+            no_zeroes: false,
             structured: false,
-            meta: false,
-        })
+            meta: None,
+        }
     }
 
-    fn run(mut self) -> io::Result<()> {
-        self.stream
-            .set_read_timeout(Some(self.config.handshake_timeout))?;
+    /// The greeting and the options; `Some(device)` once the client entered transmission.
+    fn handshake(&mut self) -> io::Result<Option<Arc<dyn BlockDevice>>> {
         self.w.write_all(&NBDMAGIC.to_be_bytes())?;
         self.w.write_all(&IHAVEOPT.to_be_bytes())?;
         self.w
@@ -171,14 +197,16 @@ impl Connection {
         if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
             return Err(bad("unknown client flags"));
         }
-        let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
         loop {
-            match self.option(no_zeroes)? {
+            match self.option()? {
                 Next::Option => continue,
-                Next::Close => return Ok(()),
-                Next::Transmit(dev) => {
-                    self.stream.set_read_timeout(None)?;
-                    return self.transmit(dev);
+                Next::Close => return Ok(None),
+                Next::Transmit(name, dev) => {
+                    if self.meta.as_deref() != Some(name.as_str()) {
+                        self.meta = None;
+                    }
+                    return Ok(Some(dev));
                 }
             }
         }
@@ -207,7 +235,7 @@ impl Connection {
         f
     }
 
-    fn option(&mut self, no_zeroes: bool) -> io::Result<Next> {
+    fn option(&mut self) -> io::Result<Next> {
         let mut h = [0u8; 16];
         self.r.read_exact(&mut h)?;
         let mut m = [0u8; 8];
@@ -231,19 +259,19 @@ impl Connection {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8(data).map_err(|_| bad("export name is not UTF-8"))?;
                 // This option cannot fail politely: an unknown export ends the connection.
-                let dev = self
+                let (name, dev) = self
                     .exports
-                    .get(&name)
+                    .resolve(&name)
                     .ok_or_else(|| bad("unknown export"))?;
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&dev.size().to_be_bytes());
                 b.extend_from_slice(&self.tflags(&*dev).to_be_bytes());
-                if !no_zeroes {
+                if !self.no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 self.w.write_all(&b)?;
                 self.w.flush()?;
-                Ok(Next::Transmit(dev))
+                Ok(Next::Transmit(name, dev))
             }
             OPT_ABORT => {
                 let _ = self.reply(opt, REP_ACK, &[]);
@@ -268,7 +296,7 @@ impl Connection {
                 let Some(req) = InfoRequest::parse(&data) else {
                     return self.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data");
                 };
-                let Some(dev) = self.exports.get(&req.name) else {
+                let Some((name, dev)) = self.exports.resolve(&req.name) else {
                     let msg = format!("no export named '{}'", req.name);
                     return self.error(opt, REP_ERR_UNKNOWN, &msg);
                 };
@@ -276,22 +304,27 @@ impl Connection {
                 info.extend_from_slice(&dev.size().to_be_bytes());
                 info.extend_from_slice(&self.tflags(&*dev).to_be_bytes());
                 self.reply(opt, REP_INFO, &info)?;
-                if req.infos.contains(&INFO_NAME) {
+                // The canonical name: asked for, or unasked when the client named the
+                // default export ("") and so cannot know which one it gets.
+                if req.infos.contains(&INFO_NAME) || req.name != name {
                     let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(req.name.as_bytes());
+                    d.extend_from_slice(name.as_bytes());
                     self.reply(opt, REP_INFO, &d)?;
                 }
-                if req.infos.contains(&INFO_BLOCK_SIZE) {
-                    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    d.extend_from_slice(&dev.min_block_bytes().to_be_bytes());
-                    d.extend_from_slice(&4096u32.max(dev.min_block_bytes()).to_be_bytes());
-                    d.extend_from_slice(&MAX_PAYLOAD_BYTES.to_be_bytes());
-                    self.reply(opt, REP_INFO, &d)?;
-                }
+                // Always: the spec asks a server with constraints other than the defaults
+                // to advertise them whether or not the client asked. A client that did not
+                // ask is still served (the Linux nbd-client never asks); a request outside
+                // the constraints then gets NBD_EINVAL and changes nothing.
+                let min = dev.min_block_bytes();
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&min.to_be_bytes());
+                d.extend_from_slice(&4096u32.max(min).to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD_BYTES.to_be_bytes());
+                self.reply(opt, REP_INFO, &d)?;
                 self.reply(opt, REP_ACK, &[])?;
                 self.w.flush()?;
                 if opt == OPT_GO {
-                    Ok(Next::Transmit(dev))
+                    Ok(Next::Transmit(name, dev))
                 } else {
                     Ok(Next::Option)
                 }
@@ -321,10 +354,10 @@ impl Connection {
                 let Some(req) = MetaRequest::parse(&data) else {
                     return self.error(opt, REP_ERR_INVALID, "malformed meta context request");
                 };
-                if self.exports.get(&req.export).is_none() {
+                let Some((export, _)) = self.exports.resolve(&req.export) else {
                     let msg = format!("no export named '{}'", req.export);
                     return self.error(opt, REP_ERR_UNKNOWN, &msg);
-                }
+                };
                 let matches = |q: &str| q == BASE_ALLOCATION || (!set && q == "base:");
                 let any =
                     (!set && req.queries.is_empty()) || req.queries.iter().any(|q| matches(q));
@@ -334,7 +367,7 @@ impl Connection {
                     self.reply(opt, REP_META_CONTEXT, &d)?;
                 }
                 if set {
-                    self.meta = any;
+                    self.meta = any.then_some(export);
                 }
                 self.reply(opt, REP_ACK, &[])?;
                 self.w.flush()?;
@@ -345,6 +378,7 @@ impl Connection {
     }
 
     fn transmit(self, dev: Arc<dyn BlockDevice>) -> io::Result<()> {
-        super::transmit::serve(self.r, self.w, self.structured, self.meta, dev)
+        let meta = self.meta.is_some();
+        super::transmit::serve(self.r, self.w, self.structured, meta, dev)
     }
 }

@@ -11,13 +11,14 @@
 use super::proto::*;
 use super::{BlockDevice, DevError, Extent};
 use parking_lot::Mutex;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::TcpStream;
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Requests executed at once per connection.
 const WORKERS: usize = 4;
+/// Most descriptors sent in one block status chunk (the spec's SHOULD NOT exceed).
+const MAX_DESCRIPTORS: usize = 1 << 20;
 /// Requests read ahead of the workers (bounds memory: at most this many payloads).
 const QUEUE_DEPTH: usize = 16;
 
@@ -26,13 +27,13 @@ struct Job {
     payload: Vec<u8>,
 }
 
-struct Replies {
-    w: Mutex<BufWriter<TcpStream>>,
+struct Replies<W> {
+    w: Mutex<W>,
     structured: bool,
     failed: AtomicBool,
 }
 
-impl Replies {
+impl<W: Write> Replies<W> {
     fn send(&self, parts: &[&[u8]]) {
         let mut w = self.w.lock();
         let r = parts
@@ -71,9 +72,9 @@ fn bad(what: &str) -> io::Error {
 }
 
 /// Serve requests until the client disconnects (DISC or end of stream).
-pub fn serve(
-    mut r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+pub fn serve<R: Read, W: Write + Send>(
+    mut r: R,
+    w: W,
     structured: bool,
     meta: bool,
     dev: Arc<dyn BlockDevice>,
@@ -103,10 +104,10 @@ pub fn serve(
     })
 }
 
-fn read_requests(
-    r: &mut BufReader<TcpStream>,
+fn read_requests<R: Read, W: Write>(
+    r: &mut R,
     tx: &crossbeam_channel::Sender<Job>,
-    replies: &Replies,
+    replies: &Replies<W>,
 ) -> io::Result<()> {
     loop {
         if replies.failed.load(Ordering::SeqCst) {
@@ -148,8 +149,13 @@ fn read_requests(
                     // Cannot stay in sync without buffering it: hang up.
                     return Err(bad("oversized write"));
                 }
-                payload.resize(req.length as usize, 0);
-                r.read_exact(&mut payload)?;
+                // Grown as the bytes arrive, not allocated up front on the client's word.
+                r.by_ref()
+                    .take(req.length as u64)
+                    .read_to_end(&mut payload)?;
+                if payload.len() != req.length as usize {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
             }
             CMD_DISC => return Ok(()),
             _ => {}
@@ -160,7 +166,13 @@ fn read_requests(
     }
 }
 
-fn execute(dev: &dyn BlockDevice, job: Job, buf: &mut Vec<u8>, replies: &Replies, meta: bool) {
+fn execute<W: Write>(
+    dev: &dyn BlockDevice,
+    job: Job,
+    buf: &mut Vec<u8>,
+    replies: &Replies<W>,
+    meta: bool,
+) {
     let req = job.req;
     let size = dev.size();
     let in_bounds = req
@@ -168,74 +180,81 @@ fn execute(dev: &dyn BlockDevice, job: Job, buf: &mut Vec<u8>, replies: &Replies
         .checked_add(req.length as u64)
         .is_some_and(|e| e <= size);
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let result: Result<(), DevError> = match req.command {
-        CMD_READ => {
-            if req.length > MAX_PAYLOAD_BYTES {
-                Err(DevError {
-                    errno: EOVERFLOW,
-                    message: "read too large".into(),
-                })
-            } else if !in_bounds {
-                Err(DevError::invalid("read past the end of the export"))
-            } else {
-                buf.resize(req.length as usize, 0);
-                match dev.read(req.offset, buf) {
-                    Ok(()) => {
-                        if replies.structured {
-                            let h = structured_header(
-                                req.cookie,
-                                REPLY_FLAG_DONE,
-                                REPLY_TYPE_OFFSET_DATA,
-                                8 + req.length,
-                            );
-                            replies.send(&[&h, &req.offset.to_be_bytes(), buf]);
-                        } else {
-                            replies.send(&[&simple_reply(req.cookie, 0), buf]);
-                        }
-                        return;
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        }
-        CMD_WRITE => check_write(dev, in_bounds, req.offset, req.length as u64)
-            .and_then(|_| dev.write(req.offset, &job.payload, fua)),
-        CMD_FLUSH => dev.flush(),
-        CMD_TRIM | CMD_WRITE_ZEROES => check_write(dev, in_bounds, req.offset, req.length as u64)
-            .and_then(|_| {
-                if req.command == CMD_TRIM {
-                    dev.trim(req.offset, req.length as u64, fua)
+    let len = req.length as u64;
+    let result: Result<(), DevError> = if !req.flags_fit(replies.structured) {
+        Err(DevError::invalid(format!(
+            "command flags {:#x} do not apply to command {}",
+            req.flags, req.command
+        )))
+    } else {
+        match req.command {
+            CMD_READ => {
+                if req.length > MAX_PAYLOAD_BYTES {
+                    // EOVERFLOW is the spec's answer only where DF is supported (structured
+                    // replies); with simple replies such a read is a plain invalid request.
+                    let errno = if replies.structured {
+                        EOVERFLOW
+                    } else {
+                        EINVAL
+                    };
+                    Err(DevError {
+                        errno,
+                        message: "read too large".into(),
+                    })
+                } else if !in_bounds {
+                    Err(DevError::invalid("read past the end of the export"))
+                } else if req.length == 0 {
+                    // Nothing to describe: a structured reply is NONE alone (a content
+                    // chunk must cover at least one byte); a simple reply carries no data.
+                    Ok(())
                 } else {
-                    dev.write_zeroes(req.offset, req.length as u64, fua)
-                }
-            }),
-        CMD_BLOCK_STATUS => {
-            if !replies.structured || !meta {
-                Err(DevError::invalid(
-                    "block status needs structured replies and base:allocation",
-                ))
-            } else if !in_bounds || req.length == 0 {
-                Err(DevError::invalid("block status past the end of the export"))
-            } else {
-                match dev.block_status(req.offset, req.length as u64) {
-                    Ok(extents) => {
-                        block_status(
-                            replies,
-                            req.cookie,
-                            req.length,
-                            req.flags & CMD_FLAG_REQ_ONE != 0,
-                            &extents,
-                        );
-                        return;
+                    buf.resize(req.length as usize, 0);
+                    match dev.read(req.offset, buf) {
+                        Ok(()) => {
+                            send_read(replies, &req, buf);
+                            return;
+                        }
+                        Err(e) => Err(e),
                     }
-                    Err(e) => Err(e),
                 }
             }
+            CMD_WRITE => check_write(dev, in_bounds, req.offset, len, ENOSPC)
+                .and_then(|_| noop_if_empty(len, || dev.write(req.offset, &job.payload, fua))),
+            CMD_FLUSH => dev.flush(),
+            // Past the end, the spec asks ENOSPC of WRITE_ZEROES (as of WRITE) but EINVAL of
+            // TRIM. Zero lengths are no-ops, as qemu-nbd treats them.
+            CMD_TRIM => check_write(dev, in_bounds, req.offset, len, EINVAL)
+                .and_then(|_| noop_if_empty(len, || dev.trim(req.offset, len, fua))),
+            CMD_WRITE_ZEROES => check_write(dev, in_bounds, req.offset, len, ENOSPC)
+                .and_then(|_| noop_if_empty(len, || dev.write_zeroes(req.offset, len, fua))),
+            CMD_BLOCK_STATUS => {
+                if !replies.structured || !meta {
+                    Err(DevError::invalid(
+                        "block status needs structured replies and base:allocation",
+                    ))
+                } else if !in_bounds || req.length == 0 {
+                    Err(DevError::invalid("block status past the end of the export"))
+                } else {
+                    match dev.block_status(req.offset, req.length as u64) {
+                        Ok(extents) => {
+                            block_status(
+                                replies,
+                                req.cookie,
+                                req.length,
+                                req.flags & CMD_FLAG_REQ_ONE != 0,
+                                &extents,
+                            );
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            _ => Err(DevError::invalid(format!(
+                "unknown command {}",
+                req.command
+            ))),
         }
-        _ => Err(DevError::invalid(format!(
-            "unknown command {}",
-            req.command
-        ))),
     };
     match result {
         Ok(()) => replies.ok(req.cookie),
@@ -243,11 +262,38 @@ fn execute(dev: &dyn BlockDevice, job: Job, buf: &mut Vec<u8>, replies: &Replies
     }
 }
 
+/// Send the reply to a successful read of `data` (non-empty): one data chunk, or a simple
+/// reply followed by the data.
+fn send_read<W: Write>(replies: &Replies<W>, req: &Request, data: &[u8]) {
+    if replies.structured {
+        let h = structured_header(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            8 + req.length,
+        );
+        replies.send(&[&h, &req.offset.to_be_bytes(), data]);
+    } else {
+        replies.send(&[&simple_reply(req.cookie, 0), data]);
+    }
+}
+
+fn noop_if_empty(len: u64, op: impl FnOnce() -> Result<(), DevError>) -> Result<(), DevError> {
+    if len == 0 {
+        Ok(())
+    } else {
+        op()
+    }
+}
+
+/// Whether a change of `len` bytes at `offset` may go ahead: a writable export, inside it
+/// (else `past_end`, the errno the spec gives that command), aligned to its block size.
 fn check_write(
     dev: &dyn BlockDevice,
     in_bounds: bool,
     offset: u64,
     len: u64,
+    past_end: u32,
 ) -> Result<(), DevError> {
     if dev.read_only() {
         return Err(DevError {
@@ -256,7 +302,10 @@ fn check_write(
         });
     }
     if !in_bounds {
-        return Err(DevError::no_space("write past the end of the export"));
+        return Err(DevError {
+            errno: past_end,
+            message: "past the end of the export".into(),
+        });
     }
     let min = dev.min_block_bytes() as u64;
     if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
@@ -267,11 +316,18 @@ fn check_write(
     Ok(())
 }
 
-fn block_status(replies: &Replies, cookie: u64, length: u32, one: bool, extents: &[Extent]) {
+fn block_status<W: Write>(
+    replies: &Replies<W>,
+    cookie: u64,
+    length: u32,
+    one: bool,
+    extents: &[Extent],
+) {
     let mut descs: Vec<(u32, u32)> = Vec::new();
     let mut covered = 0u64;
     for e in extents {
-        if covered >= length as u64 || e.len == 0 {
+        // The spec: at most 2^20 descriptors in one chunk (the client asks for the rest).
+        if covered >= length as u64 || e.len == 0 || descs.len() >= MAX_DESCRIPTORS {
             break;
         }
         let len = e.len.min(length as u64 - covered).min(u32::MAX as u64) as u32;
@@ -300,4 +356,31 @@ fn block_status(replies: &Replies, cookie: u64, length: u32, one: bool, extents:
         payload.len() as u32,
     );
     replies.send(&[&h, &payload]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_status_sends_at_most_the_specs_descriptor_count() {
+        let replies = Replies {
+            w: Mutex::new(Vec::new()),
+            structured: true,
+            failed: AtomicBool::new(false),
+        };
+        let n = MAX_DESCRIPTORS + 5;
+        let extents: Vec<Extent> = (0..n)
+            .map(|i| Extent {
+                len: 1,
+                hole: i % 2 == 0,
+                zero: i % 2 == 0,
+            })
+            .collect();
+        block_status(&replies, 9, n as u32, false, &extents);
+        let out = replies.w.into_inner();
+        let payload = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+        assert_eq!(out.len(), 20 + payload);
+        assert_eq!((payload - 4) / 8, MAX_DESCRIPTORS);
+    }
 }
