@@ -84,6 +84,13 @@ fn sizes() -> Sizes {
     }
 }
 
+/// `STANDBY_USERS_VERBOSE=1`: where each case's wall time goes.
+fn verbose(what: &str) {
+    if std::env::var_os("STANDBY_USERS_VERBOSE").is_some() {
+        eprintln!("users:   {what}");
+    }
+}
+
 fn wanted(row: &str) -> bool {
     match std::env::var("STANDBY_USERS_CASES") {
         Ok(list) => list.split(',').any(|w| w.trim() == row),
@@ -316,27 +323,43 @@ fn standby_pipelined(
     model: Option<&Path>,
 ) -> Res<Duration> {
     let dir = common::scratch();
+    let t = Instant::now();
     let mut d = Deployment::start(kind, dir.path(), disk)?;
+    let started = t.elapsed();
     let (took, _) = client::drive(d.addr, disk, pattern, pool, DEPTH, false);
     if let Some(m) = model {
         compare(m.to_str().unwrap(), &url(d.addr))?;
     }
+    let t = Instant::now();
     d.stop(STOP)?;
+    let stopped = t.elapsed();
     if let Some(m) = model {
         compare(m.to_str().unwrap(), d.disk.to_str().unwrap())?;
     }
+    verbose(&format!(
+        "{} {pattern:?}: start {started:?}, run {took:?}, stop {stopped:?}",
+        kind.label()
+    ));
     Ok(took)
 }
 
 fn qemu_pipelined(pattern: Pattern, disk: u64, pool: &[u8], model: Option<&Path>) -> Res<Duration> {
     let dir = common::scratch();
     let image = dir.path().join("os.raw");
+    let t = Instant::now();
     deploy::sparse(&image, disk);
     let q = QemuNbd::start(&image, false, &dir.path().join("qemu-nbd.log"))?;
+    let started = t.elapsed();
     let (took, _) = client::drive(q.addr, disk, pattern, pool, DEPTH, false);
     if let Some(m) = model {
         compare(m.to_str().unwrap(), &url(q.addr))?;
     }
+    let t = Instant::now();
+    drop(q);
+    verbose(&format!(
+        "qemu-nbd {pattern:?}: start {started:?}, run {took:?}, stop {:?}",
+        t.elapsed()
+    ));
     Ok(took)
 }
 
@@ -527,9 +550,16 @@ fn during(kind: Kind, src: &Path, s: &Sizes) {
         let mut d = Deployment::start(kind, dir.path(), s.bulk)?;
         let target = url(d.addr);
         let src_owned = src.to_path_buf();
-        let copy = std::thread::spawn(move || convert(&src_owned, &target));
         // The RPO, every 200 ms, while the copy runs.
         let stop = Arc::new(AtomicBool::new(false));
+        let copy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let r = convert(&src_owned, &target);
+                stop.store(true, Ordering::SeqCst);
+                r
+            })
+        };
         let sampler = {
             let (stop, vault) = (stop.clone(), d.vault.clone());
             std::thread::spawn(move || {
@@ -678,7 +708,9 @@ fn failover_and_mount(
         let mut d = Deployment::start(Kind::Embedded, dir.path(), s.bulk)?;
         // The system files, a point, then 4 KiB random writes over 1/64 of the disk.
         convert(system, &url(d.addr))?;
-        standby(&d.vault, &["point", VM], s.dr_timeout)?;
+        let t = Instant::now();
+        standby(&d.vault, &["point", VM], STOP)?;
+        verbose(&format!("point after the copy: {:?}", t.elapsed()));
         let pattern = Pattern::RandomWrite {
             req: 4096,
             total: s.bulk / 64,
