@@ -18,6 +18,8 @@
 //!   16 in flight, FLUSH every 16 MiB and at the end; floor: qemu-nbd, same client.
 //!   Embedded and two-site.
 //! - commit: 2,000 4 KiB writes with FUA, one at a time (a database's commits): p50, p99.
+//!   The client checks that each server offers FUA; qemu-nbd (`--cache=writeback`) does
+//!   one fdatasync per FUA write (strace: 101 fdatasync for 100 FUA writes).
 //! - during: while a bulk copy runs, `standby status web01 --json` every 200 ms (RPO), and
 //!   in its middle `standby point web01` then `standby test-failover web01 --point
 //!   latest-processed`; afterwards the test failover's disk is checked against its

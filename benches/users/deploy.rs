@@ -139,6 +139,9 @@ impl Drop for Proc {
     }
 }
 
+/// Commands slower than this are logged with `STANDBY_USERS_VERBOSE`.
+const SLOW: Duration = Duration::from_millis(500);
+
 /// Run a command to completion within `timeout`; Ok(stdout) if it exits 0, else the
 /// reason (its last stderr line, or the timeout).
 pub fn run(program: &str, args: &[&str], vault: Option<&Path>, timeout: Duration) -> Res<String> {
@@ -155,10 +158,14 @@ pub fn run(program: &str, args: &[&str], vault: Option<&Path>, timeout: Duration
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     let name = format!("{} {}", short(program), args.first().copied().unwrap_or(""));
     loop {
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            if std::env::var_os("STANDBY_USERS_VERBOSE").is_some() && started.elapsed() > SLOW {
+                eprintln!("users:   `{}` took {:?}", args.join(" "), started.elapsed());
+            }
             let stdout = std::fs::read_to_string(&out).unwrap_or_default();
             if st.success() {
                 return Ok(stdout);
