@@ -93,12 +93,24 @@ fn verbose(what: &str) {
     }
 }
 
+/// Rows are `bulk`, `pipelined`, `commit`, `during`, `failover`, `mount`. A row runs if
+/// `STANDBY_USERS_CASES` lists it (or is unset), and, when `cargo bench -- FILTER` passes
+/// filters (as criterion takes them), if one of them is part of `users/ROW`, so that
+/// `cargo bench -- nbd-write` does not start this 10-minute benchmark.
 fn wanted(row: &str) -> bool {
-    match std::env::var("STANDBY_USERS_CASES") {
+    let listed = match std::env::var("STANDBY_USERS_CASES") {
         Ok(list) => list.split(',').any(|w| w.trim() == row),
         Err(_) => true,
-    }
+    };
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let name = format!("users/{row}");
+    listed && (filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
 }
+
+const ROWS_ALL: [&str; 6] = ["bulk", "pipelined", "commit", "during", "failover", "mount"];
 
 // ---------------------------------------------------------------------------------------
 // The table.
@@ -488,6 +500,10 @@ fn commit(s: &Sizes, pool: &[u8], scratch: &Path) {
 
 fn main() {
     let started = Instant::now();
+    if !ROWS_ALL.iter().any(|r| wanted(r)) {
+        println!("users: no row matches the filter");
+        return;
+    }
     let s = sizes();
     let scratch = common::scratch();
     eprintln!(
