@@ -106,4 +106,35 @@ mod tests {
         assert!(!is_set(&fs, dir.path(), "f").unwrap());
         clear(&fs, dir.path(), "f").unwrap();
     }
+
+    /// A power cut at every sync of setting and of clearing a flag leaves it set or unset,
+    /// never unreadable; once `set` (`clear`) returned, it survives any later cut.
+    #[test]
+    fn a_power_cut_at_any_sync_leaves_the_flag_whole() {
+        use crate::vfs::SimFs;
+        let dir = Path::new("/j");
+        for op in ["set", "clear"] {
+            for cut in 1..=8u64 {
+                let fs = SimFs::new();
+                fs.create_dir_all(dir).unwrap();
+                if op == "clear" {
+                    set(&fs, dir, "resync.required").unwrap();
+                }
+                fs.fail_at_sync(cut);
+                let r = if op == "set" {
+                    set(&fs, dir, "resync.required")
+                } else {
+                    clear(&fs, dir, "resync.required")
+                };
+                for torn in [0, 3, 64] {
+                    let after = fs.crash(torn);
+                    let got = is_set(&after, dir, "resync.required")
+                        .unwrap_or_else(|e| panic!("{op}, cut {cut}, torn {torn}: {e}"));
+                    if r.is_ok() {
+                        assert_eq!(got, op == "set", "{op} returned, cut {cut}");
+                    }
+                }
+            }
+        }
+    }
 }
