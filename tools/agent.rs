@@ -267,6 +267,7 @@ fn handle(
                 },
                 name: req["name"].as_str().map(str::to_string),
                 group: None,
+                kind: standby_engine::record::MarkerKind::Point,
             };
             let seq = agent.marker(&m)?;
             let mut p = lock()?;
@@ -320,7 +321,7 @@ pub fn ask(socket: &Path, req: &Value) -> Option<Result<Value, Error>> {
         if v["ok"].as_bool() == Some(true) {
             Ok(v)
         } else {
-            Err(Error::Invalid(
+            Err(Error::Agent(
                 v["error"]
                     .as_str()
                     .unwrap_or("the agent refused")

@@ -62,6 +62,7 @@ fn control(conn: std::os::unix::net::UnixStream, agent: &Agent, vm: &str) {
                     },
                     name: req["name"].as_str().map(str::to_string),
                     group: None,
+                    kind: standby_engine::record::MarkerKind::Point,
                 };
                 match agent.marker(&marker) {
                     Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),

@@ -12,7 +12,7 @@
 
 use crate::cache::Cache;
 use crate::error::{Error, IoContext, Result};
-use crate::record::{Entry, Marker, Op};
+use crate::record::{Entry, Marker, MarkerKind, Op};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -71,11 +71,12 @@ pub struct Agent {
 
 type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
 
-/// Marker names the agent writes around a resync: the log between them is not a
+/// The markers the agent writes around a resync: the log between them is not a
 /// crash-consistent sequence (blocks arrive in block order, not write order), so the
-/// processor cuts no point inside that window.
-pub const RESYNC_BEGIN: &str = "standby:resync-begin";
-pub const RESYNC_END: &str = "standby:resync-end";
+/// processor cuts no point inside that window. Typed, so no user's point name can pass
+/// for one.
+pub const RESYNC_BEGIN: MarkerKind = MarkerKind::ResyncBegin;
+pub const RESYNC_END: MarkerKind = MarkerKind::ResyncEnd;
 
 /// Blocks written while the log could not take them, per disk, in bounded memory: the
 /// block size grows with the disks so the whole map stays under `MAX_DIRTY_BITS` bits.
@@ -640,11 +641,12 @@ impl Agent {
     }
 }
 
-fn resync_marker(name: &str) -> Marker {
+fn resync_marker(kind: MarkerKind) -> Marker {
     Marker {
         consistency: crate::record::Consistency::Crash,
-        name: Some(name.to_string()),
+        name: None,
         group: None,
+        kind,
     }
 }
 

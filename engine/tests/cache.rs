@@ -44,6 +44,7 @@ fn op_for(i: u64) -> Op {
             },
             name: (i % 4 == 1).then(|| format!("point-{i}")),
             group: None,
+            kind: record::MarkerKind::Point,
         }),
         _ => Op::Write {
             disk: (i % 3) as u16,

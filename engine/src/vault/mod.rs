@@ -441,6 +441,7 @@ impl Vault {
             consistency: Consistency::Crash,
             name: Some("initial".into()),
             group: None,
+            kind: crate::record::MarkerKind::Point,
         };
         if let Err(Error::CacheFull { .. }) = cache.append(&Entry::Marker(&marker)) {
             drain_into(&cache, &mut replica)?;
@@ -618,9 +619,7 @@ impl Vault {
             )));
         }
         if let Some(n) = name {
-            if n.len() > crate::record::MAX_NAME_BYTES {
-                return Err(Error::Invalid("point name is too long".into()));
-            }
+            crate::record::check_point_name(n).map_err(Error::Invalid)?;
         }
         if rec.remote.is_some() {
             // The staging log mirrors the source's log record for record: nothing may be
@@ -650,6 +649,7 @@ impl Vault {
             consistency,
             name: name.map(str::to_string),
             group: None,
+            kind: crate::record::MarkerKind::Point,
         };
         let cache = self.open_cache(vm)?;
         let seq = cache.append(&Entry::Marker(&marker))?;

