@@ -1,8 +1,10 @@
 //! Replication status of a VM: state, health with reasons, RPO, backlog, points, disks.
 //!
-//! RPO is now minus the time of the newest write that can be recovered from the target
-//! store; when nothing is waiting in the log (everything written has been applied), the
-//! VM's present state is recoverable and the RPO is 0.
+//! RPO is now minus the source time of the newest write that can be recovered from the
+//! vault: every record durable in the VM's log is (failover `latest` applies it first).
+//! When everything the source acknowledged is durable there, the VM's present state is
+//! recoverable and the RPO is 0, however long ago the last write was or however far the
+//! processor is behind: an idle VM's RPO does not grow.
 
 use super::{now_us, Vault, VmRecord, VmState};
 use crate::cache::Cache;
@@ -292,16 +294,32 @@ impl Vault {
         }
         drop(latest);
         let now = now_us();
-        let rpo = if records == 0 {
+        let appended = cstats.next_seq.saturating_sub(1);
+        let rpo = if cstats.durable_seq >= appended {
             0.0
         } else {
-            let newest = replica
-                .applied_time_us()
+            // Acknowledged but not yet durable (a sync in flight, or a failing log): the
+            // newest recoverable write is the newest durable record.
+            let newest = durable_record_time(cache, cstats.durable_seq, cstats.first_seq)?
+                .max(replica.applied_time_us())
                 .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
             now.saturating_sub(newest) as f64 / 1e6
         };
         judge(&mut st, rpo);
         Ok(st)
+    }
+}
+
+/// Source time of the log's record `seq` (0 if the log no longer holds it).
+fn durable_record_time(cache: &Cache, seq: u64, first_seq: u64) -> Result<u64> {
+    if seq == 0 || seq < first_seq {
+        return Ok(0);
+    }
+    match cache.reader(seq) {
+        Ok(mut r) => Ok(r.next_record()?.map_or(0, |r| r.time_us)),
+        // Trimmed meanwhile: the replica has it, and its times are counted instead.
+        Err(crate::Error::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
     }
 }
 
