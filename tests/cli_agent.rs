@@ -17,6 +17,11 @@ struct Env {
 impl Env {
     /// A vault with VM `vm` protected, its one disk `os` a new 4 MiB image.
     fn new() -> Env {
+        Env::with(|_| "os=new:4MiB".to_string())
+    }
+
+    /// A vault with VM `vm` protected with the one disk `disk(root)` says.
+    fn with(disk: impl FnOnce(&std::path::Path) -> String) -> Env {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let env = Env {
@@ -25,7 +30,8 @@ impl Env {
             _tmp: tmp,
         };
         env.ok(&["init", env.vault.to_str().unwrap()]);
-        env.ok(&["protect", "vm", "--disk", "os=new:4MiB"]);
+        let disk = disk(&env.root);
+        env.ok(&["protect", "vm", "--disk", &disk]);
         env
     }
 
@@ -175,9 +181,106 @@ fn an_idle_vm_whose_writes_are_all_durable_has_an_rpo_of_zero() {
     let (mut agent, addr) = env.agent("1h");
     qemu_io(&format!("nbd://{addr}/os"), &["write -P 7 0 64k", "flush"]);
     let st = env.status();
+    assert_eq!(st["agent_pid"].as_u64(), Some(agent.id() as u64), "{st}");
     assert!(st["backlog_records"].as_u64().unwrap() > 0, "{st}");
     // Everything the VM wrote is durable in the vault: nothing would be lost.
     assert_eq!(st["rpo_seconds"].as_f64(), Some(0.0), "{st}");
     assert_eq!(st["health"], "healthy", "{st}");
     interrupt(&mut agent);
+}
+
+fn reasons(st: &Value) -> Vec<String> {
+    st["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_vm_whose_agent_is_not_running_is_not_healthy() {
+    let env = Env::new();
+    let st = env.status();
+    assert_eq!(st["health"], "warning", "{st}");
+    assert!(
+        reasons(&st)
+            .iter()
+            .any(|r| r == "agent not running (never seen)")
+            || reasons(&st)
+                .iter()
+                .any(|r| r.starts_with("agent not running (last seen ")),
+        "{st}"
+    );
+    // An idle agent killed with kill -9: its writes are all durable in the vault, so the
+    // RPO stays 0, and status says the agent is gone.
+    let (mut agent, addr) = env.agent("1h");
+    qemu_io(&format!("nbd://{addr}/os"), &["write -P 9 0 64k", "flush"]);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let st = env.status();
+    assert_eq!(st["health"], "warning", "{st}");
+    assert_eq!(st["rpo_seconds"].as_f64(), Some(0.0), "{st}");
+    let r = reasons(&st);
+    assert!(
+        r.iter()
+            .any(|r| r.starts_with("agent not running (last seen 20")),
+        "{st}"
+    );
+    // Running again: healthy.
+    let (mut agent, _) = env.agent("1h");
+    let st = env.status();
+    assert_eq!(st["health"], "healthy", "{st}");
+    interrupt(&mut agent);
+}
+
+#[test]
+fn damage_a_verify_found_keeps_status_critical_until_a_clean_verify() {
+    let env = Env::with(|root| {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let bytes: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(root.join("os.raw"), bytes).unwrap();
+        "os=os.raw".to_string()
+    });
+    assert!(env.ok(&["verify", "vm"]).contains("sound"));
+    let data_dir = env.vault.join("vms/vm/replica/data");
+    let biggest = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let good = std::fs::read(&biggest).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 3] ^= 0x40;
+    std::fs::write(&biggest, &bad).unwrap();
+    assert_eq!(env.run(&["verify", "vm"]).status.code(), Some(1));
+    let file = biggest.file_name().unwrap().to_str().unwrap().to_string();
+    // Every later status says so, in its own process.
+    for _ in 0..2 {
+        let st = env.status();
+        assert_eq!(st["health"], "critical", "{st}");
+        assert!(
+            reasons(&st)
+                .iter()
+                .any(|r| r.starts_with("verify found damage") && r.contains(&file)),
+            "{st}"
+        );
+    }
+    // Also through a running agent.
+    let (mut agent, _) = env.agent("1h");
+    assert_eq!(env.status()["health"], "critical");
+    interrupt(&mut agent);
+    // Repaired, and a clean verify clears it.
+    std::fs::write(&biggest, &good).unwrap();
+    assert!(env.ok(&["verify", "vm"]).contains("sound"));
+    let st = env.status();
+    assert_ne!(st["health"], "critical", "{st}");
+    assert!(!reasons(&st).iter().any(|r| r.contains("damage")), "{st}");
 }

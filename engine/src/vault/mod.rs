@@ -15,6 +15,7 @@
 //! either the old state or the new one.
 
 pub mod catalog;
+pub mod damage;
 mod failover;
 pub mod lock;
 pub mod remote;
@@ -703,6 +704,26 @@ impl Vault {
             }
         }
         cache.close()?;
+        // Every check ran whatever `spec` narrows the report to: record what was found (or
+        // that nothing was), so status says so until a later verify is clean.
+        let dir = self.vm_dir(vm);
+        match report.damage.first() {
+            None => damage::clear(&*self.vfs, &dir)?,
+            Some(first) => damage::store(
+                &*self.vfs,
+                &dir,
+                &damage::DamageRecord {
+                    count: u32::try_from(report.damage.len()).unwrap_or(u32::MAX),
+                    found_us: now_us(),
+                    text: format!(
+                        "corruption in {} at byte {}: {}",
+                        first.path.display(),
+                        first.offset,
+                        first.what
+                    ),
+                },
+            )?,
+        }
         let point = match spec {
             None => None,
             Some(PointSpec::Id(id)) => {

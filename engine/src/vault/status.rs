@@ -100,6 +100,7 @@ pub fn kind_str(k: PointKind) -> &'static str {
 impl Vault {
     /// Status of one VM. If a running agent owns the VM this fails at once with
     /// `Error::Locked` naming it (ask the agent instead: it has the live figures).
+    /// Otherwise no agent is running, and a VM still protected here says so.
     pub fn status(&self, vm: &str) -> Result<VmStatus> {
         let rec = self.catalog.vm(vm)?;
         if rec.committed {
@@ -109,15 +110,46 @@ impl Vault {
             return self.remote_status(vm, &remote.cache);
         }
         let _lock = self.try_lock_vm(vm)?;
-        self.local_status(vm)
+        let (mut st, newest_write_us) = self.local_status_with_newest(vm)?;
+        if st.record.state != VmState::FailedOver {
+            // The agent holds the VM's lock for as long as it runs: we got it, so none is.
+            // Last seen: its newest write, or when it last started (its control socket).
+            let started_us = std::fs::metadata(self.agent_socket(vm))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as u64);
+            let seen = newest_write_us.max(started_us);
+            st.health = st.health.max(Health::Warning);
+            st.reasons.push(if seen == 0 {
+                "agent not running (never seen)".to_string()
+            } else {
+                format!(
+                    "agent not running (last seen {})",
+                    super::spec::rfc3339(seen)
+                )
+            });
+        }
+        Ok(st)
     }
 
     fn local_status(&self, vm: &str) -> Result<VmStatus> {
+        Ok(self.local_status_with_newest(vm)?.0)
+    }
+
+    /// The status, and the source time of the newest record in the VM's log or replica.
+    fn local_status_with_newest(&self, vm: &str) -> Result<(VmStatus, u64)> {
         let replica = self.open_replica(vm)?;
         let cache = self.open_cache(vm)?;
         let st = self.status_of(vm, &cache, &replica);
+        let stats = cache.stats();
+        let newest = durable_record_time(&cache, stats.next_seq.saturating_sub(1), stats.first_seq);
         cache.close()?;
-        st
+        let st = st?;
+        let newest = newest?
+            .max(st.applied_time_us)
+            .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
+        Ok((st, newest))
     }
 
     /// A remote VM: the vault's own view (or, while `process --follow` holds the VM, the
@@ -210,6 +242,7 @@ impl Vault {
             ));
         }
         judge(&mut st, rpo);
+        self.note_damage(vm, &mut st);
         match r.link.as_str() {
             "connected" => {}
             "disconnected" => {
@@ -306,7 +339,29 @@ impl Vault {
             now.saturating_sub(newest) as f64 / 1e6
         };
         judge(&mut st, rpo);
+        self.note_damage(vm, &mut st);
         Ok(st)
+    }
+
+    /// Damage the last verify found and no verify has cleared since: critical.
+    fn note_damage(&self, vm: &str, st: &mut VmStatus) {
+        let reason = match super::damage::load(&*self.vfs, &self.vm_dir(vm)) {
+            Ok(None) => return,
+            Ok(Some(d)) => {
+                let more = match d.count {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                };
+                format!(
+                    "verify found damage at {}: {}{more}; `standby verify {vm}` again once it is repaired",
+                    super::spec::rfc3339(d.found_us),
+                    d.text
+                )
+            }
+            Err(e) => format!("the record of damage a verify found is unreadable: {e}"),
+        };
+        st.health = Health::Critical;
+        st.reasons.push(reason);
     }
 }
 
