@@ -284,3 +284,99 @@ fn damage_a_verify_found_keeps_status_critical_until_a_clean_verify() {
     assert_ne!(st["health"], "critical", "{st}");
     assert!(!reasons(&st).iter().any(|r| r.contains("damage")), "{st}");
 }
+
+#[test]
+fn protect_refuses_an_image_another_vm_already_protects() {
+    let env = Env::with(|root| {
+        std::fs::File::create(root.join("os.raw"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        "os=os.raw".to_string()
+    });
+    std::fs::create_dir(env.root.join("sub")).unwrap();
+    std::os::unix::fs::symlink(env.root.join("os.raw"), env.root.join("sub/link.raw")).unwrap();
+    std::fs::hard_link(env.root.join("os.raw"), env.root.join("sub/hard.raw")).unwrap();
+    for other in ["sub/../os.raw", "sub/link.raw", "sub/hard.raw"] {
+        let err = env.fails(&["protect", "vm2", "--disk", &format!("os={other}")]);
+        assert!(err.contains("disk 'os' of VM 'vm'"), "{other}: {err}");
+    }
+    // One VM's two disks cannot be one image either.
+    std::fs::File::create(env.root.join("two.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::hard_link(env.root.join("two.raw"), env.root.join("sub/two.raw")).unwrap();
+    let err = env.fails(&[
+        "protect",
+        "vm3",
+        "--disk",
+        "a=two.raw",
+        "--disk",
+        "b=sub/two.raw",
+    ]);
+    assert!(err.contains("same image"), "{err}");
+    let v: Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(v["vms"].as_array().unwrap().len(), 1, "{v}");
+}
+
+#[test]
+fn an_agent_refuses_an_image_another_process_holds_and_names_it() {
+    let env = Env::new();
+    let image = env.root.join("os.raw");
+    // Another process holds the image, as a second agent would (one process, so that
+    // killing it releases the lock).
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'rb+')\n\
+             fcntl.flock(f, fcntl.LOCK_EX)\n\
+             print('locked', flush=True)\n\
+             time.sleep(600)",
+            image.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut agent = env
+        .cmd(&["agent", "vm", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must give up on its own; one that serves anyway is stopped and the test fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = agent.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = holder.kill();
+            panic!("the agent served an image another process holds");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut err).unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("locked by pid {} (", holder.id())) && err.contains("python3"),
+        "{err}"
+    );
+    // Once the holder is gone the agent serves it.
+    let (mut agent, _) = env.agent("1h");
+    interrupt(&mut agent);
+}

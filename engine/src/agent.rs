@@ -166,6 +166,17 @@ impl Agent {
                 .write(true)
                 .open(&d.path)
                 .at(&d.path)?;
+            // Two agents writing one image would each replicate half of it: the first to
+            // open it holds it for as long as it runs.
+            if !crate::fsutil::try_lock_exclusive(&f).at(&d.path)? {
+                return Err(Error::Conflict(format!(
+                    "source disk '{}' ({}) is locked by {}: one agent at a time serves an image",
+                    d.name,
+                    d.path.display(),
+                    crate::fsutil::flock_holder(&f)
+                        .unwrap_or_else(|| "another process (it holds a lock on it)".into())
+                )));
+            }
             let len = f.metadata().at(&d.path)?.len();
             if len != d.size_bytes {
                 return Err(Error::Invalid(format!(

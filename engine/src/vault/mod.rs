@@ -276,6 +276,41 @@ impl Vault {
         lock::acquire(&self.vm_dir(vm), &self.who, LockWait::Fail)
     }
 
+    /// Refuse source images another VM of this vault (or another disk of the same VM)
+    /// already uses: two agents would each replicate half of the writes. Paths are
+    /// compared canonicalized, and existing files by identity (a hard link is the same
+    /// image). VMs whose failover was committed no longer hold their sources.
+    fn check_sources_unused(&self, disks: &[DiskRecord]) -> Result<()> {
+        for (i, d) in disks.iter().enumerate() {
+            let path = Path::new(&d.source);
+            if let Some(other) = disks[..i]
+                .iter()
+                .find(|o| same_image(Path::new(&o.source), path))
+            {
+                return Err(Error::Invalid(format!(
+                    "disks '{}' and '{}' are the same image {}",
+                    other.name, d.name, d.source
+                )));
+            }
+            for (vm, rec) in &self.catalog.vms {
+                if rec.committed || rec.remote.is_some() {
+                    continue;
+                }
+                if let Some(o) = rec
+                    .disks
+                    .iter()
+                    .find(|o| same_image(Path::new(&o.source), path))
+                {
+                    return Err(Error::Conflict(format!(
+                        "{} is already the source of disk '{}' of VM '{vm}': one image is protected by one VM",
+                        d.source, o.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Where a running agent of `vm` listens for control requests.
     pub fn agent_socket(&self, vm: &str) -> PathBuf {
         self.vm_dir(vm).join("agent.sock")
@@ -370,6 +405,7 @@ impl Vault {
                 size_bytes: size,
             });
         }
+        self.check_sources_unused(&disks)?;
         for (_, src) in &req.disks {
             if let Some(DiskSource::New(p, size)) = src {
                 let f = std::fs::OpenOptions::new()
@@ -921,4 +957,22 @@ impl Vault {
         let _lock = self.lock_vm(vm)?;
         Ok(self.open_replica(vm)?.points_with_bytes())
     }
+}
+
+/// Whether two source paths name one image: by identity when both exist, else by their
+/// canonical paths (a path that does not exist yet is canonicalized through its directory).
+fn same_image(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    let canonical = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| p.to_path_buf()),
+            _ => p.to_path_buf(),
+        })
+    };
+    canonical(a) == canonical(b)
 }
