@@ -130,6 +130,7 @@ impl Model {
             },
             name: Some(name.to_string()),
             group: None,
+            kind: standby_engine::record::MarkerKind::Point,
         };
         let seq = agent.marker(&m).unwrap();
         agent.close().unwrap();

@@ -169,6 +169,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<(), Error> {
             consistency: Consistency::App,
             name: Some(name.clone()),
             group: None,
+            kind: standby_engine::record::MarkerKind::Point,
         })?;
         agent.close()?;
         let pass = vault.process("web01")?;

@@ -12,7 +12,7 @@
 
 use crate::cache::Cache;
 use crate::error::{Error, IoContext, Result};
-use crate::record::{Entry, Marker, Op};
+use crate::record::{Entry, Marker, MarkerKind, Op};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -25,6 +25,8 @@ use std::sync::Arc;
 /// [`crate::cache::CacheConfig::auto_sync_bytes`]); the bound only stops a stalled drain
 /// from letting memory grow without limit.
 const MAX_PENDING_BYTES: u64 = 256 << 20;
+/// Most bytes one block-status answer of the agent covers.
+const BLOCK_STATUS_WINDOW_BYTES: u64 = 64 << 20;
 /// Most bytes one drain round applies to the source images before it lets writers and
 /// readers at the pending set again.
 const DRAIN_BATCH_BYTES: u64 = 8 << 20;
@@ -152,11 +154,12 @@ pub struct Agent {
 
 type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
 
-/// Marker names the agent writes around a resync: the log between them is not a
+/// The markers the agent writes around a resync: the log between them is not a
 /// crash-consistent sequence (blocks arrive in block order, not write order), so the
-/// processor cuts no point inside that window.
-pub const RESYNC_BEGIN: &str = "standby:resync-begin";
-pub const RESYNC_END: &str = "standby:resync-end";
+/// processor cuts no point inside that window. Typed, so no user's point name can pass
+/// for one.
+pub const RESYNC_BEGIN: MarkerKind = MarkerKind::ResyncBegin;
+pub const RESYNC_END: MarkerKind = MarkerKind::ResyncEnd;
 
 /// Blocks written while the log could not take them, per disk, in bounded memory: the
 /// block size grows with the disks so the whole map stays under `MAX_DIRTY_BITS` bits.
@@ -246,6 +249,17 @@ impl Agent {
                 .write(true)
                 .open(&d.path)
                 .at(&d.path)?;
+            // Two agents writing one image would each replicate half of it: the first to
+            // open it holds it for as long as it runs.
+            if !crate::fsutil::try_lock_exclusive(&f).at(&d.path)? {
+                return Err(Error::Conflict(format!(
+                    "source disk '{}' ({}) is locked by {}: one agent at a time serves an image",
+                    d.name,
+                    d.path.display(),
+                    crate::fsutil::flock_holder(&f)
+                        .unwrap_or_else(|| "another process (it holds a lock on it)".into())
+                )));
+            }
             let len = f.metadata().at(&d.path)?.len();
             if len != d.size_bytes {
                 return Err(Error::Invalid(format!(
@@ -758,7 +772,10 @@ impl Agent {
     /// trim makes a hole.
     pub fn block_status(&self, disk: u16, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         let (d, f) = self.check(disk, offset, len)?;
-        let end = offset + len;
+        // The answer may cover less than was asked (the protocol allows it): a bounded
+        // window keeps each call's cost bounded, however fragmented the image, for clients
+        // (qemu) that ask again from the end of each answer.
+        let end = offset + len.min(BLOCK_STATUS_WINDOW_BYTES);
         // start -> (end, zero): non-overlapping, covering [offset, end).
         let mut runs: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
         fn paint(runs: &mut BTreeMap<u64, (u64, bool)>, s: u64, e: u64, zero: bool) {
@@ -782,8 +799,8 @@ impl Agent {
         if len == 0 {
             return Ok(Vec::new());
         }
-        // Under the state's read lock, the image and the pending set are one moment: a
-        // drain changes both under the write lock.
+        // Under the state's read lock, image + pending set show every change: a drain
+        // removes a change from the set only after the image holds it.
         let st = self.state.read();
         paint(&mut runs, offset, end, true);
         for (s, e) in crate::fsutil::data_ranges_in(f, offset, end).at(&d.path)? {
@@ -791,7 +808,10 @@ impl Agent {
                 paint(&mut runs, s, e, false);
             }
         }
-        for p in st.pending.values().filter(|p| p.disk == disk) {
+        for seq in st.overlapping(disk, offset, end) {
+            let Some(p) = st.pending.get(&seq) else {
+                continue;
+            };
             let (n, zero) = match &p.change {
                 Change::Data(data) => (data.len() as u64, false),
                 Change::Zero(n) => (*n, true),
@@ -814,11 +834,12 @@ impl Agent {
     }
 }
 
-fn resync_marker(name: &str) -> Marker {
+fn resync_marker(kind: MarkerKind) -> Marker {
     Marker {
         consistency: crate::record::Consistency::Crash,
-        name: Some(name.to_string()),
+        name: None,
         group: None,
+        kind,
     }
 }
 

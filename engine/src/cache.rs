@@ -626,6 +626,7 @@ impl Cache {
             seq
         };
         write_checkpoint(&*sh.vfs, &sh.dir, seq)?;
+        let mut rolled = None;
         let doomed: Vec<u64> = {
             let mut st = sh.state.lock();
             st.checkpoint = seq;
@@ -646,6 +647,7 @@ impl Cache {
                     },
                 );
                 st.tail_id = id;
+                rolled = Some(id);
                 st.total_bytes += SEGMENT_HEADER_BYTES as u64;
                 st.pending.push_back(Chunk {
                     segment_id: id,
@@ -669,6 +671,25 @@ impl Cache {
             }
             ids
         };
+        // Wait for the writer to create the rolled segment, so the syncs of this call are
+        // all done when it returns (a crash test cutting at the Nth sync of a pass then
+        // meets the same sync every run) and a failure to create it is reported here.
+        if let Some(id) = rolled {
+            let mut st = sh.state.lock();
+            loop {
+                if let Some(e) = &st.error {
+                    return Err(Error::Poisoned(e.clone()));
+                }
+                let created = st
+                    .segments
+                    .get(&id)
+                    .is_none_or(|s| s.durable_bytes >= SEGMENT_HEADER_BYTES as u64);
+                if created || st.closing {
+                    break;
+                }
+                sh.progress.wait(&mut st);
+            }
+        }
         for id in &doomed {
             let path = sh.dir.join(segment::file_name(*id));
             sh.vfs.remove(&path).at(&path)?;
@@ -1065,6 +1086,7 @@ fn write_chunks(
                     seg.durable_bytes = SEGMENT_HEADER_BYTES as u64;
                 }
             }
+            sh.progress.notify_all();
             *tail = Tail {
                 id: chunk.segment_id,
                 file,

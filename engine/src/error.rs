@@ -53,6 +53,10 @@ pub enum Error {
     /// key, untrusted certificate, plaintext on a TLS port) or broke the protocol.
     #[error("link: {0}")]
     Link(String),
+    /// A VM's running agent refused a control request. The message is the agent's own
+    /// error, already formatted (so it is not prefixed a second time).
+    #[error("{0}")]
+    Agent(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

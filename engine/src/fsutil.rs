@@ -92,3 +92,62 @@ pub fn data_ranges_in(f: &std::fs::File, start: u64, len: u64) -> std::io::Resul
     }
     Ok(out)
 }
+
+/// Take an exclusive advisory lock (`flock`) on `f` without waiting: `Ok(false)` if another
+/// open file holds it. The lock lives as long as this open file does (kill -9 included).
+pub fn try_lock_exclusive(f: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Who holds a `flock` on `f`, as far as the kernel says (`/proc/locks`): "pid N (its
+/// command line)". `None` if it cannot tell.
+pub fn flock_holder(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = f.metadata().ok()?;
+    let want = (libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5996912 0 EOF": pid, then MAJ:MIN:INODE
+    // (device numbers in hex).
+    let pid = locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, id) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+        let mut parts = id.split(':');
+        let major = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let minor = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let inode = parts.next()?.parse::<u64>().ok()?;
+        (*kind == "FLOCK" && (major, minor, inode) == want).then(|| pid.parse::<u32>().ok())?
+    })?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut cmd: String = String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace(char::is_control, " ");
+    if cmd.len() > 200 {
+        let mut cut = 200;
+        while !cmd.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        cmd.truncate(cut);
+        cmd.push('…');
+    }
+    Some(if cmd.is_empty() {
+        format!("pid {pid}")
+    } else {
+        format!("pid {pid} ({cmd})")
+    })
+}

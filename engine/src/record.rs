@@ -13,9 +13,28 @@
 //!  16     8  seq         VM-wide sequence number
 //!  24     8  time_us     microseconds since the Unix epoch when the record was accepted
 //!  32     8  offset      byte offset on the disk (write, zero); 0 for markers
-//!  40     n  body        write: data; zero: length u64; marker: see `Marker`
+//!  40     n  body        write: data; zero: length u64; marker: see below
 //! 40+n    4  crc         crc32 seeded with CRC_SEED over segment_id(8) ‖ bytes 0..40+n
 //! ```
+//!
+//! Byte map of a marker body:
+//!
+//! ```text
+//! off  size  field
+//!   0     1  consistency 1 crash, 2 app
+//!   1     1  present     bit 0 name, bit 1 group, bit 2 kind byte; other bits must be 0
+//!   2     2  name_len    <= MAX_NAME_BYTES
+//!   4     2  group_len   <= MAX_NAME_BYTES
+//!   6     k  kind        k = 1 if present bit 2 (1 resync-begin, 2 resync-end), else 0
+//! 6+k     n  name        UTF-8
+//!  ...    g  group       UTF-8
+//! ```
+//!
+//! A user's point marker has no kind byte, so it is byte for byte what the first version
+//! wrote. The agent's own markers carry a kind, so no user's name can pass for one. A
+//! marker without a kind named `standby:resync-begin` or `standby:resync-end` was written
+//! by an older agent and reads as that kind; names starting with `standby:` are refused
+//! for new point markers.
 //!
 //! Both checks bind the segment id, so a record copied from, or left over in, another
 //! segment never verifies, and all-zero bytes never verify either. Untrusted bytes are
@@ -56,6 +75,29 @@ pub enum Consistency {
     App,
 }
 
+/// What a marker is for. Only [`MarkerKind::Point`] is a user's; the others are written by
+/// Standby itself and are told apart by a typed field, never by their name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MarkerKind {
+    /// A recovery point asked for by a user, a policy or a tool.
+    #[default]
+    Point,
+    /// The agent starts a resync: until [`MarkerKind::ResyncEnd`] the log is not a
+    /// crash-consistent sequence (see [`crate::agent`]).
+    ResyncBegin,
+    /// The agent's resync is complete.
+    ResyncEnd,
+}
+
+/// Marker names starting with this are Standby's own and refused for point markers.
+pub const RESERVED_NAME_PREFIX: &str = "standby:";
+/// The names the first record format gave the agent's resync markers (read as their kinds).
+const LEGACY_RESYNC_BEGIN: &str = "standby:resync-begin";
+const LEGACY_RESYNC_END: &str = "standby:resync-end";
+
+const MARKER_KIND_RESYNC_BEGIN: u8 = 1;
+const MARKER_KIND_RESYNC_END: u8 = 2;
+
 /// A recovery-point cut written into the log, ordered with the writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marker {
@@ -63,6 +105,21 @@ pub struct Marker {
     pub name: Option<String>,
     /// A consistency group shares markers across VMs.
     pub group: Option<String>,
+    pub kind: MarkerKind,
+}
+
+/// Check a name asked for a recovery point: at most [`MAX_NAME_BYTES`], and not in
+/// Standby's reserved namespace.
+pub fn check_point_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!("point name longer than {MAX_NAME_BYTES} bytes"));
+    }
+    if name.starts_with(RESERVED_NAME_PREFIX) {
+        return Err(format!(
+            "point name '{name}' is refused: names starting with '{RESERVED_NAME_PREFIX}' are reserved for Standby's own markers"
+        ));
+    }
+    Ok(())
 }
 
 /// What a record does, as handed to [`crate::cache::Cache::append`].
@@ -194,6 +251,9 @@ pub fn validate(entry: &Entry<'_>) -> Result<(), String> {
                 if s.len() > MAX_NAME_BYTES {
                     return Err(format!("marker name longer than {MAX_NAME_BYTES} bytes"));
                 }
+            }
+            if let (MarkerKind::Point, Some(name)) = (m.kind, &m.name) {
+                check_point_name(name)?;
             }
         }
     }
@@ -388,7 +448,7 @@ fn len_check(segment_id: u64, body_len: u32) -> u32 {
 fn encode_marker(m: &Marker) -> Vec<u8> {
     let name = m.name.as_deref().unwrap_or("").as_bytes();
     let group = m.group.as_deref().unwrap_or("").as_bytes();
-    let mut out = Vec::with_capacity(8 + name.len() + group.len());
+    let mut out = Vec::with_capacity(7 + name.len() + group.len());
     out.push(match m.consistency {
         Consistency::Crash => 1,
         Consistency::App => 2,
@@ -400,9 +460,18 @@ fn encode_marker(m: &Marker) -> Vec<u8> {
     if m.group.is_some() {
         present |= 2;
     }
+    let kind = match m.kind {
+        MarkerKind::Point => None,
+        MarkerKind::ResyncBegin => Some(MARKER_KIND_RESYNC_BEGIN),
+        MarkerKind::ResyncEnd => Some(MARKER_KIND_RESYNC_END),
+    };
+    if kind.is_some() {
+        present |= 4;
+    }
     out.push(present);
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(&(group.len() as u16).to_le_bytes());
+    out.extend(kind);
     out.extend_from_slice(name);
     out.extend_from_slice(group);
     out
@@ -418,17 +487,28 @@ fn decode_marker(b: &[u8]) -> Result<Marker, DecodeError> {
         k => return Err(bad(format!("unknown marker consistency {k}"))),
     };
     let present = b[1];
-    if present & !3 != 0 {
+    if present & !7 != 0 {
         return Err(bad("unknown marker presence bits"));
     }
     let name_len = u16::from_le_bytes([b[2], b[3]]) as usize;
     let group_len = u16::from_le_bytes([b[4], b[5]]) as usize;
+    let kind_len = usize::from(present & 4 != 0);
+    let start = 6 + kind_len;
     if name_len > MAX_NAME_BYTES
         || group_len > MAX_NAME_BYTES
-        || 6 + name_len + group_len != b.len()
+        || start + name_len + group_len != b.len()
     {
         return Err(bad("marker name lengths do not match its body"));
     }
+    let kind = if kind_len == 0 {
+        MarkerKind::Point
+    } else {
+        match b[6] {
+            MARKER_KIND_RESYNC_BEGIN => MarkerKind::ResyncBegin,
+            MARKER_KIND_RESYNC_END => MarkerKind::ResyncEnd,
+            k => return Err(bad(format!("unknown marker kind {k}"))),
+        }
+    };
     let text = |bytes: &[u8], on: bool| -> Result<Option<String>, DecodeError> {
         if !on {
             return if bytes.is_empty() {
@@ -441,11 +521,25 @@ fn decode_marker(b: &[u8]) -> Result<Marker, DecodeError> {
             .map(Some)
             .map_err(|_| bad("marker name is not UTF-8"))
     };
-    Ok(Marker {
+    let mut m = Marker {
         consistency,
-        name: text(&b[6..6 + name_len], present & 1 != 0)?,
-        group: text(&b[6 + name_len..], present & 2 != 0)?,
-    })
+        name: text(&b[start..start + name_len], present & 1 != 0)?,
+        group: text(&b[start + name_len..], present & 2 != 0)?,
+        kind,
+    };
+    if m.kind == MarkerKind::Point {
+        // An older agent named its resync markers; they read as the kinds they meant.
+        let legacy = match m.name.as_deref() {
+            Some(LEGACY_RESYNC_BEGIN) => Some(MarkerKind::ResyncBegin),
+            Some(LEGACY_RESYNC_END) => Some(MarkerKind::ResyncEnd),
+            _ => None,
+        };
+        if let Some(kind) = legacy {
+            m.kind = kind;
+            m.name = None;
+        }
+    }
+    Ok(m)
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
@@ -743,16 +837,31 @@ mod tests {
                 consistency: Consistency::Crash,
                 name: None,
                 group: None,
+                kind: MarkerKind::Point,
             }),
             Op::Marker(Marker {
                 consistency: Consistency::App,
                 name: Some("before-upgrade".into()),
                 group: Some("erp".into()),
+                kind: MarkerKind::Point,
             }),
             Op::Marker(Marker {
                 consistency: Consistency::App,
                 name: Some(String::new()),
                 group: None,
+                kind: MarkerKind::Point,
+            }),
+            Op::Marker(Marker {
+                consistency: Consistency::Crash,
+                name: None,
+                group: None,
+                kind: MarkerKind::ResyncBegin,
+            }),
+            Op::Marker(Marker {
+                consistency: Consistency::Crash,
+                name: Some("named".into()),
+                group: Some("g".into()),
+                kind: MarkerKind::ResyncEnd,
             }),
         ]
     }
@@ -932,6 +1041,100 @@ mod tests {
         let mut frame = encode(&samples()[1].as_entry(), 4, 1, 0, false).unwrap();
         let n = reseal(&mut frame, 4).unwrap();
         assert_eq!(decode(&frame, 4).unwrap().1, n);
+    }
+
+    fn point(name: &str) -> Marker {
+        Marker {
+            consistency: Consistency::Crash,
+            name: Some(name.into()),
+            group: None,
+            kind: MarkerKind::Point,
+        }
+    }
+
+    /// A frame whose marker body is exactly what the first record format wrote for a
+    /// crash-consistent marker named `name` (no kind byte), sealed for `segment`.
+    fn first_format_marker(name: &str, segment: u64) -> Vec<u8> {
+        let mut body = vec![1u8, 1];
+        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        let placeholder = "x".repeat(name.len());
+        let mut frame = encode(&Entry::Marker(&point(&placeholder)), segment, 3, 0, false).unwrap();
+        frame[HEADER_BYTES..HEADER_BYTES + body.len()].copy_from_slice(&body);
+        reseal(&mut frame, segment).unwrap();
+        frame
+    }
+
+    #[test]
+    fn a_point_marker_is_byte_for_byte_the_first_format() {
+        let frame = encode(&Entry::Marker(&point("nightly")), 4, 3, 0, false).unwrap();
+        assert_eq!(frame, first_format_marker("nightly", 4));
+    }
+
+    #[test]
+    fn the_agent_s_markers_are_typed_and_first_format_names_read_as_their_kinds() {
+        for (name, kind) in [
+            ("standby:resync-begin", MarkerKind::ResyncBegin),
+            ("standby:resync-end", MarkerKind::ResyncEnd),
+        ] {
+            // Written by an older agent: told by its name.
+            let (rec, _) = decode(&first_format_marker(name, 4), 4).unwrap();
+            let Op::Marker(m) = rec.op else {
+                panic!("not a marker: {rec:?}")
+            };
+            assert_eq!((m.kind, m.name), (kind, None));
+            // Written now: typed, with a kind byte; the name plays no part.
+            let typed = Marker {
+                consistency: Consistency::Crash,
+                name: None,
+                group: None,
+                kind,
+            };
+            let frame = encode(&Entry::Marker(&typed), 4, 3, 0, false).unwrap();
+            assert_eq!(frame[HEADER_BYTES + 1], 4, "present: the kind bit alone");
+            assert_eq!(decode(&frame, 4).unwrap().0.op, Op::Marker(typed));
+        }
+        // Any other name in the reserved namespace from an older log is a plain point.
+        let (rec, _) = decode(&first_format_marker("standby:other", 4), 4).unwrap();
+        assert_eq!(rec.op, Op::Marker(point("standby:other")));
+    }
+
+    #[test]
+    fn a_user_point_cannot_take_a_reserved_name() {
+        for name in ["standby:resync-begin", "standby:resync-end", "standby:x"] {
+            let err = validate(&Entry::Marker(&point(name))).unwrap_err();
+            assert!(err.contains("reserved"), "{err}");
+            assert!(encode(&Entry::Marker(&point(name)), 1, 1, 0, false).is_err());
+            assert!(check_point_name(name).is_err());
+        }
+        assert!(check_point_name("standby-nightly").is_ok());
+        assert!(check_point_name(&"n".repeat(MAX_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn unknown_marker_kinds_and_presence_bits_are_refused() {
+        let typed = Marker {
+            consistency: Consistency::Crash,
+            name: Some("n".into()),
+            group: None,
+            kind: MarkerKind::ResyncEnd,
+        };
+        for (at, value) in [(6, 0u8), (6, 3), (6, 0xff), (1, 1 | 4 | 8)] {
+            let mut frame = encode(&Entry::Marker(&typed), 4, 1, 0, false).unwrap();
+            frame[HEADER_BYTES + at] = value;
+            reseal(&mut frame, 4).unwrap();
+            assert!(
+                matches!(decode(&frame, 4), Err(DecodeError::Bad(_))),
+                "byte {at} = {value}"
+            );
+        }
+        // Without the kind bit, the kind byte is read as the name's first byte: lengths
+        // then disagree with the body.
+        let mut frame = encode(&Entry::Marker(&typed), 4, 1, 0, false).unwrap();
+        frame[HEADER_BYTES + 1] = 1;
+        reseal(&mut frame, 4).unwrap();
+        assert!(matches!(decode(&frame, 4), Err(DecodeError::Bad(_))));
     }
 
     #[test]

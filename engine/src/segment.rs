@@ -8,7 +8,8 @@
 //!   0     8  magic          "STBYLOG\0"
 //!   8     2  version        1
 //!  10     2  header_bytes   40
-//!  12     4  incompat       feature bits a reader must know, or refuse the file
+//!  12     4  incompat       feature bits a reader must know, or refuse the file:
+//!                           bit 0 MARKER_KINDS (markers may carry a kind byte)
 //!  16     4  compat         feature bits a reader may ignore
 //!  20     8  segment_id     also the file name: {segment_id:016x}.log
 //!  28     8  base_seq       sequence number the first record of this segment carries
@@ -27,8 +28,13 @@ use std::sync::Arc;
 pub const MAGIC: [u8; 8] = *b"STBYLOG\0";
 pub const VERSION: u16 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 40;
-/// Incompatible feature bits this build understands (none yet).
-pub const KNOWN_INCOMPAT: u32 = 0;
+/// Incompatible feature bit: markers in this segment may carry a kind byte (see
+/// [`crate::record`]). Every segment this build creates sets it, so a build that predates
+/// typed markers refuses the segment with a readable message instead of taking a marker
+/// it cannot decode for a torn tail. Segments without it (written before) read as ever.
+pub const INCOMPAT_MARKER_KINDS: u32 = 1 << 0;
+/// Incompatible feature bits this build understands, and sets on the segments it creates.
+pub const KNOWN_INCOMPAT: u32 = INCOMPAT_MARKER_KINDS;
 
 /// A segment header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,13 +342,28 @@ mod tests {
         let crc = crc32fast::hash(&b[0..36]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
         assert!(SegmentHeader::decode(&b).is_ok());
-        b[12] = 0x01;
+        b[12] = 0x02;
         let crc = crc32fast::hash(&b[0..36]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             SegmentHeader::decode(&b),
             Err(Some(HeaderError::Unsupported(_)))
         ));
+    }
+
+    #[test]
+    fn a_segment_of_the_first_version_without_feature_bits_still_reads() {
+        let h = SegmentHeader {
+            segment_id: 5,
+            base_seq: 9,
+            compat: 0,
+        };
+        let mut b = h.encode();
+        assert_eq!(b[12..16], INCOMPAT_MARKER_KINDS.to_le_bytes());
+        b[12..16].copy_from_slice(&0u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(SegmentHeader::decode(&b), Ok(h));
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn op_for(i: u64) -> Op {
             },
             name: (i % 4 == 1).then(|| format!("point-{i}")),
             group: None,
+            kind: record::MarkerKind::Point,
         }),
         _ => Op::Write {
             disk: (i % 3) as u16,
@@ -690,4 +691,39 @@ fn a_full_log_whose_only_segment_is_below_the_checkpoint_still_frees_it() {
     let (cache, report) = Cache::open(dir.path(), config).unwrap();
     assert_eq!((report.first_seq, report.last_seq), (last + 1, last + 1));
     assert_eq!(read_all(&cache).len(), 1);
+}
+
+#[test]
+fn a_checkpoint_that_rolls_the_tail_is_durable_when_it_returns() {
+    // Regression: the roll's new segment was created by the writer thread after
+    // set_checkpoint returned, so a pass's syncs (and a crash test's cut) depended on timing.
+    for _ in 0..20 {
+        let fs = SimFs::new();
+        fs.create_dir_all(Path::new("/p")).unwrap();
+        let (cache, _) =
+            Cache::open_with(Arc::new(fs.clone()), "/p", CacheConfig::default()).unwrap();
+        let mut last = 0;
+        for i in 0..10 {
+            last = cache.append(&op_for(i * 7).as_entry()).unwrap();
+        }
+        cache.sync().unwrap();
+        assert_eq!(
+            cache.set_checkpoint(last).unwrap(),
+            1,
+            "the old tail is deleted"
+        );
+        let after = fs.crash(0);
+        let names = after.list(Path::new("/p")).unwrap();
+        let segments: Vec<_> = names
+            .iter()
+            .filter(|n| standby_engine::segment::parse_file_name(n).is_some())
+            .collect();
+        assert_eq!(segments.len(), 1, "the new tail is durable: {names:?}");
+        drop(cache);
+        let (cache, report) = Cache::open_with(Arc::new(after), "/p", CacheConfig::default())
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!(report.first_seq, last + 1);
+        assert!(read_all(&cache).is_empty());
+    }
 }

@@ -366,6 +366,7 @@ impl Harness {
                         consistency,
                         name,
                         group: None,
+                        kind: standby_engine::record::MarkerKind::Point,
                     }),
                     t,
                 );

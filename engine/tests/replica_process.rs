@@ -6,7 +6,7 @@
 use standby_engine::cache::{Cache, CacheConfig};
 use standby_engine::policy::Policy;
 use standby_engine::process::Processor;
-use standby_engine::record::{Consistency, Entry, Marker};
+use standby_engine::record::{Consistency, Entry, Marker, MarkerKind};
 use standby_engine::replica::{DiskSpec, PointKind, Replica, ReplicaConfig};
 use standby_engine::vfs::SimFs;
 use std::sync::Arc;
@@ -87,6 +87,7 @@ fn marker(cache: &Cache, consistency: Consistency, name: &str) -> u64 {
             consistency,
             name: Some(name.into()),
             group: None,
+            kind: standby_engine::record::MarkerKind::Point,
         }))
         .unwrap()
 }
@@ -229,4 +230,61 @@ fn a_power_cut_at_any_sync_of_a_pass_is_healed_by_processing_again() {
             assert!(p.replica().verify().unwrap().is_clean());
         }
     }
+}
+
+fn agent_marker(cache: &Cache, kind: MarkerKind) -> u64 {
+    cache
+        .append(&Entry::Marker(&Marker {
+            consistency: Consistency::Crash,
+            name: None,
+            group: None,
+            kind,
+        }))
+        .unwrap()
+}
+
+#[test]
+fn the_resync_window_is_typed_and_survives_a_power_cut() {
+    let fs = SimFs::new();
+    let cache = open_cache(&fs);
+    let mut w = Workload {
+        model: vec![0u8; DISK as usize],
+        x: 31,
+    };
+    // A user's point can never open the window: its name is refused before it is logged.
+    let user = Marker {
+        consistency: Consistency::Crash,
+        name: Some("standby:resync-begin".into()),
+        group: None,
+        kind: MarkerKind::Point,
+    };
+    assert!(matches!(
+        cache.append(&Entry::Marker(&user)),
+        Err(standby_engine::Error::Invalid(_))
+    ));
+    w.writes(&cache, 10);
+    agent_marker(&cache, MarkerKind::ResyncBegin);
+    w.writes(&cache, 10);
+    cache.sync().unwrap();
+    let mut p = processor(&fs, cache.clone(), true, Duration::from_secs(3600));
+    let report = p.run_pass().unwrap();
+    assert!(report.points.is_empty(), "{:?}", report.points);
+    assert!(p.in_resync());
+    // The window is kept beside the replica through the I/O seam: a power cut keeps it.
+    drop(p);
+    let after = fs.crash(0);
+    let cache = open_cache(&after);
+    let mut p = processor(&after, cache.clone(), false, Duration::from_secs(3600));
+    assert!(p.in_resync());
+    let end = agent_marker(&cache, MarkerKind::ResyncEnd);
+    cache.sync().unwrap();
+    let report = p.run_pass().unwrap();
+    assert!(!p.in_resync());
+    let cut: Vec<_> = report
+        .points
+        .iter()
+        .map(|pt| (pt.seq, pt.name.clone()))
+        .collect();
+    assert_eq!(cut, vec![(end, Some("resync".to_string()))]);
+    assert_eq!(read_disk(p.replica(), None), w.model);
 }

@@ -215,6 +215,11 @@ impl Replica {
         &self.dir
     }
 
+    /// The I/O seam this replica's files go through (for the small files kept beside it).
+    pub fn vfs(&self) -> &Arc<dyn Vfs> {
+        &self.store.vfs
+    }
+
     pub fn disks(&self) -> &[DiskSpec] {
         &self.manifest.disks
     }

@@ -80,6 +80,7 @@ impl VmOwner {
             if n.len() > crate::record::MAX_NAME_BYTES {
                 return Err(Error::Invalid("point name is too long".into()));
             }
+            crate::record::check_point_name(n).map_err(Error::Invalid)?;
         }
         let Some(agent) = &self.agent else {
             // A remote VM: its staging log mirrors the source's, so nothing is appended
@@ -117,6 +118,7 @@ impl VmOwner {
             },
             name,
             group: None,
+            kind: crate::record::MarkerKind::Point,
         };
         let seq = agent.marker(&marker)?;
         let mut p = self.processor.lock();

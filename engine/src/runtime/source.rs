@@ -79,6 +79,7 @@ impl Handler for Markers {
                     },
                     name,
                     group: None,
+                    kind: crate::record::MarkerKind::Point,
                 };
                 self.agent
                     .marker(&marker)

@@ -15,6 +15,7 @@
 //! either the old state or the new one.
 
 pub mod catalog;
+pub mod damage;
 mod failover;
 pub mod lock;
 pub mod remote;
@@ -302,6 +303,41 @@ impl Vault {
         lock::acquire(&self.vm_dir(vm), &self.who, LockWait::Fail)
     }
 
+    /// Refuse source images another VM of this vault (or another disk of the same VM)
+    /// already uses: two agents would each replicate half of the writes. Paths are
+    /// compared canonicalized, and existing files by identity (a hard link is the same
+    /// image). VMs whose failover was committed no longer hold their sources.
+    fn check_sources_unused(&self, disks: &[DiskRecord]) -> Result<()> {
+        for (i, d) in disks.iter().enumerate() {
+            let path = Path::new(&d.source);
+            if let Some(other) = disks[..i]
+                .iter()
+                .find(|o| same_image(Path::new(&o.source), path))
+            {
+                return Err(Error::Invalid(format!(
+                    "disks '{}' and '{}' are the same image {}",
+                    other.name, d.name, d.source
+                )));
+            }
+            for (vm, rec) in &self.catalog.vms {
+                if rec.committed || rec.remote.is_some() {
+                    continue;
+                }
+                if let Some(o) = rec
+                    .disks
+                    .iter()
+                    .find(|o| same_image(Path::new(&o.source), path))
+                {
+                    return Err(Error::Conflict(format!(
+                        "{} is already the source of disk '{}' of VM '{vm}': one image is protected by one VM",
+                        d.source, o.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Where a running agent of `vm` listens for control requests.
     pub fn agent_socket(&self, vm: &str) -> PathBuf {
         self.vm_dir(vm).join("agent.sock")
@@ -416,6 +452,7 @@ impl Vault {
                 size_bytes: size,
             });
         }
+        self.check_sources_unused(&disks)?;
         for (_, p, size) in &create {
             create_sparse_image(p, *size)?;
         }
@@ -480,6 +517,7 @@ impl Vault {
             consistency: Consistency::Crash,
             name: Some("initial".into()),
             group: None,
+            kind: crate::record::MarkerKind::Point,
         };
         if let Err(Error::CacheFull { .. }) = cache.append(&Entry::Marker(&marker)) {
             drain_into(&cache, &mut replica)?;
@@ -666,9 +704,7 @@ impl Vault {
             )));
         }
         if let Some(n) = name {
-            if n.len() > crate::record::MAX_NAME_BYTES {
-                return Err(Error::Invalid("point name is too long".into()));
-            }
+            crate::record::check_point_name(n).map_err(Error::Invalid)?;
         }
         if rec.remote.is_some() {
             // The staging log mirrors the source's log record for record: nothing may be
@@ -698,6 +734,7 @@ impl Vault {
             consistency,
             name: name.map(str::to_string),
             group: None,
+            kind: crate::record::MarkerKind::Point,
         };
         let cache = self.open_cache(vm)?;
         let seq = cache.append(&Entry::Marker(&marker))?;
@@ -763,6 +800,26 @@ impl Vault {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // Every check ran whatever `spec` narrows the report to: record what was found (or
+        // that nothing was), so status says so until a later verify is clean.
+        let dir = self.vm_dir(vm);
+        match report.damage.first() {
+            None => damage::clear(&*self.vfs, &dir)?,
+            Some(first) => damage::store(
+                &*self.vfs,
+                &dir,
+                &damage::DamageRecord {
+                    count: u32::try_from(report.damage.len()).unwrap_or(u32::MAX),
+                    found_us: now_us(),
+                    text: format!(
+                        "corruption in {} at byte {}: {}",
+                        first.path.display(),
+                        first.offset,
+                        first.what
+                    ),
+                },
+            )?,
         }
         let point = match spec {
             None => None,
@@ -1026,4 +1083,22 @@ impl Vault {
         let replica = self.open_replica(vm)?;
         Ok((replica.points_with_bytes(), replica.damage()))
     }
+}
+
+/// Whether two source paths name one image: by identity when both exist, else by their
+/// canonical paths (a path that does not exist yet is canonicalized through its directory).
+fn same_image(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    let canonical = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| p.to_path_buf()),
+            _ => p.to_path_buf(),
+        })
+    };
+    canonical(a) == canonical(b)
 }

@@ -1,8 +1,10 @@
 //! Replication status of a VM: state, health with reasons, RPO, backlog, points, disks.
 //!
-//! RPO is now minus the time of the newest write that can be recovered from the target
-//! store; when nothing is waiting in the log (everything written has been applied), the
-//! VM's present state is recoverable and the RPO is 0.
+//! RPO is now minus the source time of the newest write that can be recovered from the
+//! vault: every record durable in the VM's log is (failover `latest` applies it first).
+//! When everything the source acknowledged is durable there, the VM's present state is
+//! recoverable and the RPO is 0, however long ago the last write was or however far the
+//! processor is behind: an idle VM's RPO does not grow.
 
 use super::{now_us, Vault, VmRecord, VmState};
 use crate::cache::Cache;
@@ -103,6 +105,7 @@ pub fn kind_str(k: PointKind) -> &'static str {
 impl Vault {
     /// Status of one VM. If a running agent owns the VM this fails at once with
     /// `Error::Locked` naming it (ask the agent instead: it has the live figures).
+    /// Otherwise no agent is running, and a VM still protected here says so.
     pub fn status(&self, vm: &str) -> Result<VmStatus> {
         let rec = self.catalog.vm(vm)?;
         if rec.committed {
@@ -112,23 +115,58 @@ impl Vault {
             return self.remote_status(vm, &remote.cache);
         }
         let _lock = self.try_lock_vm(vm)?;
-        self.local_status(vm)
+        let (mut st, newest_write_us) = self.local_status_with_newest(vm)?;
+        if st.record.state != VmState::FailedOver {
+            // The agent holds the VM's lock for as long as it runs: we got it, so none is.
+            // Last seen: its newest write, or when it last started (its control socket).
+            let started_us = std::fs::metadata(self.agent_socket(vm))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as u64);
+            let seen = newest_write_us.max(started_us);
+            st.health = st.health.max(Health::Warning);
+            st.reasons.push(if seen == 0 {
+                "agent not running (never seen)".to_string()
+            } else {
+                format!(
+                    "agent not running (last seen {})",
+                    super::spec::rfc3339(seen)
+                )
+            });
+        }
+        Ok(st)
     }
 
     fn local_status(&self, vm: &str) -> Result<VmStatus> {
+        Ok(self.local_status_with_newest(vm)?.0)
+    }
+
+    /// The status, and the source time of the newest record in the VM's log or replica.
+    fn local_status_with_newest(&self, vm: &str) -> Result<(VmStatus, u64)> {
         let replica = match self.open_replica(vm) {
             Ok(r) => r,
-            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "replica", &e),
+            Err(e) if is_damage(&e) => {
+                return Ok((self.unopenable_status(vm, "replica", &e)?, 0));
+            }
             Err(e) => return Err(e),
         };
         let cache = match self.open_cache(vm) {
             Ok(c) => c,
-            Err(e) if is_damage(&e) => return self.unopenable_status(vm, "change log", &e),
+            Err(e) if is_damage(&e) => {
+                return Ok((self.unopenable_status(vm, "change log", &e)?, 0));
+            }
             Err(e) => return Err(e),
         };
         let st = self.status_of(vm, &cache, &replica);
+        let stats = cache.stats();
+        let newest = durable_record_time(&cache, stats.next_seq.saturating_sub(1), stats.first_seq);
         cache.close()?;
-        st
+        let st = st?;
+        let newest = newest?
+            .max(st.applied_time_us)
+            .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
+        Ok((st, newest))
     }
 
     /// A remote VM: the vault's own view (or, while `process --follow` holds the VM, the
@@ -222,6 +260,7 @@ impl Vault {
         }
         judge(&mut st, rpo);
         mark_damage(&mut st);
+        self.note_damage(vm, &mut st);
         match r.link.as_str() {
             "connected" => {}
             "disconnected" => {
@@ -310,17 +349,21 @@ impl Vault {
         }
         drop(latest);
         let now = now_us();
-        let rpo = if records == 0 {
+        let appended = cstats.next_seq.saturating_sub(1);
+        let rpo = if cstats.durable_seq >= appended {
             0.0
         } else {
-            let newest = replica
-                .applied_time_us()
+            // Acknowledged but not yet durable (a sync in flight, or a failing log): the
+            // newest recoverable write is the newest durable record.
+            let newest = durable_record_time(cache, cstats.durable_seq, cstats.first_seq)?
+                .max(replica.applied_time_us())
                 .max(st.last_point.as_ref().map_or(0, |p| p.time_us));
             now.saturating_sub(newest) as f64 / 1e6
         };
         judge(&mut st, rpo);
         st.damage = replica.damage().iter().map(damage_line).collect();
         mark_damage(&mut st);
+        self.note_damage(vm, &mut st);
         Ok(st)
     }
 
@@ -333,7 +376,29 @@ impl Vault {
             e.to_string().replace('\n', " ")
         )];
         mark_damage(&mut st);
+        self.note_damage(vm, &mut st);
         Ok(st)
+    }
+
+    /// Damage the last verify found and no verify has cleared since: critical.
+    fn note_damage(&self, vm: &str, st: &mut VmStatus) {
+        let reason = match super::damage::load(&*self.vfs, &self.vm_dir(vm)) {
+            Ok(None) => return,
+            Ok(Some(d)) => {
+                let more = match d.count {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                };
+                format!(
+                    "verify found damage at {}: {}{more}; `standby verify {vm}` again once it is repaired",
+                    super::spec::rfc3339(d.found_us),
+                    d.text
+                )
+            }
+            Err(e) => format!("the record of damage a verify found is unreadable: {e}"),
+        };
+        st.health = Health::Critical;
+        st.reasons.push(reason);
     }
 }
 
@@ -388,6 +453,19 @@ fn mark_damage(st: &mut VmStatus) {
     let mut reasons = st.damage.clone();
     reasons.append(&mut st.reasons);
     st.reasons = reasons;
+}
+
+/// Source time of the log's record `seq` (0 if the log no longer holds it).
+fn durable_record_time(cache: &Cache, seq: u64, first_seq: u64) -> Result<u64> {
+    if seq == 0 || seq < first_seq {
+        return Ok(0);
+    }
+    match cache.reader(seq) {
+        Ok(mut r) => Ok(r.next_record()?.map_or(0, |r| r.time_us)),
+        // Trimmed meanwhile: the replica has it, and its times are counted instead.
+        Err(crate::Error::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Health and reasons from the RPO and the VM's state.
