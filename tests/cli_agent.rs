@@ -17,7 +17,7 @@ struct Env {
 impl Env {
     /// A vault with VM `vm` protected, its one disk `os` a new 4 MiB image.
     fn new() -> Env {
-        Env::with(|_| "os=new:4MiB".to_string())
+        Env::with(|root| format!("os=new:4MiB:{}", root.join("os.raw").display()))
     }
 
     /// A vault with VM `vm` protected with the one disk `disk(root)` says.

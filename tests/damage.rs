@@ -191,7 +191,9 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
     // status: b as before, a critical naming the file.
     let st = env.json(&["status", "--json"]);
     let b = status_of(&st, "b");
-    assert_eq!(b["health"], "healthy", "{b}");
+    // b is as it was: no agent runs (warning), but no damage of a's touches it.
+    assert_eq!(b["health"], "warning", "{b}");
+    assert_eq!(b["damage"], serde_json::json!([]), "{b}");
     assert_eq!(b["points"], 2, "{b}");
     let a = status_of(&st, "a");
     assert_eq!(a["health"], "critical", "{a}");
@@ -310,7 +312,9 @@ fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
     let file = manifest.to_str().unwrap();
 
     let st = env.json(&["status", "--json"]);
-    assert_eq!(status_of(&st, "b")["health"], "healthy", "{st}");
+    // b is as it was: no agent runs (warning), but no damage of a's touches it.
+    assert_eq!(status_of(&st, "b")["health"], "warning", "{st}");
+    assert_eq!(status_of(&st, "b")["damage"], serde_json::json!([]), "{st}");
     let a = status_of(&st, "a");
     assert_eq!(a["health"], "critical", "{a}");
     assert!(a["reasons"][0].as_str().unwrap().contains(file), "{a}");
@@ -349,7 +353,9 @@ fn a_damaged_change_log_makes_only_its_vm_critical() {
     bytes[10] ^= 0x01; // inside the segment header
     std::fs::write(seg, &bytes).unwrap();
     let st = env.json(&["status", "--json"]);
-    assert_eq!(status_of(&st, "b")["health"], "healthy", "{st}");
+    // b is as it was: no agent runs (warning), but no damage of a's touches it.
+    assert_eq!(status_of(&st, "b")["health"], "warning", "{st}");
+    assert_eq!(status_of(&st, "b")["damage"], serde_json::json!([]), "{st}");
     let a = status_of(&st, "a");
     assert_eq!(a["health"], "critical", "{a}");
     assert!(
