@@ -853,6 +853,8 @@ fn standby_ok(vault: &Path, args: &[&str]) -> String {
 #[test]
 fn dr_commands_go_through_the_follower_and_never_drop_the_link() {
     let mut s = Sites::new(0x5eed_0004);
+    // Only this test cuts points (none by the clock), so it knows when one can be cut.
+    s.ok(&["policy", "set", "fast", "--crash-interval", "1h"]);
     let cache_addr = s.cache_addr.clone();
     let mut cache = s.cache_service(&cache_addr);
     let mut agent = s.agent(&cache_addr, "256MiB");
@@ -867,6 +869,23 @@ fn dr_commands_go_through_the_follower_and_never_drop_the_link() {
     // target: the follower answers them.
     let (vault, root) = (s.vault.clone(), s.root.clone());
     let drills = std::thread::spawn(move || {
+        // A crash point of a remote VM is cut where processing stands: wait until the
+        // target has applied writes past the last point, so there is one to cut.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st: Value =
+                serde_json::from_str(&standby_ok(&vault, &["status", "web01", "--json"])).unwrap();
+            let vm = &st["vms"][0];
+            let last_seq = vm["last_point"]["seq"].as_u64().unwrap_or(0);
+            if vm["applied_seq"].as_u64().unwrap_or(0) > last_seq {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no write reached the target: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let out = standby_ok(&vault, &["point", "web01", "--name", "drill"]);
         assert!(out.contains("cut point"), "{out}");
         let pts: Value =

@@ -336,6 +336,7 @@ pub fn status_json(s: &VmStatus) -> Value {
         "backlog_records": s.backlog_records,
         "backlog_bytes": s.backlog_bytes,
         "cache_bytes": s.cache_bytes,
+        "applied_seq": s.applied_seq,
         "points": s.points,
         "last_point": s.last_point.as_ref().map(|p| point_json(p, None)),
         "policy": r.policy,
