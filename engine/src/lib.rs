@@ -15,6 +15,7 @@ pub mod record;
 pub mod replica;
 pub mod runtime;
 pub mod segment;
+pub mod util;
 pub mod vault;
 pub mod vfs;
 

@@ -143,7 +143,7 @@ pub fn server(
             ))
         }
     };
-    if let Err(e) = crate::vault::check_name("VM", &vm) {
+    if let Err(e) = crate::util::names::check_name("VM", &vm) {
         return Err(refuse(w, e.to_string()));
     }
     let sn = nonce()?;

@@ -19,7 +19,7 @@ use super::wire::{
 use super::{auth, Security, IDLE_TIMEOUT};
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, Result};
-use crate::vault::lock::{self, LockWait, VaultLock};
+use crate::util::lock::{self, LockWait, VaultLock};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write;
@@ -181,7 +181,7 @@ impl CacheService {
                 return Err(Error::Invalid(format!("VM '{name}' declares no disks")));
             }
             for disk in d {
-                crate::vault::check_name("disk", &disk.name)?;
+                crate::util::names::check_name("disk", &disk.name)?;
             }
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             crate::fsutil::replace_atomic(

@@ -1,5 +1,6 @@
-//! The vault lock: commands that change a vault, or open a VM's log or replica, hold an
-//! exclusive `flock` on `VAULT/lock` for as long as they do. The file records who holds
+//! The lock file: commands that change a vault, or open a VM's log or replica, hold an
+//! exclusive `flock` on `VAULT/lock` (or the VM's, the cache service's, the source
+//! journal's `DIR/lock`) for as long as they do. The file records who holds
 //! it, so a second command can say whom it is waiting for. The kernel drops the lock when
 //! its holder exits, however it exits (kill -9 included).
 
