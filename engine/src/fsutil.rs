@@ -26,6 +26,7 @@ pub fn replace_atomic(vfs: &dyn Vfs, dir: &Path, name: &str, bytes: &[u8]) -> Re
 pub fn zero_range(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
+    #[allow(unsafe_code)]
     // SAFETY: fallocate on a file descriptor we own; no memory is passed.
     let r = unsafe {
         libc::fallocate(
@@ -57,6 +58,7 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
     let mut out = Vec::new();
     let mut at = 0u64;
     while at < len {
+        #[allow(unsafe_code)]
         // SAFETY: lseek on a file descriptor we own; no memory is passed.
         let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -73,6 +75,7 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
         if data >= len {
             break;
         }
+        #[allow(unsafe_code)]
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         let hole = if hole < 0 {

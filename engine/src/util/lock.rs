@@ -36,6 +36,7 @@ const POLL: Duration = Duration::from_millis(20);
 fn flock(f: &File, nonblocking: bool) -> std::io::Result<bool> {
     let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
     loop {
+        #[allow(unsafe_code)]
         // SAFETY: flock on a file descriptor we own; no memory is passed.
         let r = unsafe { libc::flock(f.as_raw_fd(), op) };
         if r == 0 {
