@@ -521,13 +521,14 @@ pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
     buf.clear();
     buf.extend_from_slice(&h);
     buf.resize(HEADER_BYTES + len, 0);
-    r.read_exact(buf.get_mut(HEADER_BYTES..).unwrap_or_default()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Link("the peer closed the link mid-message".into())
-        } else {
-            io_err(e)
-        }
-    })?;
+    r.read_exact(buf.get_mut(HEADER_BYTES..).unwrap_or_default())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Link("the peer closed the link mid-message".into())
+            } else {
+                io_err(e)
+            }
+        })?;
     decode(buf).map(Some)
 }
 

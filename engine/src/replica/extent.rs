@@ -265,7 +265,10 @@ pub fn verify_frame(frame: &[u8], h: &FrameHeader, file_id: u64) -> Result<(), F
 pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), FormatError> {
     let h = FrameHeader::parse(b, file_id)?;
     verify_frame(b, &h, file_id)?;
-    let body = part(b, FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + h.body_len as usize)?;
+    let body = part(
+        b,
+        FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + h.body_len as usize,
+    )?;
     let data = match h.kind {
         KIND_DATA => Some(decode_body(body, &h)?),
         _ => None,
