@@ -28,7 +28,7 @@
     clippy::indexing_slicing
 )]
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"SBLK";
@@ -317,26 +317,24 @@ fn put_agent(out: &mut Vec<u8>, a: &AgentState) {
 }
 
 fn bad(what: impl std::fmt::Display) -> Error {
-    Error::Link(format!("malformed message from the peer: {what}"))
+    Error::Link(LinkError::Protocol {
+        what: what.to_string(),
+    })
 }
 
 /// Checks a message header; returns (type, payload length).
 pub fn parse_header(h: &[u8; HEADER_BYTES]) -> Result<(u8, usize)> {
     if h[0..4] != MAGIC {
         if h[0] == 0x16 {
-            return Err(Error::Link(
-                "the peer speaks TLS on a plaintext link (drop --insecure-loopback on this side, or add it on the other)".into(),
-            ));
+            return Err(Error::Link(LinkError::TlsOnPlaintext));
         }
-        return Err(Error::Link(
-            "the peer does not speak the Standby link protocol (bad magic)".into(),
-        ));
+        return Err(Error::Link(LinkError::NotStandby));
     }
     if h[4] != VERSION {
-        return Err(Error::Link(format!(
-            "the peer speaks link protocol version {}, this build speaks {VERSION}",
-            h[4]
-        )));
+        return Err(Error::Link(LinkError::Version {
+            peer: h[4],
+            ours: VERSION,
+        }));
     }
     if h[6..8] != [0, 0] {
         return Err(bad("reserved header bytes are not zero"));
@@ -511,7 +509,7 @@ pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
     while got < HEADER_BYTES {
         match r.read(h.get_mut(got..).unwrap_or_default()) {
             Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(Error::Link("the peer closed the link mid-message".into())),
+            Ok(0) => return Err(Error::Link(LinkError::ClosedMidMessage)),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_err(e)),
@@ -524,7 +522,7 @@ pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
     r.read_exact(buf.get_mut(HEADER_BYTES..).unwrap_or_default())
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Link("the peer closed the link mid-message".into())
+                Error::Link(LinkError::ClosedMidMessage)
             } else {
                 io_err(e)
             }
@@ -543,10 +541,10 @@ pub fn io_err(e: std::io::Error) -> Error {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => {
-            Error::Link(format!("the link broke ({e})"))
+            Error::Link(LinkError::Broken { why: e.to_string() })
         }
-        WouldBlock | TimedOut => Error::Link("the peer stopped answering (timed out)".into()),
-        _ => Error::Link(format!("link I/O failed: {e}")),
+        WouldBlock | TimedOut => Error::Link(LinkError::TimedOut),
+        _ => Error::Link(LinkError::Io { why: e.to_string() }),
     }
 }
 
@@ -692,6 +690,39 @@ mod tests {
         assert!(e.contains("TLS"), "{e}");
         let e = parse_header(b"GET / HTTP/1.1\r\n").unwrap_err().to_string();
         assert!(e.contains("does not speak"), "{e}");
+    }
+
+    #[test]
+    fn header_refusals_are_typed_and_keep_their_words() {
+        let mut h = [0u8; HEADER_BYTES];
+        h[0] = 0x16;
+        assert!(matches!(
+            parse_header(&h),
+            Err(Error::Link(LinkError::TlsOnPlaintext))
+        ));
+        assert!(matches!(
+            parse_header(b"GET / HTTP/1.1\r\n"),
+            Err(Error::Link(LinkError::NotStandby))
+        ));
+        let mut b = Msg::Ack { durable_seq: 1 }.encode();
+        b[4] = VERSION + 1;
+        let e = decode(&b).unwrap_err();
+        assert!(
+            matches!(e, Error::Link(LinkError::Version { peer, ours }) if peer == VERSION + 1 && ours == VERSION),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "link: the peer speaks link protocol version {}, this build speaks {VERSION}",
+                VERSION + 1
+            )
+        );
+        let mut r: &[u8] = &b[..5];
+        assert!(matches!(
+            read_msg(&mut r, &mut Vec::new()),
+            Err(Error::Link(LinkError::ClosedMidMessage))
+        ));
     }
 
     #[test]

@@ -189,9 +189,11 @@ fn run_connected(
         std::thread::sleep(Duration::from_millis(20));
     }
     session_stop.store(true, Ordering::SeqCst);
-    let pulled = puller
-        .join()
-        .unwrap_or_else(|_| Err(Error::Link("the puller panicked".into())));
+    let pulled = puller.join().unwrap_or_else(|_| {
+        Err(Error::Link(crate::error::LinkError::Local(
+            "the puller panicked".into(),
+        )))
+    });
     // Whatever arrived is processed before the VM changes hands.
     let mut p = processor.lock();
     let pass = p.run_pass();
