@@ -52,11 +52,88 @@ pub enum Error {
     /// The site-to-site link failed: the peer is unreachable, refused us, was refused (wrong
     /// key, untrusted certificate, plaintext on a TLS port) or broke the protocol.
     #[error("link: {0}")]
-    Link(String),
+    Link(LinkError),
     /// A VM's running agent refused a control request. The message is the agent's own
     /// error, already formatted (so it is not prefixed a second time).
     #[error("{0}")]
     Agent(String),
+}
+
+/// Why the site-to-site link failed, as a type: callers tell an unreachable peer from a
+/// refusal, a protocol breach or a clean close without reading message text. Each variant
+/// displays the one line an operator reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The peer could not be reached at all.
+    #[error("cannot reach the cache service at {addr}: {why}")]
+    Unreachable { addr: String, why: String },
+    /// The peer sent an error message in answer to ours: it refused us.
+    #[error("the peer refused: {why}")]
+    Refused { why: String },
+    /// We refused the peer (and told it why, where the link allowed).
+    #[error("{why}")]
+    RefusedPeer { why: String },
+    /// The two ends' logs do not line up (records lost on one side, or another VM's log):
+    /// nothing is shipped; the target must resync or the operator must look.
+    #[error("{why}")]
+    Diverged { why: String },
+    /// The challenge/response proof of the vault's link key failed.
+    #[error("wrong link key: {who} does not hold this vault's link key{hint}")]
+    WrongKey { who: String, hint: &'static str },
+    /// The peer ended the session with an error message.
+    #[error("{peer} closed the link: {why}")]
+    ClosedBy { peer: &'static str, why: String },
+    /// The peer closed the connection between messages, without a word.
+    #[error("{peer} closed the link")]
+    Closed { peer: &'static str },
+    /// The peer closed the connection while a handshake step was awaited.
+    #[error("the peer closed the link while we waited for {what}")]
+    ClosedWaiting { what: String },
+    /// The peer closed the connection inside a message.
+    #[error("the peer closed the link mid-message")]
+    ClosedMidMessage,
+    /// A message that is well formed but not the one this step of the protocol needs.
+    #[error("expected {wanted}, got a {got} message")]
+    Unexpected {
+        wanted: &'static str,
+        got: &'static str,
+    },
+    /// The peer broke the protocol: a malformed message, or one its role may not send.
+    #[error("malformed message from the peer: {what}")]
+    Protocol { what: String },
+    /// The peer does not speak the Standby link protocol at all.
+    #[error("the peer does not speak the Standby link protocol (bad magic)")]
+    NotStandby,
+    /// The peer speaks TLS to our plaintext (an `--insecure-loopback` mismatch).
+    #[error("the peer speaks TLS on a plaintext link (drop --insecure-loopback on this side, or add it on the other)")]
+    TlsOnPlaintext,
+    /// The peer speaks another version of the link protocol.
+    #[error("the peer speaks link protocol version {peer}, this build speaks {ours}")]
+    Version { peer: u8, ours: u8 },
+    /// The peer stopped answering.
+    #[error("the peer stopped answering (timed out)")]
+    TimedOut,
+    /// The connection broke (reset, broken pipe, early end).
+    #[error("the link broke ({why})")]
+    Broken { why: String },
+    /// Another I/O failure on the connection.
+    #[error("link I/O failed: {why}")]
+    Io { why: String },
+    /// TLS failed: credentials, handshake, or the peer's certificate.
+    #[error("{0}")]
+    Tls(String),
+    /// Something this side needs for the link is missing (randomness, a thread).
+    #[error("{0}")]
+    Local(String),
+    /// A link failure another process reported (over the control protocol), as its text.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl From<LinkError> for Error {
+    fn from(e: LinkError) -> Error {
+        Error::Link(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

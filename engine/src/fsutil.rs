@@ -26,6 +26,7 @@ pub fn replace_atomic(vfs: &dyn Vfs, dir: &Path, name: &str, bytes: &[u8]) -> Re
 pub fn zero_range(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
+    #[allow(unsafe_code)]
     // SAFETY: fallocate on a file descriptor we own; no memory is passed.
     let r = unsafe {
         libc::fallocate(
@@ -62,6 +63,7 @@ pub fn data_ranges_in(f: &std::fs::File, start: u64, len: u64) -> std::io::Resul
     let mut out = Vec::new();
     let mut at = start;
     while at < len {
+        #[allow(unsafe_code)]
         // SAFETY: lseek on a file descriptor we own; no memory is passed.
         let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -78,6 +80,7 @@ pub fn data_ranges_in(f: &std::fs::File, start: u64, len: u64) -> std::io::Resul
         if data >= len {
             break;
         }
+        #[allow(unsafe_code)]
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         let hole = if hole < 0 {
@@ -99,6 +102,7 @@ pub fn try_lock_exclusive(f: &std::fs::File) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
     loop {
         // SAFETY: flock on a file descriptor we own; no memory is passed.
+        #[allow(unsafe_code)]
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r == 0 {
             return Ok(true);

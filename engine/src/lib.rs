@@ -2,6 +2,9 @@
 //! disks, recovery points, processing and materialization. Nothing here prints, parses
 //! arguments or exits the process; the `standby` tool is a thin face over this crate.
 
+// Nothing in the engine prints or exits (the CLI reports what the engine returns).
+#![deny(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
+
 pub mod agent;
 pub mod cache;
 pub mod error;
@@ -15,6 +18,7 @@ pub mod record;
 pub mod replica;
 pub mod runtime;
 pub mod segment;
+pub mod util;
 pub mod vault;
 pub mod vfs;
 

@@ -19,6 +19,15 @@
 //! Frames (see [`crate::record`]) follow back to back from byte 40. A segment's frames
 //! carry consecutive sequence numbers starting at `base_seq`.
 
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use crate::error::{Error, Result};
 use crate::record::{self, DecodeError, FrameHeader, Record, HEADER_BYTES};
 use crate::vfs::VFile;
@@ -62,9 +71,10 @@ impl SegmentHeader {
     /// Parse and validate a header. `Err(None)` means the bytes are too short (a segment
     /// whose creation was torn); `Err(Some(why))` means they are not a valid header.
     pub fn decode(b: &[u8]) -> std::result::Result<SegmentHeader, Option<HeaderError>> {
-        if b.len() < SEGMENT_HEADER_BYTES {
+        // A fixed-size array from here on: every index below is checked at compile time.
+        let Some(b) = b.first_chunk::<SEGMENT_HEADER_BYTES>() else {
             return Err(None);
-        }
+        };
         if b[0..8] != MAGIC {
             return Err(Some(HeaderError::Bad(
                 "not a Standby change-log segment (bad magic)".into(),
@@ -168,7 +178,7 @@ impl SegmentReader {
         let n = file
             .read_full_at(&mut hb, 0)
             .map_err(|e| Error::io(path, e))?;
-        let header = match SegmentHeader::decode(&hb[..n]) {
+        let header = match SegmentHeader::decode(hb.get(..n).unwrap_or(&[])) {
             Ok(h) => h,
             Err(None) => return Err(Error::corrupt(path, 0, "segment header is truncated")),
             Err(Some(HeaderError::Bad(w))) => return Err(Error::corrupt(path, 0, w)),
@@ -226,7 +236,7 @@ impl SegmentReader {
         }
         let n = self
             .file
-            .read_full_at(&mut self.buf[..chunk], self.pos)
+            .read_full_at(self.buf.get_mut(..chunk).unwrap_or_default(), self.pos)
             .map_err(|e| Error::io(&self.path, e))?;
         self.buf_start = self.pos;
         self.buf_len = n;
@@ -234,8 +244,11 @@ impl SegmentReader {
     }
 
     fn slice(&self, len: usize) -> &[u8] {
+        // fill() put [pos, pos + len) in the buffer; were it not, the frame reads as short.
         let at = (self.pos - self.buf_start) as usize;
-        &self.buf[at..at + len]
+        at.checked_add(len)
+            .and_then(|end| self.buf.get(at..end))
+            .unwrap_or(&[])
     }
 
     /// Read the next frame. Records whose seq is below `skip_below` are verified by their
@@ -253,7 +266,7 @@ impl SegmentReader {
         self.scan(skip_below, |frame, _, sid| {
             let start = out.len();
             out.extend_from_slice(frame);
-            record::rebind(&mut out[start..], sid, binding)
+            record::rebind(out.get_mut(start..).unwrap_or_default(), sid, binding)
                 .map(|h| Scan::Frame(0, h))
                 .inspect_err(|_| out.truncate(start))
         })

@@ -106,6 +106,7 @@ impl VFile for RealFile {
         ) else {
             return Ok(());
         };
+        #[allow(unsafe_code)]
         // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned
         // by `self.0` and stays open for the duration of the call.
         let r = unsafe {
@@ -128,6 +129,7 @@ impl VFile for RealFile {
                 "hole out of range",
             ));
         };
+        #[allow(unsafe_code)]
         // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
         // `self.0` and stays open for the duration of the call.
         let rc = unsafe {

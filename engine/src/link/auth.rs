@@ -13,7 +13,7 @@
 //! ```
 
 use super::wire::{self, Msg, PeerRole};
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{Read, Write};
@@ -57,30 +57,31 @@ const CLIENT: &[u8] = b"standby-link/1 client";
 
 pub fn nonce() -> Result<[u8; 32]> {
     let mut n = [0u8; 32];
-    getrandom::getrandom(&mut n).map_err(|e| Error::Link(format!("no randomness: {e}")))?;
+    getrandom::getrandom(&mut n)
+        .map_err(|e| Error::Link(LinkError::Local(format!("no randomness: {e}"))))?;
     Ok(n)
 }
 
 /// Read the next message; an `Error` message from the peer becomes our error.
 pub fn expect(r: &mut impl Read, buf: &mut Vec<u8>, what: &str) -> Result<Msg> {
     match wire::read_msg(r, buf)? {
-        Some(Msg::Error { message }) => Err(Error::Link(format!("the peer refused: {message}"))),
+        Some(Msg::Error { message }) => Err(Error::Link(LinkError::Refused { why: message })),
         Some(m) => Ok(m),
-        None => Err(Error::Link(format!(
-            "the peer closed the link while we waited for {what}"
-        ))),
+        None => Err(Error::Link(LinkError::ClosedWaiting {
+            what: what.to_string(),
+        })),
     }
 }
 
 /// Tell the peer why we close (best effort) and return the error.
-pub fn refuse(w: &mut impl Write, message: String) -> Error {
+pub fn refuse(w: &mut impl Write, why: LinkError) -> Error {
     let _ = wire::write_msg(
         w,
         &Msg::Error {
-            message: message.clone(),
+            message: why.to_string(),
         },
     );
-    Error::Link(message)
+    Error::Link(why)
 }
 
 /// The client's side: hello, check the server's proof, prove ours.
@@ -107,7 +108,10 @@ pub fn client(
         m => {
             return Err(refuse(
                 w,
-                format!("expected a challenge, got a {} message", m.name()),
+                LinkError::Unexpected {
+                    wanted: "a challenge",
+                    got: m.name(),
+                },
             ))
         }
     };
@@ -115,7 +119,10 @@ pub fn client(
     if !check(key, SERVER, &t, &proof) {
         return Err(refuse(
             w,
-            "wrong link key: the cache service does not hold this vault's link key (check --creds on both sides)".into(),
+            LinkError::WrongKey {
+                who: "the cache service".into(),
+                hint: " (check --creds on both sides)",
+            },
         ));
     }
     wire::write_msg(
@@ -139,12 +146,15 @@ pub fn server(
         m => {
             return Err(refuse(
                 w,
-                format!("expected a hello, got a {} message", m.name()),
+                LinkError::Unexpected {
+                    wanted: "a hello",
+                    got: m.name(),
+                },
             ))
         }
     };
-    if let Err(e) = crate::vault::check_name("VM", &vm) {
-        return Err(refuse(w, e.to_string()));
+    if let Err(e) = crate::util::names::check_name("VM", &vm) {
+        return Err(refuse(w, LinkError::RefusedPeer { why: e.to_string() }));
     }
     let sn = nonce()?;
     let t = transcript(role, &vm, &cn, &sn, binding);
@@ -160,17 +170,20 @@ pub fn server(
         m => {
             return Err(refuse(
                 w,
-                format!("expected a key proof, got a {} message", m.name()),
+                LinkError::Unexpected {
+                    wanted: "a key proof",
+                    got: m.name(),
+                },
             ))
         }
     };
     if !check(key, CLIENT, &t, &proof) {
         return Err(refuse(
             w,
-            format!(
-                "wrong link key: the {} for '{vm}' does not hold this vault's link key",
-                role.as_str()
-            ),
+            LinkError::WrongKey {
+                who: format!("the {} for '{vm}'", role.as_str()),
+                hint: "",
+            },
         ));
     }
     Ok((role, vm))
@@ -209,5 +222,24 @@ mod tests {
         let (c, s) = (c.unwrap_err().to_string(), s.unwrap_err().to_string());
         assert!(c.contains("wrong link key"), "{c}");
         assert!(s.contains("wrong link key"), "{s}");
+    }
+
+    #[test]
+    fn a_wrong_key_is_a_typed_refusal_the_client_hears_in_the_servers_words() {
+        let (c, s) = run([1; 32], [2; 32]);
+        // The client finds the server's proof wrong first and says so; the server hears
+        // that as a refusal carrying those words.
+        match c {
+            Err(Error::Link(LinkError::WrongKey { ref who, .. })) => {
+                assert_eq!(who, "the cache service")
+            }
+            other => panic!("{other:?}"),
+        }
+        match s {
+            Err(Error::Link(LinkError::Refused { why })) => {
+                assert_eq!(why, c.unwrap_err().to_string().trim_start_matches("link: "))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

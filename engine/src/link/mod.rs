@@ -28,6 +28,7 @@ use std::time::Duration;
 use tls::{Credentials, Stream};
 
 /// The agent's and processor's credentials role names, re-exported for callers.
+pub use crate::error::LinkError;
 pub use tls::Role;
 
 /// How a link is protected.
@@ -87,8 +88,12 @@ pub struct Link {
 /// link-key handshake. Returns the link, ready for the role's open message.
 pub fn connect(addr: &str, security: &Security, role: wire::PeerRole, vm: &str) -> Result<Link> {
     let sa = resolve(addr, security)?;
-    let sock = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
-        .map_err(|e| Error::Link(format!("cannot reach the cache service at {addr}: {e}")))?;
+    let sock = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(|e| {
+        Error::Link(LinkError::Unreachable {
+            addr: addr.to_string(),
+            why: e.to_string(),
+        })
+    })?;
     let _ = sock.set_nodelay(true);
     sock.set_read_timeout(Some(CONNECT_TIMEOUT))
         .map_err(wire::io_err)?;

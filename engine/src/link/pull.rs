@@ -11,10 +11,13 @@ use super::auth;
 use super::tls::{ReadHalf, WriteHalf};
 use super::wire::{self, DiskInfo, Msg, SourceState};
 use crate::cache::Cache;
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Who is at the other end of a pull, in errors.
+const CACHE: &str = "the cache service";
 
 /// What the puller knows, for status.
 #[derive(Debug, Clone, Default)]
@@ -54,15 +57,15 @@ pub fn session(
         Msg::Ready { disks, .. } => {
             return Err(auth::refuse(
                 &mut *w.lock(),
-                format!(
+                LinkError::Diverged { why: format!(
                     "the cache describes disks {disks:?}, the vault protects {expected:?}: not the same VM"
-                ),
+                ) },
             ))
         }
         m => {
             return Err(auth::refuse(
                 &mut *w.lock(),
-                format!("expected ready, got a {} message", m.name()),
+                LinkError::Unexpected { wanted: "ready", got: m.name() },
             ))
         }
     }
@@ -102,7 +105,7 @@ pub fn session(
         while !stop.load(Ordering::SeqCst) && !acker.is_finished() {
             let msg = match wire::read_msg(&mut r, &mut buf)? {
                 Some(m) => m,
-                None => return Err(Error::Link("the cache service closed the link".into())),
+                None => return Err(Error::Link(LinkError::Closed { peer: CACHE })),
             };
             match msg {
                 Msg::Records(payload) => {
@@ -132,15 +135,15 @@ pub fn session(
                     let _ = tx.send((st.durable_seq, st.durable_time_us));
                 }
                 Msg::Error { message } => {
-                    return Err(Error::Link(format!(
-                        "the cache service closed the link: {message}"
-                    )))
+                    return Err(Error::Link(LinkError::ClosedBy {
+                        peer: CACHE,
+                        why: message,
+                    }))
                 }
                 m => {
-                    return Err(Error::Link(format!(
-                    "malformed message from the peer: the cache service may not send a {} message",
-                    m.name()
-                )))
+                    return Err(Error::Link(LinkError::Protocol {
+                        what: format!("the cache service may not send a {} message", m.name()),
+                    }))
                 }
             }
         }
@@ -149,7 +152,11 @@ pub fn session(
     drop(tx);
     let acked = acker.join().unwrap_or(Ok(()));
     if let Err(e) = &outcome {
-        if !matches!(e, Error::Link(m) if m.starts_with("the cache service closed")) {
+        // A peer that closed the link hears nothing more from us.
+        if !matches!(
+            e,
+            Error::Link(LinkError::Closed { .. } | LinkError::ClosedBy { .. })
+        ) {
             let _ = wire::write_msg(
                 &mut *w.lock(),
                 &Msg::Error {

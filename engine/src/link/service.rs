@@ -18,8 +18,8 @@ use super::wire::{
 };
 use super::{auth, Security, IDLE_TIMEOUT};
 use crate::cache::{Cache, CacheConfig};
-use crate::error::{Error, Result};
-use crate::vault::lock::{self, LockWait, VaultLock};
+use crate::error::{Error, LinkError, Result};
+use crate::util::lock::{self, LockWait, VaultLock};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write;
@@ -181,7 +181,7 @@ impl CacheService {
                 return Err(Error::Invalid(format!("VM '{name}' declares no disks")));
             }
             for disk in d {
-                crate::vault::check_name("disk", &disk.name)?;
+                crate::util::names::check_name("disk", &disk.name)?;
             }
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             crate::fsutil::replace_atomic(
@@ -237,7 +237,9 @@ impl CacheService {
                                 svc.log_refusal(peer.ip(), &e.to_string());
                             }
                         })
-                        .map_err(|e| Error::Link(format!("cannot start a thread: {e}")))?;
+                        .map_err(|e| {
+                            Error::Link(LinkError::Local(format!("cannot start a thread: {e}")))
+                        })?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20))
@@ -304,15 +306,16 @@ impl CacheService {
                 let _ = s.shutdown(Shutdown::Write);
                 // Let the peer read the refusal before the socket closes under it.
                 let _ = std::io::Read::read(&mut s, &mut [0u8; 256]);
-                return Err(Error::Link(
-                    "refused a plaintext peer on the TLS port".into(),
-                ));
+                return Err(Error::Link(LinkError::RefusedPeer {
+                    why: "refused a plaintext peer on the TLS port".into(),
+                }));
             }
             (None, true) => {
-                return Err(Error::Link(
-                    "refused a TLS peer: this service runs with --insecure-loopback (plaintext)"
-                        .into(),
-                ));
+                return Err(Error::Link(LinkError::RefusedPeer {
+                    why:
+                        "refused a TLS peer: this service runs with --insecure-loopback (plaintext)"
+                            .into(),
+                }));
             }
             (None, false) => Stream::plain(sock),
         };
@@ -330,11 +333,13 @@ impl CacheService {
         if is_tls && cert_role != Some(allowed) {
             return Err(auth::refuse(
                 &mut w,
-                format!(
-                    "the {} certificate may not open a {} link",
-                    cert_role.map(|r| r.as_str()).unwrap_or("foreign"),
-                    role.as_str()
-                ),
+                LinkError::RefusedPeer {
+                    why: format!(
+                        "the {} certificate may not open a {} link",
+                        cert_role.map(|r| r.as_str()).unwrap_or("foreign"),
+                        role.as_str()
+                    ),
+                },
             ));
         }
         opts.set_read_timeout(Some(IDLE_TIMEOUT))
@@ -345,24 +350,36 @@ impl CacheService {
             (PeerRole::Agent, Msg::OpenAgent { disks }) => {
                 let v = match self.vm(&vm, Some(&disks)) {
                     Ok(v) => v,
-                    Err(e) => return Err(auth::refuse(&mut w, e.to_string())),
+                    Err(e) => {
+                        return Err(auth::refuse(
+                            &mut w,
+                            LinkError::RefusedPeer { why: e.to_string() },
+                        ))
+                    }
                 };
                 self.agent_session(&v, &opts, r, w)
             }
             (PeerRole::Processor, Msg::OpenProcessor { from_seq }) => {
                 let v = match self.vm(&vm, None) {
                     Ok(v) => v,
-                    Err(e) => return Err(auth::refuse(&mut w, e.to_string())),
+                    Err(e) => {
+                        return Err(auth::refuse(
+                            &mut w,
+                            LinkError::RefusedPeer { why: e.to_string() },
+                        ))
+                    }
                 };
                 self.processor_session(&v, &opts, from_seq, r, w)
             }
             (role, m) => Err(auth::refuse(
                 &mut w,
-                format!(
-                    "an {} may not open with a {} message",
-                    role.as_str(),
-                    m.name()
-                ),
+                LinkError::RefusedPeer {
+                    why: format!(
+                        "an {} may not open with a {} message",
+                        role.as_str(),
+                        m.name()
+                    ),
+                },
             )),
         }
     }
@@ -432,13 +449,15 @@ impl CacheService {
                         let _ = tx.send(v.cache.durable_seq());
                     }
                     Msg::Error { message } => {
-                        break Err(Error::Link(format!("the agent closed the link: {message}")))
+                        break Err(Error::Link(LinkError::ClosedBy {
+                            peer: "the agent",
+                            why: message,
+                        }))
                     }
                     m => {
-                        break Err(Error::Link(format!(
-                            "malformed message from the peer: an agent may not send a {} message",
-                            m.name()
-                        )))
+                        break Err(Error::Link(LinkError::Protocol {
+                            what: format!("an agent may not send a {} message", m.name()),
+                        }))
                     }
                 }
             };
@@ -520,20 +539,20 @@ impl CacheService {
             if from_seq < st.first_seq {
                 return Err(auth::refuse(
                     &mut w,
-                    format!(
+                    LinkError::Diverged { why: format!(
                         "the cache no longer holds record {from_seq} of '{}' (its oldest is {}): the target must resync",
                         v.name, st.first_seq
-                    ),
+                    ) },
                 ));
             }
             if from_seq > st.next_seq {
                 return Err(auth::refuse(
                     &mut w,
-                    format!(
+                    LinkError::Diverged { why: format!(
                         "the target asks for record {from_seq} of '{}' but the cache ends at {}: the cache lost records",
                         v.name,
                         st.next_seq - 1
-                    ),
+                    ) },
                 ));
             }
             wire::write_msg(&mut w, &ready)?;
@@ -556,12 +575,19 @@ impl CacheService {
                                 }
                             }
                             Ok(None) => break Ok(()),
-                            Ok(Some(Msg::Error { message })) => break Err(Error::Link(format!("the processor closed the link: {message}"))),
+                            Ok(Some(Msg::Error { message })) => {
+                                break Err(Error::Link(LinkError::ClosedBy {
+                                    peer: "the processor",
+                                    why: message,
+                                }))
+                            }
                             Ok(Some(m)) => {
-                                break Err(Error::Link(format!(
-                                    "malformed message from the peer: a processor may not send a {} message",
-                                    m.name()
-                                )))
+                                break Err(Error::Link(LinkError::Protocol {
+                                    what: format!(
+                                        "a processor may not send a {} message",
+                                        m.name()
+                                    ),
+                                }))
                             }
                             Err(e) => break Err(e),
                         }

@@ -11,7 +11,7 @@
 use super::wire::{self, AgentState, DiskInfo, Msg, PeerRole, HEADER_BYTES, WIRE_BINDING};
 use super::{auth, Security};
 use crate::cache::Cache;
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -154,7 +154,10 @@ fn session(
         m => {
             return Err(auth::refuse(
                 &mut w,
-                format!("expected ready, got a {} message", m.name()),
+                LinkError::Unexpected {
+                    wanted: "ready",
+                    got: m.name(),
+                },
             ))
         }
     };
@@ -162,22 +165,22 @@ fn session(
     if next > jnext {
         return Err(auth::refuse(
             &mut w,
-            format!(
+            LinkError::Diverged { why: format!(
                 "the cache holds records of '{}' up to {} but this agent's journal ends at {}: the journal was lost or belongs to another VM",
                 config.vm,
                 next - 1,
                 jnext - 1
-            ),
+            ) },
         ));
     }
     let jfirst = journal.stats().first_seq;
     if next < jfirst {
         return Err(auth::refuse(
             &mut w,
-            format!(
+            LinkError::Diverged { why: format!(
                 "the cache expects record {next} of '{}' but the journal starts at {jfirst}: the cache lost records",
                 config.vm
-            ),
+            ) },
         ));
     }
     status.connected.store(true, Ordering::SeqCst);
@@ -216,21 +219,22 @@ fn session(
                         }
                     }
                     Ok(Some(Msg::Error { message })) => {
-                        *failure.lock() = Some(Error::Link(format!(
-                            "the cache service closed the link: {message}"
-                        )));
+                        *failure.lock() = Some(Error::Link(LinkError::ClosedBy {
+                            peer: "the cache service",
+                            why: message,
+                        }));
                         break;
                     }
                     Ok(Some(m)) => {
-                        *failure.lock() = Some(Error::Link(format!(
-                            "malformed message from the peer: the cache service may not send a {} message",
-                            m.name()
-                        )));
+                        *failure.lock() = Some(Error::Link(LinkError::Protocol {
+                            what: format!("the cache service may not send a {} message", m.name()),
+                        }));
                         break;
                     }
                     Ok(None) => {
-                        *failure.lock() =
-                            Some(Error::Link("the cache service closed the link".into()));
+                        *failure.lock() = Some(Error::Link(LinkError::Closed {
+                            peer: "the cache service",
+                        }));
                         break;
                     }
                     Err(e) => {

@@ -19,7 +19,16 @@
 //! A reader checks the magic, version and length before it allocates, and the crc before it
 //! decodes; any failure is a [`Error::Link`] naming what was wrong, and the peer is dropped.
 
-use crate::error::{Error, Result};
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use crate::error::{Error, LinkError, Result};
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"SBLK";
@@ -231,7 +240,9 @@ impl Msg {
                 T_ERROR
             }
         };
-        seal(&mut out[start..], ty);
+        if let Some(msg) = out.get_mut(start..) {
+            seal(msg, ty);
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -258,21 +269,30 @@ pub fn frame_raw(ty: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 fn seal(msg: &mut [u8], ty: u8) {
-    let len = (msg.len() - HEADER_BYTES) as u32;
-    msg[0..4].copy_from_slice(&MAGIC);
-    msg[4] = VERSION;
-    msg[5] = ty;
-    msg[6..8].copy_from_slice(&[0, 0]);
-    msg[8..12].copy_from_slice(&len.to_le_bytes());
+    // Callers reserve the header first; a shorter buffer has no room for one (and a peer
+    // refuses it as shorter than its header).
+    let Some((h, payload)) = msg.split_first_chunk_mut::<HEADER_BYTES>() else {
+        debug_assert!(false, "a message buffer shorter than its header");
+        return;
+    };
+    let len = payload.len() as u32;
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[5] = ty;
+    h[6..8].copy_from_slice(&[0, 0]);
+    h[8..12].copy_from_slice(&len.to_le_bytes());
     let mut crc = crc32fast::Hasher::new_with_initial(FRAME_SEED);
-    crc.update(&msg[0..12]);
-    crc.update(&msg[HEADER_BYTES..]);
+    crc.update(&h[0..12]);
+    crc.update(payload);
     let c = crc.finalize();
-    msg[12..16].copy_from_slice(&c.to_le_bytes());
+    h[12..16].copy_from_slice(&c.to_le_bytes());
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    let b = s
+        .as_bytes()
+        .get(..s.len().min(u16::MAX as usize))
+        .unwrap_or_default();
     out.extend_from_slice(&(b.len() as u16).to_le_bytes());
     out.extend_from_slice(b);
 }
@@ -297,31 +317,29 @@ fn put_agent(out: &mut Vec<u8>, a: &AgentState) {
 }
 
 fn bad(what: impl std::fmt::Display) -> Error {
-    Error::Link(format!("malformed message from the peer: {what}"))
+    Error::Link(LinkError::Protocol {
+        what: what.to_string(),
+    })
 }
 
 /// Checks a message header; returns (type, payload length).
 pub fn parse_header(h: &[u8; HEADER_BYTES]) -> Result<(u8, usize)> {
     if h[0..4] != MAGIC {
         if h[0] == 0x16 {
-            return Err(Error::Link(
-                "the peer speaks TLS on a plaintext link (drop --insecure-loopback on this side, or add it on the other)".into(),
-            ));
+            return Err(Error::Link(LinkError::TlsOnPlaintext));
         }
-        return Err(Error::Link(
-            "the peer does not speak the Standby link protocol (bad magic)".into(),
-        ));
+        return Err(Error::Link(LinkError::NotStandby));
     }
     if h[4] != VERSION {
-        return Err(Error::Link(format!(
-            "the peer speaks link protocol version {}, this build speaks {VERSION}",
-            h[4]
-        )));
+        return Err(Error::Link(LinkError::Version {
+            peer: h[4],
+            ours: VERSION,
+        }));
     }
     if h[6..8] != [0, 0] {
         return Err(bad("reserved header bytes are not zero"));
     }
-    let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
     if len > MAX_PAYLOAD_BYTES {
         return Err(bad(format!("payload of {len} bytes exceeds the limit")));
     }
@@ -330,10 +348,10 @@ pub fn parse_header(h: &[u8; HEADER_BYTES]) -> Result<(u8, usize)> {
 
 /// Decode one whole message (header and payload).
 pub fn decode(b: &[u8]) -> Result<Msg> {
-    if b.len() < HEADER_BYTES {
+    let Some((h, payload)) = b.split_first_chunk::<HEADER_BYTES>() else {
         return Err(bad("message shorter than its header"));
-    }
-    let (ty, len) = parse_header(b[..HEADER_BYTES].try_into().expect("header bytes"))?;
+    };
+    let (ty, len) = parse_header(h)?;
     if b.len() != HEADER_BYTES + len {
         return Err(bad(format!(
             "message of {} bytes, its header says {}",
@@ -342,12 +360,12 @@ pub fn decode(b: &[u8]) -> Result<Msg> {
         )));
     }
     let mut crc = crc32fast::Hasher::new_with_initial(FRAME_SEED);
-    crc.update(&b[0..12]);
-    crc.update(&b[HEADER_BYTES..]);
-    if crc.finalize() != u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) {
+    crc.update(&h[0..12]);
+    crc.update(payload);
+    if crc.finalize() != u32::from_le_bytes([h[12], h[13], h[14], h[15]]) {
         return Err(bad("checksum mismatch"));
     }
-    decode_payload(ty, &b[HEADER_BYTES..])
+    decode_payload(ty, payload)
 }
 
 fn decode_payload(ty: u8, p: &[u8]) -> Result<Msg> {
@@ -417,23 +435,27 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self
+        let s = self
             .at
             .checked_add(n)
-            .filter(|&e| e <= self.b.len())
+            .and_then(|end| self.b.get(self.at..end))
             .ok_or_else(|| bad("message ends early"))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
+        self.at += n;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| bad("message ends early"))
+    }
     fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
+        Ok(u8::from_le_bytes(self.array()?))
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     fn flag(&mut self) -> Result<bool> {
         match self.u64()? {
@@ -443,7 +465,7 @@ impl Cursor<'_> {
         }
     }
     fn arr(&mut self) -> Result<[u8; 32]> {
-        Ok(self.take(32)?.try_into().expect("32"))
+        self.array()
     }
     fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
@@ -485,9 +507,9 @@ pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
     let mut h = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
-        match r.read(&mut h[got..]) {
+        match r.read(h.get_mut(got..).unwrap_or_default()) {
             Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(Error::Link("the peer closed the link mid-message".into())),
+            Ok(0) => return Err(Error::Link(LinkError::ClosedMidMessage)),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_err(e)),
@@ -497,13 +519,14 @@ pub fn read_msg(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Msg>> {
     buf.clear();
     buf.extend_from_slice(&h);
     buf.resize(HEADER_BYTES + len, 0);
-    r.read_exact(&mut buf[HEADER_BYTES..]).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Link("the peer closed the link mid-message".into())
-        } else {
-            io_err(e)
-        }
-    })?;
+    r.read_exact(buf.get_mut(HEADER_BYTES..).unwrap_or_default())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Link(LinkError::ClosedMidMessage)
+            } else {
+                io_err(e)
+            }
+        })?;
     decode(buf).map(Some)
 }
 
@@ -518,10 +541,10 @@ pub fn io_err(e: std::io::Error) -> Error {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => {
-            Error::Link(format!("the link broke ({e})"))
+            Error::Link(LinkError::Broken { why: e.to_string() })
         }
-        WouldBlock | TimedOut => Error::Link("the peer stopped answering (timed out)".into()),
-        _ => Error::Link(format!("link I/O failed: {e}")),
+        WouldBlock | TimedOut => Error::Link(LinkError::TimedOut),
+        _ => Error::Link(LinkError::Io { why: e.to_string() }),
     }
 }
 
@@ -538,7 +561,7 @@ pub fn check_records(
     let mut at = 0usize;
     let mut prev: Option<u64> = None;
     while at < payload.len() {
-        let h = record::FrameHeader::parse(&payload[at..], WIRE_BINDING)
+        let h = record::FrameHeader::parse(payload.get(at..).unwrap_or_default(), WIRE_BINDING)
             .map_err(|e| bad(format!("record at byte {at}: {e}")))?;
         let total = h.frame_bytes();
         let frame = payload
@@ -667,6 +690,39 @@ mod tests {
         assert!(e.contains("TLS"), "{e}");
         let e = parse_header(b"GET / HTTP/1.1\r\n").unwrap_err().to_string();
         assert!(e.contains("does not speak"), "{e}");
+    }
+
+    #[test]
+    fn header_refusals_are_typed_and_keep_their_words() {
+        let mut h = [0u8; HEADER_BYTES];
+        h[0] = 0x16;
+        assert!(matches!(
+            parse_header(&h),
+            Err(Error::Link(LinkError::TlsOnPlaintext))
+        ));
+        assert!(matches!(
+            parse_header(b"GET / HTTP/1.1\r\n"),
+            Err(Error::Link(LinkError::NotStandby))
+        ));
+        let mut b = Msg::Ack { durable_seq: 1 }.encode();
+        b[4] = VERSION + 1;
+        let e = decode(&b).unwrap_err();
+        assert!(
+            matches!(e, Error::Link(LinkError::Version { peer, ours }) if peer == VERSION + 1 && ours == VERSION),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "link: the peer speaks link protocol version {}, this build speaks {VERSION}",
+                VERSION + 1
+            )
+        );
+        let mut r: &[u8] = &b[..5];
+        assert!(matches!(
+            read_msg(&mut r, &mut Vec::new()),
+            Err(Error::Link(LinkError::ClosedMidMessage))
+        ));
     }
 
     #[test]

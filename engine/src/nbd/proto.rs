@@ -18,6 +18,11 @@
 //! Untrusted bytes become a [`Request`] only through [`Request::parse`], which checks the
 //! magic, the command and the flags; bounds against the export are checked by the server.
 
+// A decoder of untrusted bytes: no unwrap, expect or panic (Cargo.toml's lint policy).
+// clippy::indexing_slicing is not denied here yet: its 8 findings in this file are left for
+// later (the file was being edited elsewhere when the policy came in).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;

@@ -3,6 +3,15 @@
 //! feature-bit rule. It owns no structure of its own; its invariant is that no read through
 //! [`Cursor`] can index out of bounds.
 
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::fmt;
 
 /// Why bytes failed to decode. Offsets are relative to the start of the decoded structure.
@@ -60,33 +69,35 @@ impl<'a> Cursor<'a> {
         self.b.len() - self.pos
     }
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.b.len());
-        let Some(end) = end else {
+        let s = self
+            .pos
+            .checked_add(n)
+            .and_then(|end| self.b.get(self.pos..end));
+        let Some(s) = s else {
             return Err(FormatError::Truncated {
                 needed: self.pos.saturating_add(n),
                 have: self.b.len(),
             });
         };
-        let s = &self.b[self.pos..end];
-        self.pos = end;
+        self.pos += n;
         Ok(s)
     }
+    /// The next `N` bytes as an array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
+        let have = self.b.len();
+        <[u8; N]>::try_from(self.bytes(N)?).map_err(|_| FormatError::Truncated { needed: N, have })
+    }
     pub fn u8(&mut self) -> Result<u8, FormatError> {
-        Ok(self.bytes(1)?[0])
+        Ok(u8::from_le_bytes(self.array()?))
     }
     pub fn u16(&mut self) -> Result<u16, FormatError> {
-        let s = self.bytes(2)?;
-        Ok(u16::from_le_bytes([s[0], s[1]]))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     pub fn u32(&mut self) -> Result<u32, FormatError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.bytes(4)?);
-        Ok(u32::from_le_bytes(a))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     pub fn u64(&mut self) -> Result<u64, FormatError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.bytes(8)?);
-        Ok(u64::from_le_bytes(a))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     /// An optional UTF-8 string: present u8 (0/1), length u16, bytes.
     pub fn opt_str(&mut self, max: usize) -> Result<Option<String>, FormatError> {
@@ -104,6 +115,15 @@ impl<'a> Cursor<'a> {
             _ => Err(bad("bad string presence byte")),
         }
     }
+}
+
+/// `b[range]`, or `Truncated` when `b` is shorter than the range's end.
+pub(crate) fn part(b: &[u8], range: std::ops::Range<usize>) -> Result<&[u8], FormatError> {
+    let needed = range.end;
+    b.get(range).ok_or(FormatError::Truncated {
+        needed,
+        have: b.len(),
+    })
 }
 
 pub(crate) fn put_u16(out: &mut Vec<u8>, v: u16) {

@@ -21,7 +21,16 @@
 //! and a scan that crosses from one file into the next checks that the previous file still
 //! ends at `prev_end`: a later file's frames never count when an earlier file lost some.
 
-use super::codec::{bad, check_features, seeded_crc, Cursor, FormatError};
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use super::codec::{bad, check_features, part, seeded_crc, Cursor, FormatError};
 
 pub const MAGIC: [u8; 8] = *b"STBYDAT\0";
 pub const VERSION: u16 = 1;
@@ -76,7 +85,7 @@ pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, FormatError> {
     let file_id = c.u64()?;
     let prev_end = c.u64()?;
     let crc = c.u32()?;
-    if seeded_crc(HEADER_SEED, file_id, &[&b[0..36]]) != crc {
+    if seeded_crc(HEADER_SEED, file_id, &[part(b, 0..36)?]) != crc {
         return Err(bad("data file header checksum mismatch"));
     }
     check_features("data file", version, VERSION, incompat, KNOWN_INCOMPAT)?;

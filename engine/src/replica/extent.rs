@@ -22,7 +22,16 @@
 //! file never verifies, and all-zero bytes (a punched hole) never verify. The length check
 //! is verified before anything is allocated.
 
-use super::codec::{bad, seeded_crc, Cursor, FormatError};
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use super::codec::{bad, part, seeded_crc, Cursor, FormatError};
 use crate::record::MAX_WRITE_BYTES;
 
 pub const FRAME_HEADER_BYTES: usize = 48;
@@ -230,7 +239,7 @@ fn encode_raw(
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(body);
-    let crc = seeded_crc(CRC_SEED, file_id, &[&out[start..]]);
+    let crc = seeded_crc(CRC_SEED, file_id, &[out.get(start..).unwrap_or_default()]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
@@ -244,8 +253,8 @@ pub fn verify_frame(frame: &[u8], h: &FrameHeader, file_id: u64) -> Result<(), F
         });
     }
     let body_end = FRAME_HEADER_BYTES + h.body_len as usize;
-    let mut c = Cursor::new(&frame[body_end..total]);
-    if seeded_crc(CRC_SEED, file_id, &[&frame[..body_end]]) != c.u32()? {
+    let mut c = Cursor::new(part(frame, body_end..total)?);
+    if seeded_crc(CRC_SEED, file_id, &[part(frame, 0..body_end)?]) != c.u32()? {
         return Err(bad("extent frame checksum mismatch"));
     }
     Ok(())
@@ -256,7 +265,10 @@ pub fn verify_frame(frame: &[u8], h: &FrameHeader, file_id: u64) -> Result<(), F
 pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), FormatError> {
     let h = FrameHeader::parse(b, file_id)?;
     verify_frame(b, &h, file_id)?;
-    let body = &b[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + h.body_len as usize];
+    let body = part(
+        b,
+        FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + h.body_len as usize,
+    )?;
     let data = match h.kind {
         KIND_DATA => Some(decode_body(body, &h)?),
         _ => None,

@@ -39,7 +39,16 @@
 //! with the same seq never overlap; entries with seq <= exact_from never overlap each other
 //! (they are the coalesced state at exact_from).
 
-use super::codec::{bad, check_features, seeded_crc, Cursor, FormatError};
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use super::codec::{bad, check_features, part, seeded_crc, Cursor, FormatError};
 use super::extent::{FRAME_OVERHEAD_BYTES, MAX_EXTENT_BYTES};
 
 pub const MAGIC: [u8; 8] = *b"STBYIDX\0";
@@ -111,7 +120,8 @@ impl LayerIndex {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        let hcrc = seeded_crc(HEADER_SEED, self.layer_id, &[&out[..60]]);
+        debug_assert_eq!(out.len(), 60);
+        let hcrc = seeded_crc(HEADER_SEED, self.layer_id, &[&out]);
         out.extend_from_slice(&hcrc.to_le_bytes());
         for e in &self.entries {
             let (kind, flags, skip, file_id, frame_offset, frame_len) = match e.loc {
@@ -181,7 +191,7 @@ pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatEr
         let exact_from = c.u64()?;
         let count = c.u32()? as usize;
         let hcrc = c.u32()?;
-        if seeded_crc(HEADER_SEED, layer_id, &[&b[..60]]) != hcrc {
+        if seeded_crc(HEADER_SEED, layer_id, &[part(b, 0..60)?]) != hcrc {
             return Err(bad("layer index header checksum mismatch"));
         }
         check_features("layer index", version, VERSION, incompat, KNOWN_INCOMPAT)?;
@@ -210,8 +220,9 @@ pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatEr
         return Err((need, bad("layer index has trailing bytes")));
     }
     let body_end = need as usize - TRAILER_BYTES;
-    let mut t = Cursor::new(&b[body_end..]);
-    if seeded_crc(CRC_SEED, layer_id, &[&b[..body_end]]) != t.u32().map_err(at(body_end))? {
+    let (body, trailer) = b.split_at_checked(body_end).unwrap_or((b, &[]));
+    let mut t = Cursor::new(trailer);
+    if seeded_crc(CRC_SEED, layer_id, &[body]) != t.u32().map_err(at(body_end))? {
         return Err((
             HEADER_BYTES as u64,
             bad(format!(

@@ -38,8 +38,17 @@
 //! the changes in (seq of point k-1, seq of point k], so the live layers are exactly the
 //! points' layers, and the newest point's seq is where the open layer begins.
 
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use super::codec::{bad, check_features, put_opt_str, put_u16, put_u32, put_u64, Cursor};
-use super::codec::{seeded_crc, FormatError};
+use super::codec::{part, seeded_crc, FormatError};
 
 pub const FILE_NAME: &str = "manifest";
 pub const MAGIC: [u8; 8] = *b"STBYMAN\0";
@@ -170,7 +179,8 @@ impl Manifest {
         put_u32(&mut out, self.compat);
         put_u32(&mut out, body.len() as u32);
         put_u32(&mut out, 0);
-        let h = seeded_crc(HEADER_SEED, CRC_ID, &[&out[..28]]);
+        debug_assert_eq!(out.len(), 28);
+        let h = seeded_crc(HEADER_SEED, CRC_ID, &[&out]);
         put_u32(&mut out, h);
         out.extend_from_slice(&body);
         let c = seeded_crc(CRC_SEED, CRC_ID, &[&out]);
@@ -200,7 +210,7 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
     let body_len = c.u32()? as usize;
     let _reserved = c.u32()?;
     let h = c.u32()?;
-    if seeded_crc(HEADER_SEED, CRC_ID, &[&b[..28]]) != h {
+    if seeded_crc(HEADER_SEED, CRC_ID, &[part(b, 0..28)?]) != h {
         return Err(bad("manifest header checksum mismatch"));
     }
     check_features("manifest", version, VERSION, incompat, KNOWN_INCOMPAT)?;
@@ -217,11 +227,11 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
     if b.len() != total {
         return Err(bad("manifest has trailing bytes"));
     }
-    let mut t = Cursor::new(&b[total - 4..]);
-    if seeded_crc(CRC_SEED, CRC_ID, &[&b[..total - 4]]) != t.u32()? {
+    let mut t = Cursor::new(part(b, total - 4..total)?);
+    if seeded_crc(CRC_SEED, CRC_ID, &[part(b, 0..total - 4)?]) != t.u32()? {
         return Err(bad("manifest checksum mismatch"));
     }
-    let mut c = Cursor::new(&b[HEADER_BYTES..total - 4]);
+    let mut c = Cursor::new(part(b, HEADER_BYTES..total - 4)?);
     let generation = c.u64()?;
     let next_layer_id = c.u64()?;
     let next_point_id = c.u64()?;

@@ -118,7 +118,7 @@ fn error_kind(e: &Error) -> (&'static str, String) {
         Error::NotFound(m) => ("not-found", m.clone()),
         Error::Locked(m) => ("locked", m.clone()),
         Error::Conflict(m) => ("conflict", m.clone()),
-        Error::Link(m) => ("link", m.clone()),
+        Error::Link(m) => ("link", m.to_string()),
         other => ("failed", other.to_string()),
     }
 }
@@ -128,7 +128,7 @@ fn error_from(kind: &str, msg: String) -> Error {
         "invalid" => Error::Invalid(msg),
         "not-found" => Error::NotFound(msg),
         "locked" => Error::Locked(msg),
-        "link" => Error::Link(msg),
+        "link" => Error::Link(crate::error::LinkError::Remote(msg)),
         _ => Error::Conflict(msg),
     }
 }

@@ -17,7 +17,7 @@ use crate::agent::Agent;
 use crate::error::{Error, Result};
 use crate::nbd::Server;
 use crate::process::Processor;
-use crate::vault::lock::VaultLock;
+use crate::util::lock::VaultLock;
 use crate::vault::{LockWait, Vault, VmState};
 use parking_lot::Mutex;
 use std::net::SocketAddr;

@@ -14,8 +14,9 @@ use crate::link;
 use crate::link::pull::{self, PullStatus};
 use crate::link::wire::{DiskInfo, PeerRole};
 use crate::process::{PassReport, Processor};
+use crate::util::lock;
 use crate::vault::remote::{write_status_file, Log};
-use crate::vault::{lock, Vault, VmState};
+use crate::vault::{Vault, VmState};
 use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -188,9 +189,11 @@ fn run_connected(
         std::thread::sleep(Duration::from_millis(20));
     }
     session_stop.store(true, Ordering::SeqCst);
-    let pulled = puller
-        .join()
-        .unwrap_or_else(|_| Err(Error::Link("the puller panicked".into())));
+    let pulled = puller.join().unwrap_or_else(|_| {
+        Err(Error::Link(crate::error::LinkError::Local(
+            "the puller panicked".into(),
+        )))
+    });
     // Whatever arrived is processed before the VM changes hands.
     let mut p = processor.lock();
     let pass = p.run_pass();

@@ -17,7 +17,7 @@ use crate::link::wire::{AgentState, DiskInfo};
 use crate::link::Security;
 use crate::nbd::Server;
 use crate::record::{Consistency, Marker};
-use crate::vault::lock::{self, LockWait, VaultLock};
+use crate::util::lock::{self, LockWait, VaultLock};
 use crate::vfs::{RealFs, Vfs};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -99,7 +99,7 @@ impl SourceAgent {
 
     /// Start with the given filesystem for the agent's state files.
     pub fn start_with(vfs: Arc<dyn Vfs>, o: SourceOptions) -> Result<SourceAgent> {
-        crate::vault::check_name("VM", &o.vm)?;
+        crate::util::names::check_name("VM", &o.vm)?;
         if o.disks.is_empty() {
             return Err(Error::Invalid(
                 "the agent needs at least one --disk NAME=PATH".into(),
@@ -110,7 +110,7 @@ impl SourceAgent {
         let lock = lock::acquire(&o.journal, &format!("agent {}", o.vm), LockWait::Fail)?;
         let mut disks = Vec::new();
         for (name, path) in &o.disks {
-            crate::vault::check_name("disk", name)?;
+            crate::util::names::check_name("disk", name)?;
             if disks.iter().any(|d: &SourceDisk| &d.name == name) {
                 return Err(Error::Invalid(format!("disk '{name}' is named twice")));
             }

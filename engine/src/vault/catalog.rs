@@ -18,6 +18,15 @@
 //! torn or damaged catalog detectable. Invariant: the file on disk is always a complete
 //! catalog (old or new), never a mix.
 
+// A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
+// [lints] policy and CONVENTIONS).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use crate::error::{Error, Result};
 use crate::fsutil::replace_atomic;
 use crate::policy::Policy;
@@ -224,32 +233,32 @@ pub fn encode(c: &Catalog) -> Result<Vec<u8>> {
 /// Decode and validate a catalog file. `path` names it in errors.
 pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
     let corrupt = |offset: u64, what: &str| Error::corrupt(path, offset, what.to_string());
-    if b.len() < HEADER_BYTES {
+    // The header as a fixed-size array: every index below is checked at compile time.
+    let Some((h, payload)) = b.split_first_chunk::<HEADER_BYTES>() else {
         return Err(corrupt(0, "vault catalog is truncated"));
-    }
-    if b[0..8] != MAGIC {
+    };
+    if h[0..8] != MAGIC {
         return Err(corrupt(0, "not a Standby vault catalog (bad magic)"));
     }
-    let version = u16::from_le_bytes([b[8], b[9]]);
+    let version = u16::from_le_bytes([h[8], h[9]]);
     if version != VERSION {
         return Err(Error::Unsupported {
             path: path.into(),
             what: format!("vault catalog version {version} (this build reads version {VERSION})"),
         });
     }
-    let incompat = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    let incompat = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
     if incompat != 0 {
         return Err(Error::Unsupported {
             path: path.into(),
             what: format!("vault catalog needs unknown features {incompat:#x}"),
         });
     }
-    let len = u32::from_le_bytes([b[16], b[17], b[18], b[19]]) as usize;
+    let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
     if len > MAX_PAYLOAD_BYTES || HEADER_BYTES + len != b.len() {
         return Err(corrupt(16, "vault catalog length does not match the file"));
     }
-    let payload = &b[HEADER_BYTES..];
-    if crc32fast::hash(payload) != u32::from_le_bytes([b[20], b[21], b[22], b[23]]) {
+    if crc32fast::hash(payload) != u32::from_le_bytes([h[20], h[21], h[22], h[23]]) {
         return Err(corrupt(20, "vault catalog checksum mismatch"));
     }
     serde_json::from_slice(payload).map_err(|e| {

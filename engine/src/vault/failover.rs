@@ -463,7 +463,7 @@ pub struct MountHandle {
     pub disks: Vec<String>,
     /// Where writable mounts keep their throw-away overlays.
     pub scratch: PathBuf,
-    _lock: super::lock::VaultLock,
+    _lock: crate::util::lock::VaultLock,
 }
 
 /// Say plainly that a `seq:`/`time:` moment cannot be recovered, and what can.

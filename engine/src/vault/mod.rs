@@ -17,18 +17,17 @@
 pub mod catalog;
 pub mod damage;
 mod failover;
-pub mod lock;
 pub mod remote;
 pub mod spec;
 mod status;
 
+pub use crate::util::lock::LockWait;
 pub use catalog::{
     Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource, VmRecord, VmState,
 };
 pub use failover::{
     point_at, sha256_sparse, view_of, FailoverDisk, FailoverReport, MountHandle, Sha256Hex,
 };
-pub use lock::LockWait;
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
 
@@ -42,6 +41,8 @@ use crate::record::{Consistency, Entry, Marker};
 use crate::replica::{
     Damage, DiskSpec, PointInfo, PointKind, Replica, ReplicaConfig, VerifyReport,
 };
+use crate::util::lock;
+use crate::util::names::check_name;
 use crate::vfs::{RealFs, Vfs};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -58,23 +59,6 @@ pub trait Progress {
 /// Progress that goes nowhere.
 pub struct NoProgress;
 impl Progress for NoProgress {}
-
-/// Names of VMs, disks and policies become directory and file names: keep them plain.
-pub fn check_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "{kind} name '{name}' must be 1 to 64 letters, digits, '-', '_' or '.' (not starting with '.')"
-        )))
-    }
-}
 
 /// A source disk for `protect`.
 #[derive(Debug, Clone)]

@@ -68,10 +68,10 @@ impl Vault {
         let mut buf = Vec::new();
         match auth::expect(&mut r, &mut buf, "the description")? {
             Msg::Ready { disks, .. } => Ok(disks),
-            m => Err(Error::Link(format!(
-                "expected ready, got a {} message",
-                m.name()
-            ))),
+            m => Err(Error::Link(crate::error::LinkError::Unexpected {
+                wanted: "ready",
+                got: m.name(),
+            })),
         }
     }
 

@@ -44,7 +44,7 @@
 //! `WriteHalf` buffers plaintext (up to `WRITE_BUF_BYTES`) and sends on `flush`; sockets get
 //! `TCP_NODELAY`, so the flush is the message boundary.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use rustls::client::Resumption;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -521,11 +521,11 @@ impl Credentials {
     }
 
     fn config_err(&self, e: impl fmt::Display) -> Error {
-        Error::Link(format!(
+        Error::Link(LinkError::Tls(format!(
             "cannot use the {} credentials in {}: {e}",
             self.role,
             self.dir.display()
-        ))
+        )))
     }
 }
 

@@ -1,7 +1,7 @@
 //! TLS handshakes and the duplex streams (see the parent module's doc).
 
 use super::*;
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkError, Result};
 use parking_lot::Mutex;
 use rustls::client::{
     ClientSessionStore, Resumption, Tls12ClientSessionValue, Tls13ClientSessionValue,
@@ -101,7 +101,7 @@ fn handshake(conn: &mut Connection, sock: &TcpStream, side: Side) -> Result<()> 
         }
         if let Err(e) = conn.process_new_packets() {
             abort(conn, sock);
-            return Err(Error::Link(describe(side, &e)));
+            return Err(Error::Link(LinkError::Tls(describe(side, &e))));
         }
     }
 }
@@ -112,10 +112,10 @@ fn handshake(conn: &mut Connection, sock: &TcpStream, side: Side) -> Result<()> 
 fn await_acceptance(conn: &mut Connection, sock: &TcpStream, signal: &TicketSignal) -> Result<()> {
     let mut io = sock;
     let closed = || {
-        Error::Link(
+        Error::Link(LinkError::Tls(
             "the cache service closed the connection right after the TLS handshake (did it refuse our certificate?)"
                 .into(),
-        )
+        ))
     };
     while !signal.seen() {
         match conn.read_tls(&mut io) {
@@ -123,7 +123,7 @@ fn await_acceptance(conn: &mut Connection, sock: &TcpStream, signal: &TicketSign
             Ok(_) => {
                 if let Err(e) = conn.process_new_packets() {
                     abort(conn, sock);
-                    return Err(Error::Link(describe(Side::Client, &e)));
+                    return Err(Error::Link(LinkError::Tls(describe(Side::Client, &e))));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -180,7 +180,7 @@ fn is_reset(e: &io::Error) -> bool {
 }
 
 fn closed_in_handshake(side: Side) -> Error {
-    Error::Link(match side {
+    Error::Link(LinkError::Tls(match side {
         Side::Client => {
             "the peer did not answer with TLS (is it running with --insecure-loopback?)".into()
         }
@@ -188,19 +188,22 @@ fn closed_in_handshake(side: Side) -> Error {
             "the client closed the connection during the TLS handshake (is it running with --insecure-loopback?)"
                 .into()
         }
-    })
+    }))
 }
 
 fn handshake_io_err(side: Side, e: io::Error) -> Error {
     if is_timeout(&e) {
-        Error::Link(format!(
+        Error::Link(LinkError::Tls(format!(
             "TLS handshake timed out: {} did not answer",
             side.peer()
-        ))
+        )))
     } else if is_reset(&e) {
         closed_in_handshake(side)
     } else {
-        Error::Link(format!("TLS handshake with {}: {e}", side.peer()))
+        Error::Link(LinkError::Tls(format!(
+            "TLS handshake with {}: {e}",
+            side.peer()
+        )))
     }
 }
 
@@ -414,7 +417,7 @@ impl Stream {
         let name = ServerName::try_from(SERVER_NAME)
             .map_err(|e| Error::Invalid(format!("{SERVER_NAME}: {e}")))?;
         let conn = ClientConnection::new(Arc::new(config), name)
-            .map_err(|e| Error::Link(format!("cannot start TLS: {e}")))?;
+            .map_err(|e| Error::Link(LinkError::Tls(format!("cannot start TLS: {e}"))))?;
         let mut conn = Connection::Client(conn);
         with_handshake_timeout(&sock, || {
             handshake(&mut conn, &sock, Side::Client)?;
@@ -430,7 +433,7 @@ impl Stream {
     /// vault's CA (`config` from [`Credentials::server_config`]).
     pub fn accept_tls(sock: TcpStream, config: Arc<ServerConfig>) -> Result<Stream> {
         let conn = ServerConnection::new(config)
-            .map_err(|e| Error::Link(format!("cannot start TLS: {e}")))?;
+            .map_err(|e| Error::Link(LinkError::Tls(format!("cannot start TLS: {e}"))))?;
         let mut conn = Connection::Server(conn);
         with_handshake_timeout(&sock, || handshake(&mut conn, &sock, Side::Server))?;
         Ok(Stream::new(sock, Some(Shared::new(conn, Side::Server))))

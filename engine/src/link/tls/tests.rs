@@ -33,7 +33,7 @@ fn connect(server: &Credentials, client: &Credentials) -> (Result<Stream>, Resul
 
 fn link_err(r: Result<Stream>) -> String {
     match r {
-        Err(Error::Link(m)) => m,
+        Err(Error::Link(m)) => m.to_string(),
         other => panic!("expected a link error, got {other:?}"),
     }
 }

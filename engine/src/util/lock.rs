@@ -1,5 +1,6 @@
-//! The vault lock: commands that change a vault, or open a VM's log or replica, hold an
-//! exclusive `flock` on `VAULT/lock` for as long as they do. The file records who holds
+//! The lock file: commands that change a vault, or open a VM's log or replica, hold an
+//! exclusive `flock` on `VAULT/lock` (or the VM's, the cache service's, the source
+//! journal's `DIR/lock`) for as long as they do. The file records who holds
 //! it, so a second command can say whom it is waiting for. The kernel drops the lock when
 //! its holder exits, however it exits (kill -9 included).
 
@@ -35,6 +36,7 @@ const POLL: Duration = Duration::from_millis(20);
 fn flock(f: &File, nonblocking: bool) -> std::io::Result<bool> {
     let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
     loop {
+        #[allow(unsafe_code)]
         // SAFETY: flock on a file descriptor we own; no memory is passed.
         let r = unsafe { libc::flock(f.as_raw_fd(), op) };
         if r == 0 {

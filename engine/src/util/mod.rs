@@ -1,0 +1,6 @@
+//! Small utilities shared by several services (the vault, the link's cache service, the
+//! agent's runtime). They sit below all of them and depend on nothing above `error`, so no
+//! service has to reach into another one for a lock file or a name check.
+
+pub mod lock;
+pub mod names;
