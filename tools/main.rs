@@ -87,7 +87,7 @@ enum Command {
     Protect(ProtectArgs),
     /// Apply pending changes into the replicas and cut points per policy.
     #[command(
-        after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow\n  standby process --cache 10.0.0.2:7500 --follow   # target site: pull remote VMs and process\n\nWith --follow, remote VMs (protected with --cache) are pulled from their cache service into\nthe vault and processed; a command that needs such a VM (failover, mount, point) makes the\nfollower let go of it for as long as it runs."
+        after_help = "Examples:\n  standby process            # every protected VM, once\n  standby process web01 --follow\n  standby process --cache 10.0.0.2:7500 --follow   # target site: pull remote VMs and process\n\nWith --follow, remote VMs (protected with --cache) are pulled from their cache service into\nthe vault and processed. While connected, the follower owns such a VM: point, points,\nstatus, verify, mount and test-failover go through it (the link stays up); a failover\nmakes it let go of the VM for as long as the failover runs."
     )]
     Process {
         /// Only this VM.
@@ -104,7 +104,7 @@ enum Command {
     },
     /// Serve a VM's disks over NBD through the write tap, and replicate them.
     #[command(
-        after_help = "Every write, trim and write-zeroes is appended to the VM's change log before it is\nacknowledged and reaches the source image only once durable there. The agent also\nprocesses the log into the replica per the VM's policy; `point`, `points` and `status`\ngo through it while it runs. Ctrl-C or SIGTERM stop it cleanly.\n\nExamples:\n  standby agent web01 --listen 127.0.0.1:10809\n  qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/os,format=raw ..."
+        after_help = "Every write, trim and write-zeroes is appended to the VM's change log before it is\nacknowledged and reaches the source image only once durable there. The agent also\nprocesses the log into the replica per the VM's policy; `point`, `points`, `status`,\n`verify`, `test-failover` and `mount` go through it while it runs. Ctrl-C or SIGTERM stop it cleanly.\n\nExamples:\n  standby agent web01 --listen 127.0.0.1:10809\n  qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/os,format=raw ..."
     )]
     Agent {
         vm: String,
