@@ -1,0 +1,243 @@
+//! A full disk under the vault (the hardening issue's bug 3), through the binary: the vault
+//! sits on a small loop-mounted ext4, the source image outside it, and qemu-img writes more
+//! random data through `standby agent` than the vault's filesystem has room for. Every
+//! client write must succeed and read back; `status` must be critical and name the cause
+//! while the disk is full; once space returns (a filler file is removed) the agent must
+//! reopen its log and replica on its own, resync, turn healthy, and a test failover of
+//! `latest` must equal what the client wrote, bit for bit.
+//!
+//! Sizes: the replica lives on the same filesystem and must end up holding all the data,
+//! so the data is larger than the room left beside the filler but smaller than the whole
+//! filesystem. The log is capped (64 MiB) only so that its segments stay small enough to
+//! trim; the cap is above the free space, so the log fails with ENOSPC before it is full.
+
+use serde_json::Value;
+use standby_engine::vault::Sha256Hex;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FS_MIB: u64 = 256;
+const DISK_MIB: usize = 128;
+const DATA_MIB: usize = 100;
+/// Room the filler leaves on the vault's filesystem: far less than the data.
+const LEFT_MIB: u64 = 40;
+
+/// The loop mount (and the agent): unmounted and stopped even if the test panics.
+struct Mounted {
+    dir: PathBuf,
+    agent: Option<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn standby(vault: &Path, args: &[&str]) -> String {
+    run(Command::new(env!("CARGO_BIN_EXE_standby"))
+        .args(args)
+        .env("STANDBY_VAULT", vault))
+}
+
+fn status(vault: &Path) -> Value {
+    let st: Value = serde_json::from_str(&standby(vault, &["status", "--json"])).unwrap();
+    st["vms"][0].clone()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn avail_mib(dir: &Path) -> u64 {
+    let out = run(Command::new("df").args(["-B1M", "--output=avail"]).arg(dir));
+    out.lines().last().unwrap().trim().parse().unwrap()
+}
+
+/// Random-looking bytes (xorshift), so that nothing compresses them away.
+fn data() -> Vec<u8> {
+    let mut v = vec![0u8; DATA_MIB << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for c in v.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let img = root.join("vault.img");
+    let mnt = root.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("truncate")
+        .args(["-s", &format!("{FS_MIB}M")])
+        .arg(&img));
+    run(Command::new("mkfs.ext4").arg("-q").arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let mut guard = Mounted {
+        dir: mnt.clone(),
+        agent: None,
+        _tmp: tmp,
+    };
+    let vault = mnt.join("vault");
+    let source = root.join("os.raw");
+    standby(&vault, &["init", vault.to_str().unwrap()]);
+    standby(
+        &vault,
+        &[
+            "protect",
+            "vm",
+            "--disk",
+            &format!("os=new:{DISK_MIB}MiB:{}", source.display()),
+            "--cache-capacity",
+            "64MiB",
+        ],
+    );
+    // Fill the vault's filesystem but for LEFT_MIB.
+    let filler = mnt.join("filler");
+    let fill = avail_mib(&mnt) - LEFT_MIB;
+    std::fs::write(&filler, vec![0xa5u8; (fill as usize) << 20]).unwrap();
+    let bytes = data();
+    let input = root.join("data.bin");
+    std::fs::write(&input, &bytes).unwrap();
+
+    let port = free_port();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_standby"))
+        .args(["agent", "vm", "--listen", &format!("127.0.0.1:{port}")])
+        .env("STANDBY_VAULT", &vault)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(agent.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("serving NBD"), "{first}");
+    guard.agent = Some(agent);
+    let url = format!("nbd://127.0.0.1:{port}/os");
+
+    // Every client write succeeds although the vault's disk fills up under them...
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&input)
+        .arg(&url));
+    assert_eq!(avail_mib(&mnt), 0, "the vault's filesystem filled up");
+    // ...and reads see every one of them (the rest of the disk reads as zeros).
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&input)
+        .arg(&url));
+
+    // While the disk is full, health is critical and names the cause.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(&vault);
+        let reasons: Vec<String> = st["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        let named = reasons.iter().any(|r| {
+            r.contains("the change log failed")
+                && r.contains("No space left on device")
+                && r.contains("dirty bitmap")
+        });
+        if st["health"] == "critical" && named {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health stays {} with reasons {reasons:?}",
+            st["health"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = standby(&vault, &["status"]);
+    assert!(text.contains("health critical"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+
+    // Space returns: the agent reopens what failed, resyncs, and turns healthy on its own.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let st = status(&vault);
+        if st["health"] == "healthy" && st["resync_bytes"].is_null() && st["state"] == "protected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after space returned: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Nothing acknowledged was lost: latest is exactly what the client wrote.
+    let out = root.join("failover");
+    let report: Value = serde_json::from_str(&standby(
+        &vault,
+        &[
+            "test-failover",
+            "vm",
+            "--point",
+            "latest",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let mut want = bytes;
+    want.resize(DISK_MIB << 20, 0);
+    let mut h = Sha256Hex::new();
+    h.update(&want);
+    assert_eq!(report["disks"][0]["sha256"], h.hex());
+    let got = std::fs::read(out.join("os.raw")).unwrap();
+    assert!(
+        got == want,
+        "the failed-over disk differs from what was written"
+    );
+
+    // The agent stops cleanly.
+    let mut agent = guard.agent.take().unwrap();
+    run(Command::new("kill").args(["-INT", &agent.id().to_string()]));
+    let st = agent.wait().unwrap();
+    assert!(st.success(), "clean stop after the recovery, got {st}");
+}
