@@ -102,3 +102,25 @@ pub fn serve_disks(agent: &Arc<Agent>, listen: &str) -> Result<Server> {
     )
     .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_half_a_second_to_ten_and_resets() {
+        let mut b = Backoff::new();
+        assert!(b.ready(), "the first try is at once");
+        let mut delays = Vec::new();
+        for _ in 0..7 {
+            delays.push(b.delay);
+            b.failed();
+            assert!(!b.ready(), "a failed try waits");
+        }
+        let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [500, 1000, 2000, 4000, 8000, 10000, 10000]);
+        b.reset();
+        assert!(b.ready());
+        assert_eq!(b.delay, BACKOFF_FIRST);
+    }
+}
