@@ -39,7 +39,7 @@ fn write(agent: &Agent, model: &mut [u8], i: u64) {
     let offset = (i.wrapping_mul(7919) % ((DISK - len) as u64 / 512)) * 512;
     let data = payload(i, len);
     agent
-        .write(0, offset, &data, i % 5 == 0)
+        .write(0, offset, &data, i.is_multiple_of(5))
         .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
     model[offset as usize..offset as usize + len].copy_from_slice(&data);
 }
