@@ -83,9 +83,9 @@ fn avail_mib(dir: &Path) -> u64 {
 }
 
 /// Random-looking bytes (xorshift), so that nothing compresses them away.
-fn data() -> Vec<u8> {
+fn data(seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; DATA_MIB << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
     for c in v.chunks_exact_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
@@ -95,8 +95,9 @@ fn data() -> Vec<u8> {
     v
 }
 
-#[test]
-fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
+/// The vault on its small filesystem, a VM with one disk outside it, the filesystem
+/// filled but for `LEFT_MIB`.
+fn setup() -> (Mounted, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let img = root.join("vault.img");
@@ -110,7 +111,7 @@ fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
         .args(["-o", "loop"])
         .arg(&img)
         .arg(&mnt));
-    let mut guard = Mounted {
+    let guard = Mounted {
         dir: mnt.clone(),
         agent: None,
         _tmp: tmp,
@@ -133,14 +134,15 @@ fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
     let filler = mnt.join("filler");
     let fill = avail_mib(&mnt) - LEFT_MIB;
     std::fs::write(&filler, vec![0xa5u8; (fill as usize) << 20]).unwrap();
-    let bytes = data();
-    let input = root.join("data.bin");
-    std::fs::write(&input, &bytes).unwrap();
+    (guard, vault, root)
+}
 
+/// Start the agent; returns the NBD URL of its disk.
+fn start_agent(guard: &mut Mounted, vault: &Path) -> String {
     let port = free_port();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_standby"))
         .args(["agent", "vm", "--listen", &format!("127.0.0.1:{port}")])
-        .env("STANDBY_VAULT", &vault)
+        .env("STANDBY_VAULT", vault)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -151,7 +153,88 @@ fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
         .unwrap();
     assert!(first.contains("serving NBD"), "{first}");
     guard.agent = Some(agent);
-    let url = format!("nbd://127.0.0.1:{port}/os");
+    format!("nbd://127.0.0.1:{port}/os")
+}
+
+/// Poll until health is critical naming the log's ENOSPC (60 s at most).
+fn wait_critical(vault: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(vault);
+        let reasons: Vec<String> = st["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        let named = reasons.iter().any(|r| {
+            r.contains("the change log failed")
+                && r.contains("No space left on device")
+                && r.contains("dirty bitmap")
+        });
+        if st["health"] == "critical" && named {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health stays {} with reasons {reasons:?}",
+            st["health"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Poll until the VM is healthy, protected and done resyncing (180 s at most).
+fn wait_healthy(vault: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let st = status(vault);
+        if st["health"] == "healthy" && st["resync_bytes"].is_null() && st["state"] == "protected" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after space returned: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Test-fail over `latest` and check it is `want`, bit for bit.
+fn failover_equals(vault: &Path, out: &Path, want: &[u8]) {
+    let report: Value = serde_json::from_str(&standby(
+        vault,
+        &[
+            "test-failover",
+            "vm",
+            "--point",
+            "latest",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let mut h = Sha256Hex::new();
+    h.update(want);
+    assert_eq!(report["disks"][0]["sha256"], h.hex());
+    let got = std::fs::read(out.join("os.raw")).unwrap();
+    assert!(
+        got == want,
+        "the failed-over disk differs from what was written"
+    );
+}
+
+#[test]
+fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
+    let (mut guard, vault, root) = setup();
+    let mnt = guard.dir.clone();
+    let filler = mnt.join("filler");
+    let bytes = data(0);
+    let input = root.join("data.bin");
+    std::fs::write(&input, &bytes).unwrap();
+
+    let url = start_agent(&mut guard, &vault);
 
     // Every client write succeeds although the vault's disk fills up under them...
     run(Command::new("qemu-img")
@@ -166,78 +249,66 @@ fn a_full_vault_disk_never_fails_the_vm_and_heals_once_space_returns() {
         .arg(&url));
 
     // While the disk is full, health is critical and names the cause.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = status(&vault);
-        let reasons: Vec<String> = st["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().to_string())
-            .collect();
-        let named = reasons.iter().any(|r| {
-            r.contains("the change log failed")
-                && r.contains("No space left on device")
-                && r.contains("dirty bitmap")
-        });
-        if st["health"] == "critical" && named {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health stays {} with reasons {reasons:?}",
-            st["health"]
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_critical(&vault);
     let text = standby(&vault, &["status"]);
     assert!(text.contains("health critical"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");
 
     // Space returns: the agent reopens what failed, resyncs, and turns healthy on its own.
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let st = status(&vault);
-        if st["health"] == "healthy" && st["resync_bytes"].is_null() && st["state"] == "protected" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no recovery after space returned: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_healthy(&vault);
 
     // Nothing acknowledged was lost: latest is exactly what the client wrote.
-    let out = root.join("failover");
-    let report: Value = serde_json::from_str(&standby(
-        &vault,
-        &[
-            "test-failover",
-            "vm",
-            "--point",
-            "latest",
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ],
-    ))
-    .unwrap();
     let mut want = bytes;
     want.resize(DISK_MIB << 20, 0);
-    let mut h = Sha256Hex::new();
-    h.update(&want);
-    assert_eq!(report["disks"][0]["sha256"], h.hex());
-    let got = std::fs::read(out.join("os.raw")).unwrap();
-    assert!(
-        got == want,
-        "the failed-over disk differs from what was written"
-    );
+    failover_equals(&vault, &root.join("failover"), &want);
 
     // The agent stops cleanly.
     let mut agent = guard.agent.take().unwrap();
     run(Command::new("kill").args(["-INT", &agent.id().to_string()]));
     let st = agent.wait().unwrap();
     assert!(st.success(), "clean stop after the recovery, got {st}");
+}
+
+/// The agent is killed (kill -9) while the vault's disk is full, after the VM overwrote
+/// what it had written through the log: the writes exist only in the source image. Its
+/// restart must not replay the log over them, and must resync every block.
+#[test]
+fn an_agent_killed_while_the_vault_disk_is_full_keeps_the_vm_writes_on_restart() {
+    let (mut guard, vault, root) = setup();
+    let mnt = guard.dir.clone();
+    let url = start_agent(&mut guard, &vault);
+    let old = root.join("old.bin");
+    std::fs::write(&old, data(0)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&old)
+        .arg(&url));
+    wait_critical(&vault);
+    // Everything again, other bytes, while the log is failed.
+    let bytes = data(1);
+    let new = root.join("new.bin");
+    std::fs::write(&new, &bytes).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&new)
+        .arg(&url));
+    let mut agent = guard.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    // Space returns; the restarted agent serves what the VM wrote last and heals.
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    let url = start_agent(&mut guard, &vault);
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&new)
+        .arg(&url));
+    wait_healthy(&vault);
+    let mut want = bytes;
+    want.resize(DISK_MIB << 20, 0);
+    failover_equals(&vault, &root.join("failover"), &want);
+    let mut agent = guard.agent.take().unwrap();
+    run(Command::new("kill").args(["-INT", &agent.id().to_string()]));
+    assert!(agent.wait().unwrap().success());
 }

@@ -159,7 +159,10 @@ pub struct Agent {
     client_ops: std::sync::atomic::AtomicU64,
 }
 
-type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+/// Called with `true` before the first write goes to the source images alone, and with
+/// `false` once a resync ended and the source hold covers it, before writes go through
+/// the log again.
+type BitmapHook = Box<dyn Fn(bool) -> Result<()> + Send + Sync>;
 
 /// Marker names the agent writes around a resync: the log between them is not a
 /// crash-consistent sequence (blocks arrive in block order, not write order), so the
@@ -248,6 +251,15 @@ impl Agent {
     /// Open the tap over `disks`, replaying into the source images whatever the log holds
     /// beyond what they are known to hold.
     pub fn open(cache: Arc<Cache>, disks: Vec<SourceDisk>) -> Result<Agent> {
+        Self::open_with(cache, disks, true)
+    }
+
+    /// Open the tap; without `replay`, the source images are known to hold every change
+    /// the log retains and possibly newer writes (the log failed while the agent wrote
+    /// around it): nothing is replayed over them, and the source hold is recorded at the
+    /// log's durable end. The caller must then resync every block
+    /// ([`Agent::require_full_resync`]).
+    pub fn open_with(cache: Arc<Cache>, disks: Vec<SourceDisk>, replay: bool) -> Result<Agent> {
         let mut opened = Vec::with_capacity(disks.len());
         for d in disks {
             let f = OpenOptions::new()
@@ -284,7 +296,15 @@ impl Agent {
             resync_begun: Mutex::new(false),
             client_ops: std::sync::atomic::AtomicU64::new(0),
         };
-        agent.replay(synced)?;
+        if replay {
+            agent.replay(synced)?;
+        } else {
+            let durable = agent.log().durable_seq();
+            agent.state.write().applied_seq = durable;
+            if synced != durable {
+                agent.log().set_source_seq(durable)?;
+            }
+        }
         Ok(agent)
     }
 
@@ -304,9 +324,13 @@ impl Agent {
         self.log().set_source_seq(durable)
     }
 
-    /// Run `hook` before the agent first writes to the source images alone (it enters
-    /// bitmap mode); if the hook fails, the write fails and nothing is written.
-    pub fn on_bitmap(&self, hook: impl Fn() -> Result<()> + Send + Sync + 'static) {
+    /// Run `hook(true)` before the agent first writes to the source images alone (it
+    /// enters bitmap mode; if the hook fails, the write fails and nothing is written,
+    /// unless the log failed: then the write goes on), and `hook(false)` when a resync has
+    /// ended, the log holds it durably and the source hold covers it, before writes go
+    /// through the log again (if it fails, the agent stays in bitmap mode and tries again
+    /// at the next resync step).
+    pub fn on_bitmap(&self, hook: impl Fn(bool) -> Result<()> + Send + Sync + 'static) {
         *self.on_bitmap.lock() = Some(Box::new(hook));
     }
 
@@ -561,7 +585,7 @@ impl Agent {
         if let Some(hook) = &*self.on_bitmap.lock() {
             // A failed log's hook may well fail for the same reason (a full disk): the
             // VM's write goes on all the same (its owner records the resync later).
-            if let Err(e) = hook() {
+            if let Err(e) = hook(true) {
                 if failure.is_none() {
                     return Err(e);
                 }
@@ -714,7 +738,15 @@ impl Agent {
                         Err(e) => return Err(e),
                     }
                 }
-                self.log().sync()?;
+                // The source hold past every record of the resync: a replay after a crash
+                // then never redoes one of them over a newer write.
+                let durable = self.log().sync()?;
+                self.drain_to(durable, true)?;
+                if let Some(hook) = &*self.on_bitmap.lock() {
+                    if hook(false).is_err() {
+                        return Ok(false);
+                    }
+                }
                 *mode = None;
                 return Ok(true);
             };

@@ -142,3 +142,52 @@ fn a_full_log_disk_never_fails_a_write_and_reopening_resyncs_every_block() {
     assert!(std::fs::read(&source).unwrap() == model);
     agent.close().unwrap();
 }
+
+/// After the log failed and the VM went on writing to the source image, a restart must not
+/// replay the log over those newer writes: `open_with(.., false)` (what the runtime does
+/// while its `source.ahead` slot is set) keeps them, and records the source hold.
+#[test]
+fn a_restart_after_the_log_failed_does_not_replay_it_over_newer_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("os.raw");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(DISK as u64)
+        .unwrap();
+    let disks = || {
+        vec![SourceDisk {
+            name: "os".into(),
+            path: source.clone(),
+            size_bytes: DISK as u64,
+        }]
+    };
+    let sim = SimFs::new();
+    let vfs: Arc<dyn Vfs> = Arc::new(sim.clone());
+    let dir = PathBuf::from("/vault/log");
+    vfs.create_dir_all(&dir).unwrap();
+    let agent = Agent::open(open_log(&vfs, &dir).unwrap(), disks()).unwrap();
+    let old = payload(1, 64 << 10);
+    agent.write(0, 0, &old, true).unwrap();
+    sim.set_full(true);
+    let new = payload(2, 64 << 10);
+    agent.write(0, 0, &new, true).unwrap();
+    assert!(agent.log_failure().is_some());
+    drop(agent); // killed: nothing recorded
+
+    sim.set_full(false);
+    let vfs: Arc<dyn Vfs> = Arc::new(sim.process_crash());
+    let log = open_log(&vfs, &dir).unwrap();
+    assert!(
+        log.durable_seq() >= 1,
+        "the old write is durable in the log"
+    );
+    let agent = Agent::open_with(log.clone(), disks(), false).unwrap();
+    let mut back = vec![0u8; new.len()];
+    agent.read(0, 0, &mut back).unwrap();
+    assert!(
+        back == new,
+        "the restart replayed the log over a newer write"
+    );
+    assert_eq!(log.source_seq().unwrap(), Some(log.durable_seq()));
+    agent.close().unwrap();
+}

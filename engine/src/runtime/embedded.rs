@@ -11,6 +11,7 @@
 //! request, working from published views).
 
 use super::control::ControlServer;
+use super::flag::slot;
 use super::owner::VmOwner;
 use super::{Backoff, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
 use crate::agent::Agent;
@@ -26,6 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The slot (in the VM's directory) set while the source images may be ahead of the log.
+pub const SOURCE_AHEAD: &str = "source.ahead";
 
 /// The processor runs only once the client has written nothing for this long...
 const IDLE_BEFORE_PROCESSING: Duration = Duration::from_millis(50);
@@ -61,11 +65,43 @@ impl EmbeddedAgent {
     /// background work.
     pub fn start(root: &Path, who: &str, vm: &str, opts: EmbeddedOptions) -> Result<EmbeddedAgent> {
         let vault = Vault::open(root, who, LockWait::Fail)?;
-        let handle = vault.agent(vm)?;
+        let (vfs, vm_dir) = (vault.vfs.clone(), vault.vm_dir(vm));
+        // Set while the source images may hold writes the log lacks: a restart must not
+        // replay the log over them (and must resync every block).
+        let ahead = slot::get(&*vfs, &vm_dir, SOURCE_AHEAD)?;
+        let handle = vault.agent_with(vm, !ahead)?;
+        slot::prepare(&*vfs, &vm_dir, SOURCE_AHEAD)?;
         let processor = Arc::new(Mutex::new(vault.processor_for(vm, &handle)?));
         let (agent, lock) = handle.into_parts();
         let agent = Arc::new(agent);
-        if vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
+        // Before the first write goes to the source images alone, the slot is set (in
+        // place: that works on a full disk) and the catalog says a resync is owed (the
+        // bitmap dies with the process). If the catalog cannot say so (the vault's disk is
+        // full), the write goes on all the same: it is in the source image, which is on
+        // its own disk, and the bitmap ships it once the log is back; the drain loop keeps
+        // trying to record it meanwhile. The slot is cleared once the resync is durable
+        // and the source hold covers it.
+        let recorded = Arc::new(AtomicBool::new(false));
+        {
+            let (root, who, vm, recorded) = (
+                root.to_path_buf(),
+                who.to_string(),
+                vm.to_string(),
+                recorded.clone(),
+            );
+            let (vfs, vm_dir) = (vfs.clone(), vm_dir.clone());
+            agent.on_bitmap(move |entering| {
+                if !entering {
+                    return slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, false);
+                }
+                slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, true)?;
+                if record_resync(&root, &who, &vm, true).is_ok() {
+                    recorded.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            });
+        }
+        if ahead || vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
             // The dirty bitmap of an earlier run was lost with it: resync every block.
             (opts.events)(Event::Notice(format!(
                 "{vm} needs a resync; shipping every allocated block again"
@@ -83,26 +119,6 @@ impl EmbeddedAgent {
             events: opts.events.clone(),
             processing_failure: Default::default(),
         });
-        // Before the first write goes to the source images alone, the catalog says a
-        // resync is owed (the bitmap dies with the process). If it cannot say so (the
-        // vault's disk is full), the write goes on all the same: it is in the source
-        // image, which is on its own disk, and the bitmap ships it once the log is back;
-        // the drain loop keeps trying to record it meanwhile.
-        let recorded = Arc::new(AtomicBool::new(false));
-        {
-            let (root, who, vm, recorded) = (
-                root.to_path_buf(),
-                who.to_string(),
-                vm.to_string(),
-                recorded.clone(),
-            );
-            agent.on_bitmap(move || {
-                if record_resync(&root, &who, &vm, true).is_ok() {
-                    recorded.store(true, Ordering::SeqCst);
-                }
-                Ok(())
-            });
-        }
         let control = ControlServer::start(&vault.agent_socket(vm), vm, owner.clone())?;
         let mut threads = Vec::new();
         {

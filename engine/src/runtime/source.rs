@@ -148,7 +148,10 @@ impl SourceAgent {
         let agent = Arc::new(Agent::open(journal.clone(), disks)?);
         {
             let (vfs, dir) = (vfs.clone(), o.journal.clone());
-            agent.on_bitmap(move || flag::set(&*vfs, &dir, RESYNC_FLAG));
+            agent.on_bitmap(move |entering| match entering {
+                true => flag::set(&*vfs, &dir, RESYNC_FLAG),
+                false => Ok(()), // cleared by the drain loop
+            });
         }
         if !flag::is_set(&*vfs, &o.journal, INITIALIZED)? {
             (o.events)(Event::Notice(format!(
