@@ -28,12 +28,14 @@ const LEFT_MIB: u64 = 40;
 struct Mounted {
     dir: PathBuf,
     agent: Option<Child>,
+    /// Other processes of the test (cache service, processor).
+    others: Vec<Child>,
     _tmp: tempfile::TempDir,
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
+        for mut a in self.agent.take().into_iter().chain(self.others.drain(..)) {
             let _ = a.kill();
             let _ = a.wait();
         }
@@ -98,24 +100,8 @@ fn data(seed: u64) -> Vec<u8> {
 /// The vault on its small filesystem, a VM with one disk outside it, the filesystem
 /// filled but for `LEFT_MIB`.
 fn setup() -> (Mounted, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let img = root.join("vault.img");
-    let mnt = root.join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    run(Command::new("truncate")
-        .args(["-s", &format!("{FS_MIB}M")])
-        .arg(&img));
-    run(Command::new("mkfs.ext4").arg("-q").arg(&img));
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&img)
-        .arg(&mnt));
-    let guard = Mounted {
-        dir: mnt.clone(),
-        agent: None,
-        _tmp: tmp,
-    };
+    let (guard, root) = small_fs();
+    let mnt = guard.dir.clone();
     let vault = mnt.join("vault");
     let source = root.join("os.raw");
     standby(&vault, &["init", vault.to_str().unwrap()]);
@@ -130,11 +116,38 @@ fn setup() -> (Mounted, PathBuf, PathBuf) {
             "64MiB",
         ],
     );
-    // Fill the vault's filesystem but for LEFT_MIB.
-    let filler = mnt.join("filler");
-    let fill = avail_mib(&mnt) - LEFT_MIB;
-    std::fs::write(&filler, vec![0xa5u8; (fill as usize) << 20]).unwrap();
+    fill(&mnt);
     (guard, vault, root)
+}
+
+/// A small ext4 filesystem, loop-mounted at ROOT/mnt (ROOT a fresh temporary directory).
+fn small_fs() -> (Mounted, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let img = root.join("small.img");
+    let mnt = root.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("truncate")
+        .args(["-s", &format!("{FS_MIB}M")])
+        .arg(&img));
+    run(Command::new("mkfs.ext4").arg("-q").arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let guard = Mounted {
+        dir: mnt,
+        agent: None,
+        others: Vec::new(),
+        _tmp: tmp,
+    };
+    (guard, root)
+}
+
+/// Fill the filesystem at `mnt` but for `LEFT_MIB` (with `mnt/filler`).
+fn fill(mnt: &Path) {
+    let fill = avail_mib(mnt) - LEFT_MIB;
+    std::fs::write(mnt.join("filler"), vec![0xa5u8; (fill as usize) << 20]).unwrap();
 }
 
 /// Start the agent; returns the NBD URL of its disk.
@@ -311,4 +324,186 @@ fn an_agent_killed_while_the_vault_disk_is_full_keeps_the_vm_writes_on_restart()
     let mut agent = guard.agent.take().unwrap();
     run(Command::new("kill").args(["-INT", &agent.id().to_string()]));
     assert!(agent.wait().unwrap().success());
+}
+
+/// Start `standby ARGS` in the background, its output in `log`, and wait until the log
+/// shows `ready` (60 s at most; not at all if it is empty).
+fn spawn(vault: &Path, args: &[&str], log: &Path, ready: &str) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let before = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(ready)
+        .count();
+    let child = Command::new(env!("CARGO_BIN_EXE_standby"))
+        .args(args)
+        .env("STANDBY_VAULT", vault)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    if !ready.is_empty() {
+        wait_log(log, ready, before + 1);
+    }
+    child
+}
+
+fn wait_log(log: &Path, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(needle).count() >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{needle}' (x{times}) in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The same for a source-site agent whose journal is on the small filesystem, with the
+/// cache service down while the disk fills: every write succeeds, the agent names the
+/// journal's failure, and once space returns (and the cache service is back) it reopens
+/// the journal, resyncs, and the target's `latest` is what the client wrote.
+#[test]
+fn a_full_journal_disk_never_fails_the_vm_and_the_source_agent_heals() {
+    let (mut guard, root) = small_fs();
+    let mnt = guard.dir.clone();
+    let vault = root.join("vault");
+    let creds = root.join("creds");
+    standby(&vault, &["init", vault.to_str().unwrap()]);
+    standby(
+        &vault,
+        &["link", "export", "--out", creds.to_str().unwrap()],
+    );
+    let disk = root.join("os.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len((DISK_MIB as u64) << 20)
+        .unwrap();
+    let cache_addr = format!("127.0.0.1:{}", free_port());
+    let cache_args = [
+        "cache",
+        "serve",
+        "--dir",
+        root.join("cache").to_str().unwrap(),
+        "--listen",
+        &cache_addr,
+        "--creds",
+        creds.to_str().unwrap(),
+    ]
+    .map(str::to_string);
+    let cache_args: Vec<&str> = cache_args.iter().map(String::as_str).collect();
+    let cache_log = root.join("cache.log");
+    let cache = spawn(&vault, &cache_args, &cache_log, "cache service on");
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let agent_log = root.join("agent.log");
+    let agent = spawn(
+        &vault,
+        &[
+            "agent",
+            "vm",
+            "--cache",
+            &cache_addr,
+            "--creds",
+            creds.to_str().unwrap(),
+            "--journal",
+            mnt.join("journal").to_str().unwrap(),
+            "--disk",
+            &format!("os={}", disk.display()),
+            "--listen",
+            &nbd,
+        ],
+        &agent_log,
+        "serving NBD",
+    );
+    guard.agent = Some(agent);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_standby"))
+            .args(["protect", "vm", "--cache", &cache_addr])
+            .env("STANDBY_VAULT", &vault)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let processor = spawn(
+        &vault,
+        &[
+            "process",
+            "--cache",
+            &cache_addr,
+            "--follow",
+            "--every",
+            "200ms",
+        ],
+        &root.join("process.log"),
+        "",
+    );
+    guard.others.push(processor);
+    // The cache service goes away: nothing trims the journal, whose disk then fills.
+    let mut cache = cache;
+    cache.kill().unwrap();
+    cache.wait().unwrap();
+    fill(&mnt);
+
+    let bytes = data(2);
+    let input = root.join("data.bin");
+    std::fs::write(&input, &bytes).unwrap();
+    let url = format!("nbd://{nbd}/os");
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&input)
+        .arg(&url));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&input)
+        .arg(&url));
+    wait_log(&agent_log, "the journal failed", 1);
+    let text = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(text.contains("No space left on device"), "{text}");
+
+    // Space returns and the cache service is back: the agent reopens its journal on its
+    // own, resyncs, and the target catches up with everything.
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    let cache = spawn(&vault, &cache_args, &cache_log, "cache service on");
+    guard.others.push(cache);
+    wait_log(&agent_log, "the journal is reopened", 1);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let st = status(&vault);
+        let r = &st["remote"];
+        let text = std::fs::read_to_string(&agent_log).unwrap();
+        let after = text.rsplit("the journal failed").next().unwrap_or("");
+        if after.contains("resync finished")
+            && r["link"] == "connected"
+            && r["behind_records"] == 0
+            && r["agent_connected"] == true
+            && r["resync_required"] == false
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target never caught up: {st:#}\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut want = bytes;
+    want.resize(DISK_MIB << 20, 0);
+    failover_equals(&vault, &root.join("failover"), &want);
 }
