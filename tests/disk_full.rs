@@ -507,3 +507,135 @@ fn a_full_journal_disk_never_fails_the_vm_and_the_source_agent_heals() {
     want.resize(DISK_MIB << 20, 0);
     failover_equals(&vault, &root.join("failover"), &want);
 }
+
+/// The cache service's directory on the small filesystem, the processor away while it
+/// fills: the service refuses the agent's batches (the agent keeps them in its journal and
+/// every client write succeeds), reopens its log once space returns, and the target's
+/// `latest` is what the client wrote.
+#[test]
+fn a_full_cache_service_disk_refuses_batches_and_recovers_its_log() {
+    let (mut guard, root) = small_fs();
+    let mnt = guard.dir.clone();
+    let vault = root.join("vault");
+    let creds = root.join("creds");
+    standby(&vault, &["init", vault.to_str().unwrap()]);
+    standby(
+        &vault,
+        &["link", "export", "--out", creds.to_str().unwrap()],
+    );
+    let disk = root.join("os.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len((DISK_MIB as u64) << 20)
+        .unwrap();
+    let cache_addr = format!("127.0.0.1:{}", free_port());
+    let cache_log = root.join("cache.log");
+    let cache = spawn(
+        &vault,
+        &[
+            "cache",
+            "serve",
+            "--dir",
+            mnt.join("cache").to_str().unwrap(),
+            "--listen",
+            &cache_addr,
+            "--creds",
+            creds.to_str().unwrap(),
+        ],
+        &cache_log,
+        "cache service on",
+    );
+    guard.others.push(cache);
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let agent = spawn(
+        &vault,
+        &[
+            "agent",
+            "vm",
+            "--cache",
+            &cache_addr,
+            "--creds",
+            creds.to_str().unwrap(),
+            "--journal",
+            root.join("journal").to_str().unwrap(),
+            "--disk",
+            &format!("os={}", disk.display()),
+            "--listen",
+            &nbd,
+        ],
+        &root.join("agent.log"),
+        "serving NBD",
+    );
+    guard.agent = Some(agent);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_standby"))
+            .args(["protect", "vm", "--cache", &cache_addr])
+            .env("STANDBY_VAULT", &vault)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // No processor yet: nothing trims the cache service's log, whose disk fills.
+    fill(&mnt);
+    let bytes = data(3);
+    let input = root.join("data.bin");
+    std::fs::write(&input, &bytes).unwrap();
+    let url = format!("nbd://{nbd}/os");
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&input)
+        .arg(&url));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&input)
+        .arg(&url));
+    wait_log(&cache_log, "No space left on device", 1);
+
+    // Space returns; the service reopens its log, the agent ships what its journal kept.
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    let processor = spawn(
+        &vault,
+        &[
+            "process",
+            "--cache",
+            &cache_addr,
+            "--follow",
+            "--every",
+            "200ms",
+        ],
+        &root.join("process.log"),
+        "",
+    );
+    guard.others.push(processor);
+    wait_log(&cache_log, "the log is reopened after it failed", 1);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let st = status(&vault);
+        let r = &st["remote"];
+        if r["link"] == "connected"
+            && r["behind_records"] == 0
+            && r["agent_connected"] == true
+            && r["resync_required"] == false
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target never caught up: {st:#}\n{}",
+            std::fs::read_to_string(&cache_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut want = bytes;
+    want.resize(DISK_MIB << 20, 0);
+    failover_equals(&vault, &root.join("failover"), &want);
+}

@@ -3,6 +3,7 @@
 //! arguments or exits the process; the `standby` tool is a thin face over this crate.
 
 pub mod agent;
+mod backoff;
 pub mod cache;
 pub mod error;
 pub mod fsutil;

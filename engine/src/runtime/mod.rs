@@ -34,43 +34,8 @@ pub const RESYNC_STEP_BYTES: u64 = 32 << 20;
 /// How often the source images are synced and the log told how far they are.
 pub const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// After a store (a log, a replica) failed, its owner reopens it this long after the
-/// failure, doubling up to [`BACKOFF_MAX`] while it keeps failing.
-pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// When to try again a store that failed: at once until it fails, then after
-/// [`BACKOFF_FIRST`], doubling up to [`BACKOFF_MAX`], until it is [`Backoff::reset`].
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    delay: Duration,
-    next: Option<std::time::Instant>,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            delay: BACKOFF_FIRST,
-            next: None,
-        }
-    }
-
-    /// True if it is time to try (again).
-    pub(crate) fn ready(&self) -> bool {
-        self.next.is_none_or(|at| std::time::Instant::now() >= at)
-    }
-
-    /// The try failed: wait before the next, longer each time.
-    pub(crate) fn failed(&mut self) {
-        self.next = Some(std::time::Instant::now() + self.delay);
-        self.delay = (self.delay * 2).min(BACKOFF_MAX);
-    }
-
-    /// It worked: the next failure is retried soon again.
-    pub(crate) fn reset(&mut self) {
-        *self = Backoff::new();
-    }
-}
+pub(crate) use crate::backoff::Backoff;
+pub use crate::backoff::{BACKOFF_FIRST, BACKOFF_MAX};
 
 /// Something worth telling the operator, reported by a runtime as it happens.
 #[derive(Debug, Clone)]
@@ -101,26 +66,4 @@ pub fn serve_disks(agent: &Arc<Agent>, listen: &str) -> Result<Server> {
         ServerConfig::default(),
     )
     .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_half_a_second_to_ten_and_resets() {
-        let mut b = Backoff::new();
-        assert!(b.ready(), "the first try is at once");
-        let mut delays = Vec::new();
-        for _ in 0..7 {
-            delays.push(b.delay);
-            b.failed();
-            assert!(!b.ready(), "a failed try waits");
-        }
-        let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
-        assert_eq!(ms, [500, 1000, 2000, 4000, 8000, 10000, 10000]);
-        b.reset();
-        assert!(b.ready());
-        assert_eq!(b.delay, BACKOFF_FIRST);
-    }
 }
