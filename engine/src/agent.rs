@@ -46,6 +46,10 @@ enum Change {
     Zero(u64),
     /// A marker: nothing to apply, but it holds its place in the sequence.
     Nothing,
+    /// A resync block of this many bytes: the source image already holds it (nothing to
+    /// apply, nor to overlay on reads), but until it is durable in the log its blocks are
+    /// marked again if the log fails.
+    Shipped(u64),
 }
 
 #[derive(Clone)]
@@ -74,7 +78,7 @@ impl Pending {
         match &self.change {
             Change::Data(d) => Some((self.offset, d.len() as u64)),
             Change::Zero(len) => Some((self.offset, *len)),
-            Change::Nothing => None,
+            Change::Nothing | Change::Shipped(_) => None,
         }
     }
 }
@@ -134,7 +138,9 @@ impl State {
 
 /// The write tap over one VM. All methods take `&self` and may be called from many threads.
 pub struct Agent {
-    cache: Arc<Cache>,
+    /// The log. Swapped (under the mode's write lock, in bitmap mode) when its owner reopens
+    /// it after a failure: see [`Agent::reopen_log`].
+    cache: RwLock<Arc<Cache>>,
     disks: Vec<(SourceDisk, File)>,
     state: RwLock<State>,
     /// Serializes draining (applying pending changes to the source images).
@@ -142,6 +148,9 @@ pub struct Agent {
     /// `Some` while the log cannot take writes (full): they go straight to the source
     /// images and their blocks are marked here until a resync ships them.
     mode: RwLock<Option<Dirty>>,
+    /// Why the log failed (a write or sync error latched it, e.g. its disk is full), while
+    /// it has: the agent is in bitmap mode until its owner reopens the log.
+    log_failure: Mutex<Option<String>>,
     /// Called before the first write goes to the source images alone (entering bitmap
     /// mode), so the caller can persist that a resync is owed before it can be lost.
     on_bitmap: Mutex<Option<BitmapHook>>,
@@ -152,7 +161,10 @@ pub struct Agent {
     client_ops: std::sync::atomic::AtomicU64,
 }
 
-type BitmapHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+/// Called with `true` before the first write goes to the source images alone, and with
+/// `false` once a resync ended and the source hold covers it, before writes go through
+/// the log again.
+type BitmapHook = Box<dyn Fn(bool) -> Result<()> + Send + Sync>;
 
 /// The markers the agent writes around a resync: the log between them is not a
 /// crash-consistent sequence (blocks arrive in block order, not write order), so the
@@ -242,6 +254,15 @@ impl Agent {
     /// Open the tap over `disks`, replaying into the source images whatever the log holds
     /// beyond what they are known to hold.
     pub fn open(cache: Arc<Cache>, disks: Vec<SourceDisk>) -> Result<Agent> {
+        Self::open_with(cache, disks, true)
+    }
+
+    /// Open the tap; without `replay`, the source images are known to hold every change
+    /// the log retains and possibly newer writes (the log failed while the agent wrote
+    /// around it): nothing is replayed over them, and the source hold is recorded at the
+    /// log's durable end. The caller must then resync every block
+    /// ([`Agent::require_full_resync`]).
+    pub fn open_with(cache: Arc<Cache>, disks: Vec<SourceDisk>, replay: bool) -> Result<Agent> {
         let mut opened = Vec::with_capacity(disks.len());
         for d in disks {
             let f = OpenOptions::new()
@@ -280,37 +301,50 @@ impl Agent {
                 pending_bytes: 0,
                 applied_seq: synced,
             }),
-            cache,
+            cache: RwLock::new(cache),
             disks: opened,
             drain: Mutex::new(()),
             mode: RwLock::new(None),
+            log_failure: Mutex::new(None),
             on_bitmap: Mutex::new(None),
             resync_begun: Mutex::new(false),
             client_ops: std::sync::atomic::AtomicU64::new(0),
         };
-        agent.replay(synced)?;
+        if replay {
+            agent.replay(synced)?;
+        } else {
+            let durable = agent.log().durable_seq();
+            agent.state.write().applied_seq = durable;
+            if synced != durable {
+                agent.log().set_source_seq(durable)?;
+            }
+        }
         Ok(agent)
     }
 
     fn replay(&self, synced: u64) -> Result<()> {
-        let durable = self.cache.durable_seq();
+        let durable = self.log().durable_seq();
         if durable <= synced {
             self.state.write().applied_seq = durable.max(synced);
             return Ok(());
         }
-        let first = self.cache.stats().first_seq;
-        let mut reader = self.cache.reader((synced + 1).max(first))?;
+        let first = self.log().stats().first_seq;
+        let mut reader = self.log().reader((synced + 1).max(first))?;
         while let Some(rec) = reader.next_record()? {
             self.apply_op(&rec.op)?;
         }
         self.sync_sources()?;
         self.state.write().applied_seq = durable;
-        self.cache.set_source_seq(durable)
+        self.log().set_source_seq(durable)
     }
 
-    /// Run `hook` before the agent first writes to the source images alone (it enters
-    /// bitmap mode); if the hook fails, the write fails and nothing is written.
-    pub fn on_bitmap(&self, hook: impl Fn() -> Result<()> + Send + Sync + 'static) {
+    /// Run `hook(true)` before the agent first writes to the source images alone (it
+    /// enters bitmap mode; if the hook fails, the write fails and nothing is written,
+    /// unless the log failed: then the write goes on), and `hook(false)` when a resync has
+    /// ended, the log holds it durably and the source hold covers it, before writes go
+    /// through the log again (if it fails, the agent stays in bitmap mode and tries again
+    /// at the next resync step).
+    pub fn on_bitmap(&self, hook: impl Fn(bool) -> Result<()> + Send + Sync + 'static) {
         *self.on_bitmap.lock() = Some(Box::new(hook));
     }
 
@@ -318,8 +352,69 @@ impl Agent {
         self.disks.iter().map(|(d, _)| d)
     }
 
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
+    /// The log (the one in use now: its owner may reopen it after a failure).
+    pub fn cache(&self) -> Arc<Cache> {
+        self.log()
+    }
+
+    fn log(&self) -> Arc<Cache> {
+        self.cache.read().clone()
+    }
+
+    /// True if `e` says the log itself failed (rather than the request or a source image):
+    /// its latched error, or an I/O error on one of its files.
+    pub fn is_log_error(&self, e: &Error) -> bool {
+        match e {
+            Error::Poisoned(_) => true,
+            Error::Io { path, .. } => path.starts_with(self.log().dir()),
+            _ => false,
+        }
+    }
+
+    /// Why the log cannot take writes because it failed, if it did (not merely full).
+    pub fn log_failure(&self) -> Option<String> {
+        self.log_failure.lock().clone()
+    }
+
+    /// The log failed (its owner saw `e` on it): track writes in the dirty bitmap until the
+    /// log is reopened.
+    pub fn log_failed(&self, e: &Error) -> Result<()> {
+        self.enter_bitmap_mode(Some(e))
+    }
+
+    /// Swap in `log`, the failed log reopened (recovery ran): the source images hold every
+    /// change the new log retains, so it is told so, and the resync of the dirty bitmap
+    /// can begin. Only while the old log is failed (so nothing is in flight through it).
+    pub fn reopen_log(&self, log: Arc<Cache>) -> Result<()> {
+        let mode = self.mode.write();
+        if mode.is_none() || self.log_failure.lock().is_none() {
+            return Err(Error::Conflict(
+                "internal: the change log is reopened only after it failed".into(),
+            ));
+        }
+        let _one = self.drain.lock();
+        // Every change the new log holds is in the source images (bitmap mode began by
+        // applying every pending change to them): no replay may ever redo one over a
+        // newer direct write.
+        let durable = log.durable_seq();
+        log.set_source_seq(durable)?;
+        {
+            let mut st = self.state.write();
+            st.pending.clear();
+            for m in &mut st.by_place {
+                m.clear();
+            }
+            st.longest.iter_mut().for_each(|l| *l = 0);
+            st.pending_bytes = 0;
+            st.applied_seq = durable;
+        }
+        let old = std::mem::replace(&mut *self.cache.write(), log);
+        // Stop the old log's writer (it refuses everything anyway).
+        let _ = old.close();
+        *self.log_failure.lock() = None;
+        *self.resync_begun.lock() = false;
+        drop(mode);
+        Ok(())
     }
 
     fn check(&self, disk: u16, offset: u64, len: u64) -> Result<&(SourceDisk, File)> {
@@ -402,7 +497,12 @@ impl Agent {
         durable: bool,
     ) -> Result<u64> {
         if self.state.read().pending_bytes > MAX_PENDING_BYTES {
-            self.flush_log_and_drain()?;
+            if let Err(e) = self.flush_log_and_drain() {
+                if !self.is_log_error(&e) {
+                    return Err(e);
+                }
+                self.enter_bitmap_mode(Some(&e))?;
+            }
         }
         loop {
             // Appending and recording the pending change happen under the mode's read lock,
@@ -415,44 +515,146 @@ impl Agent {
                     None => continue, // the resync ended meanwhile: through the log again
                 }
             }
-            let seq = match self.cache.append(entry) {
+            let log = self.log();
+            let seq = match log.append(entry) {
                 Ok(seq) => seq,
-                Err(Error::CacheFull { .. }) if !matches!(entry, Entry::Marker(_)) => {
+                Err(e) if self.refused(&e) && !matches!(entry, Entry::Marker(_)) => {
                     drop(mode);
-                    self.enter_bitmap_mode()?;
+                    // Full, or failed (its disk is full, an I/O error): the VM's write
+                    // must not fail for the vault's trouble.
+                    let failed = !matches!(e, Error::CacheFull { .. });
+                    self.enter_bitmap_mode(failed.then_some(&e))?;
                     match self.direct(entry, durable)? {
                         Some(seq) => return Ok(seq),
                         None => continue,
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if self.is_log_error(&e) {
+                        self.enter_bitmap_mode(Some(&e))?;
+                    }
+                    return Err(e);
+                }
             };
             let p = pending();
             self.state.write().insert(seq, p);
             drop(mode);
-            if durable {
-                self.cache.wait_durable(seq)?;
+            let waited = if durable {
+                log.wait_durable(seq)
             } else {
-                self.cache.wait_written(seq)?;
+                log.wait_written(seq)
+            };
+            match waited {
+                Ok(()) => return Ok(seq),
+                Err(e) if self.is_log_error(&e) => {
+                    // The log failed under this change: bitmap mode begins by applying
+                    // every pending change (this one too) to the source images and
+                    // marking its blocks, and syncs them.
+                    self.enter_bitmap_mode(Some(&e))?;
+                    if matches!(entry, Entry::Marker(_)) {
+                        return Err(e);
+                    }
+                    return Ok(seq);
+                }
+                Err(e) => return Err(e),
             }
-            return Ok(seq);
         }
     }
 
-    /// The log is full: make everything it took durable and applied, then track writes in
-    /// the dirty bitmap instead.
-    fn enter_bitmap_mode(&self) -> Result<()> {
+    /// Whether the log refused an append in a way bitmap mode answers: it is full, or it
+    /// failed.
+    fn refused(&self, e: &Error) -> bool {
+        matches!(e, Error::CacheFull { .. }) || self.is_log_error(e)
+    }
+
+    /// The log cannot take writes: track them in the dirty bitmap instead. If it is full,
+    /// first make everything it took durable and applied. If it failed (`failure`), what
+    /// it took may never become durable there: every pending change is applied to the
+    /// source images, synced, and its blocks marked, so the resync ships it once the log
+    /// is reopened.
+    fn enter_bitmap_mode(&self, failure: Option<&Error>) -> Result<()> {
         let mut mode = self.mode.write();
-        if mode.is_some() {
+        let mut failure = failure.map(|e| self.failure_text(e));
+        if let Some(dirty) = mode.as_mut() {
+            if let Some(f) = failure {
+                // The log failed in the middle of a resync: blocks it took may never be
+                // written, so they are dirty again.
+                self.remark_shipped(dirty);
+                self.log_failure.lock().get_or_insert(f);
+            }
             return Ok(());
         }
-        self.flush_log_and_drain()?;
-        if let Some(hook) = &*self.on_bitmap.lock() {
-            hook()?;
-        }
         let sizes: Vec<u64> = self.disks.iter().map(|(d, _)| d.size_bytes).collect();
-        *mode = Some(Dirty::new(&sizes));
+        let mut dirty = Dirty::new(&sizes);
+        if failure.is_none() {
+            match self.flush_log_and_drain() {
+                Ok(_) => {}
+                Err(e) if self.is_log_error(&e) => failure = Some(self.failure_text(&e)),
+                Err(e) => return Err(e),
+            }
+        }
+        if failure.is_some() {
+            self.spill_pending(&mut dirty)?;
+        }
+        if let Some(hook) = &*self.on_bitmap.lock() {
+            // A failed log's hook may well fail for the same reason (a full disk): the
+            // VM's write goes on all the same (its owner records the resync later).
+            if let Err(e) = hook(true) {
+                if failure.is_none() {
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(f) = failure {
+            *self.log_failure.lock() = Some(f);
+        }
+        *mode = Some(dirty);
         *self.resync_begun.lock() = false;
+        Ok(())
+    }
+
+    fn failure_text(&self, e: &Error) -> String {
+        self.log().failure().unwrap_or_else(|| e.to_string())
+    }
+
+    /// Mark again the resync blocks the log took but may not hold.
+    fn remark_shipped(&self, dirty: &mut Dirty) {
+        let st = self.state.read();
+        for p in st.pending.values() {
+            if let Change::Shipped(len) = p.change {
+                dirty.mark(p.disk, p.offset, len);
+            }
+        }
+    }
+
+    /// Apply every pending change to the source images, in order, marking its blocks, and
+    /// sync them: the log failed, so it cannot be trusted to hold them.
+    fn spill_pending(&self, dirty: &mut Dirty) -> Result<()> {
+        let _one = self.drain.lock();
+        let all: Vec<(u64, Pending)> = self
+            .state
+            .read()
+            .pending
+            .iter()
+            .map(|(&s, p)| (s, p.clone()))
+            .collect();
+        for (_, p) in &all {
+            self.apply_pending(p)?;
+            if let Some((offset, len)) = p.range() {
+                dirty.mark(p.disk, offset, len);
+            }
+            if let Change::Shipped(len) = p.change {
+                dirty.mark(p.disk, p.offset, len);
+            }
+        }
+        self.sync_sources()?;
+        let mut st = self.state.write();
+        for (seq, _) in &all {
+            st.remove(*seq);
+        }
+        if let Some((last, _)) = all.last() {
+            st.applied_seq = st.applied_seq.max(*last);
+        }
         Ok(())
     }
 
@@ -476,11 +678,10 @@ impl Agent {
                 self.zero_source(disk, offset, len)?;
                 dirty.mark(disk, offset, len);
             }
-            Entry::Marker(_) => {
-                return Err(Error::Conflict(
-                    "the change log is full: a resync must finish before points can be cut".into(),
-                ))
-            }
+            Entry::Marker(_) => return Err(Error::Conflict(
+                "the change log cannot take writes: a resync must finish before points can be cut"
+                    .into(),
+            )),
         }
         if durable {
             self.sync_sources()?;
@@ -497,7 +698,7 @@ impl Agent {
     /// Mark every allocated block of every source disk for a resync (after the bitmap was
     /// lost, e.g. the agent was killed while the log was full).
     pub fn require_full_resync(&self) -> Result<()> {
-        self.enter_bitmap_mode()?;
+        self.enter_bitmap_mode(None)?;
         let mut mode = self.mode.write();
         let dirty = mode
             .as_mut()
@@ -514,8 +715,22 @@ impl Agent {
     /// `Ok(true)` once the bitmap is empty and every shipped block is durable (the agent is
     /// back to normal), `Ok(false)` if blocks remain (the log may still be full).
     pub fn resync_step(&self, max_bytes: u64) -> Result<bool> {
+        if self.log_failure.lock().is_some() {
+            return Ok(false); // nothing ships until the log is reopened
+        }
+        match self.ship_dirty(max_bytes) {
+            Err(e) if self.is_log_error(&e) => {
+                // The blocks it took may never be written: dirty again, until it reopens.
+                self.enter_bitmap_mode(Some(&e))?;
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
+    fn ship_dirty(&self, max_bytes: u64) -> Result<bool> {
         // Pieces a record can carry, and that a small log can hold a few of at once.
-        let piece_max = match self.cache.stats().capacity_bytes {
+        let piece_max = match self.log().stats().capacity_bytes {
             Some(cap) => {
                 ((cap / 4) as usize / 512 * 512).clamp(512, crate::record::MAX_WRITE_BYTES)
             }
@@ -537,7 +752,15 @@ impl Agent {
                         Err(e) => return Err(e),
                     }
                 }
-                self.cache.sync()?;
+                // The source hold past every record of the resync: a replay after a crash
+                // then never redoes one of them over a newer write.
+                let durable = self.log().sync()?;
+                self.drain_to(durable, true)?;
+                if let Some(hook) = &*self.on_bitmap.lock() {
+                    if hook(false).is_err() {
+                        return Ok(false);
+                    }
+                }
                 *mode = None;
                 return Ok(true);
             };
@@ -592,15 +815,27 @@ impl Agent {
     fn append_placeholder(&self, entry: &Entry<'_>) -> Result<()> {
         // Off the client's path: worth compressing even where the log stores writes as
         // they came.
-        let seq = self.cache.append_compressed(entry)?;
-        self.state.write().insert(
-            seq,
-            Pending {
+        let seq = self.log().append_compressed(entry)?;
+        let p = match *entry {
+            Entry::Write { disk, offset, data } => Pending {
+                disk,
+                offset,
+                change: Change::Shipped(data.len() as u64),
+            },
+            Entry::Zero {
+                disk, offset, len, ..
+            } => Pending {
+                disk,
+                offset,
+                change: Change::Shipped(len),
+            },
+            Entry::Marker(_) => Pending {
                 disk: 0,
                 offset: 0,
                 change: Change::Nothing,
             },
-        );
+        };
+        self.state.write().insert(seq, p);
         Ok(())
     }
 
@@ -638,7 +873,13 @@ impl Agent {
     /// Make every acknowledged change durable, as NBD FLUSH promises: in the log (the
     /// source images' write-ahead log), or in the source images while the log is full.
     pub fn make_durable(&self) -> Result<()> {
-        self.cache.sync()?;
+        if let Err(e) = self.log().sync() {
+            if !self.is_log_error(&e) {
+                return Err(e);
+            }
+            // The log failed: what it took is in the source images now (bitmap mode).
+            self.enter_bitmap_mode(Some(&e))?;
+        }
         if self.mode.read().is_some() {
             self.sync_sources()?;
         }
@@ -647,7 +888,12 @@ impl Agent {
 
     /// Make every acknowledged change durable in the log and in the source images.
     pub fn flush(&self) -> Result<()> {
-        self.flush_log_and_drain()?;
+        if let Err(e) = self.flush_log_and_drain() {
+            if !self.is_log_error(&e) {
+                return Err(e);
+            }
+            self.enter_bitmap_mode(Some(&e))?;
+        }
         if self.mode.read().is_some() {
             self.sync_sources()?;
         }
@@ -655,7 +901,7 @@ impl Agent {
     }
 
     fn flush_log_and_drain(&self) -> Result<u64> {
-        let durable = self.cache.sync()?;
+        let durable = self.log().sync()?;
         self.drain_to(durable, true)?;
         Ok(durable)
     }
@@ -664,7 +910,7 @@ impl Agent {
     /// With `persist`, also sync the images and record how far they are (which lets the log
     /// trim what they no longer need); without, the images only catch up in the page cache.
     pub fn drain(&self, persist: bool) -> Result<()> {
-        self.drain_to(self.cache.durable_seq(), persist)
+        self.drain_to(self.log().durable_seq(), persist)
     }
 
     fn drain_to(&self, durable: u64, persist: bool) -> Result<()> {
@@ -711,18 +957,18 @@ impl Agent {
             applied += run as u64;
             st.applied_seq = applied;
         }
-        if !persist || self.cache.source_seq()? == Some(applied) {
+        if !persist || self.log().source_seq()? == Some(applied) {
             return Ok(());
         }
         self.sync_sources()?;
-        self.cache.set_source_seq(applied)
+        self.log().set_source_seq(applied)
     }
 
     fn apply_pending(&self, p: &Pending) -> Result<()> {
         match &p.change {
             Change::Data(d) => self.write_source(p.disk, p.offset, d),
             Change::Zero(len) => self.zero_source(p.disk, p.offset, *len),
-            Change::Nothing => Ok(()),
+            Change::Nothing | Change::Shipped(_) => Ok(()),
         }
     }
 
@@ -760,9 +1006,14 @@ impl Agent {
     }
 
     /// Flush everything and close the log.
+    /// A failed log is closed without complaint: every change it took is in the source
+    /// images, and its owner has recorded that a resync is owed.
     pub fn close(self) -> Result<()> {
         self.flush()?;
-        self.cache.close()
+        match self.log().close() {
+            Err(e) if self.log_failure.lock().is_some() && self.is_log_error(&e) => Ok(()),
+            other => other,
+        }
     }
 
     /// Allocation of `[offset, offset+len)` of `disk` as every acknowledged change left it:
@@ -815,7 +1066,7 @@ impl Agent {
             let (n, zero) = match &p.change {
                 Change::Data(data) => (data.len() as u64, false),
                 Change::Zero(n) => (*n, true),
-                Change::Nothing => continue,
+                Change::Nothing | Change::Shipped(_) => continue,
             };
             let (s, e) = (p.offset.max(offset), (p.offset + n).min(end));
             if s < e {

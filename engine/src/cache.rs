@@ -546,6 +546,12 @@ impl Cache {
         Ok(last)
     }
 
+    /// The error that latched this log (a failed write or sync), if one did: every later
+    /// append and wait fails with [`Error::Poisoned`] until the log is reopened.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.state.lock().error.clone()
+    }
+
     /// Last sequence number known durable (0 if none).
     pub fn durable_seq(&self) -> u64 {
         self.shared.state.lock().durable_seq

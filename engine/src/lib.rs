@@ -6,6 +6,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
 
 pub mod agent;
+mod backoff;
 pub mod cache;
 pub mod error;
 pub mod fsutil;

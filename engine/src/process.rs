@@ -74,6 +74,24 @@ impl Processor {
         self
     }
 
+    /// The log this processor reads.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Read `cache` from now on: the same log, reopened by its owner after a failure.
+    pub fn set_cache(&mut self, cache: Arc<Cache>) {
+        self.cache = cache;
+    }
+
+    /// Work on `replica` from now on: the same replica reopened (recovery ran) by the
+    /// runtime after a failure latched the old one.
+    pub fn reopen(&mut self, replica: Replica) -> Result<()> {
+        self.resync = read_window(&**replica.vfs(), &replica.dir().join(RESYNC_FILE))?;
+        self.replica = replica;
+        Ok(())
+    }
+
     pub fn replica(&self) -> &Replica {
         &self.replica
     }

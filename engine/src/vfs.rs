@@ -229,6 +229,9 @@ struct SimInner {
     fail_at_sync: AtomicU64,
     /// Set once the power was cut: every later operation fails.
     dead: std::sync::atomic::AtomicBool,
+    /// While set, the disk is full: creating a file or growing one fails with ENOSPC
+    /// (overwriting bytes a file already has still works, as on a real filesystem).
+    full: std::sync::atomic::AtomicBool,
     /// Snapshot of the durable state taken at the moment of the cut.
     snapshot: Mutex<Option<Snapshot>>,
 }
@@ -252,6 +255,14 @@ impl SimInner {
     fn check(&self) -> io::Result<()> {
         if self.dead.load(Ordering::SeqCst) {
             Err(dead())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_room(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(28)) // ENOSPC
         } else {
             Ok(())
         }
@@ -306,6 +317,7 @@ impl VFile for SimFile {
         let mut data = self.data.lock();
         let end = offset as usize + buf.len();
         if data.written.len() < end {
+            self.fs.check_room()?;
             data.written.resize(end, 0);
         }
         data.written[offset as usize..end].copy_from_slice(buf);
@@ -317,7 +329,11 @@ impl VFile for SimFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.fs.check()?;
-        self.data.lock().written.resize(len as usize, 0);
+        let mut data = self.data.lock();
+        if len as usize > data.written.len() {
+            self.fs.check_room()?;
+        }
+        data.written.resize(len as usize, 0);
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -351,6 +367,11 @@ impl SimFs {
     }
 
     /// How many syncs (file or directory) have happened.
+    /// Fill the disk (`true`: creating or growing a file fails with ENOSPC) or free it.
+    pub fn set_full(&self, full: bool) {
+        self.inner.full.store(full, Ordering::SeqCst);
+    }
+
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::SeqCst)
     }
@@ -456,6 +477,7 @@ impl Vfs for SimFs {
     }
     fn create_new(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
         self.inner.check()?;
+        self.inner.check_room()?;
         let (parent, name) = Self::split(path)?;
         let mut dirs = self.inner.dirs.lock();
         let d = dirs.get_mut(&parent).ok_or_else(not_found)?;

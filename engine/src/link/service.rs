@@ -17,10 +17,11 @@ use super::wire::{
     self, AgentState, DiskInfo, Msg, PeerRole, SourceState, HEADER_BYTES, WIRE_BINDING,
 };
 use super::{auth, Security, IDLE_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, LinkError, Result};
 use crate::util::lock::{self, LockWait, VaultLock};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -60,7 +61,12 @@ pub struct CacheService {
 /// One VM's log and who is connected to it.
 struct VmLog {
     name: String,
-    cache: Arc<Cache>,
+    /// The VM's log; reopened (recovery runs) after a failure latched it, see
+    /// [`CacheService::heal`].
+    cache: RwLock<Arc<Cache>>,
+    /// Its directory, and when to try reopening it again after a failure.
+    log_dir: PathBuf,
+    reopen: Mutex<Backoff>,
     disks: Vec<DiskInfo>,
     agent: Slot,
     processor: Slot,
@@ -76,6 +82,12 @@ struct Slot {
     run: Mutex<()>,
     current: Mutex<Option<(u64, TcpStream)>>,
     next_id: AtomicU64,
+}
+
+impl VmLog {
+    fn log(&self) -> Arc<Cache> {
+        self.cache.read().clone()
+    }
 }
 
 impl Slot {
@@ -155,7 +167,10 @@ impl CacheService {
                     )));
                 }
             }
-            return Ok(v.clone());
+            let v = v.clone();
+            drop(vms);
+            self.heal(&v);
+            return Ok(v);
         }
         let dir = self.dir.join("vms").join(name);
         let layout = dir.join("disks.json");
@@ -209,7 +224,9 @@ impl CacheService {
         let v = Arc::new(VmLog {
             name: name.to_string(),
             target_seq: AtomicU64::new(cache.stats().checkpoint),
-            cache,
+            cache: RwLock::new(cache),
+            log_dir: dir.join("log"),
+            reopen: Mutex::new(Backoff::new()),
             disks,
             agent: Slot::default(),
             processor: Slot::default(),
@@ -218,6 +235,36 @@ impl CacheService {
         });
         vms.insert(name.to_string(), v.clone());
         Ok(v)
+    }
+
+    /// A failure (its disk is full, an I/O error) latched the VM's log, which refuses the
+    /// agent's batches from then on (the agent keeps them in its journal): reopen it
+    /// (recovery runs), at a peer's next connection, with backoff.
+    fn heal(&self, v: &VmLog) {
+        let mut backoff = v.reopen.lock();
+        let Some(why) = v.log().failure() else {
+            backoff.reset();
+            return;
+        };
+        if !backoff.ready() {
+            return;
+        }
+        backoff.failed();
+        let old = v.log();
+        let _ = old.close(); // stops its writer: a log's files have one writer
+        match Cache::open(&v.log_dir, CacheConfig::with_capacity(self.capacity_bytes)) {
+            Ok((cache, _)) => {
+                *v.cache.write() = Arc::new(cache);
+                (self.log)(&format!(
+                    "{}: the log is reopened after it failed ({why})",
+                    v.name
+                ));
+            }
+            Err(e) => self.log_quietly(&format!(
+                "{}: the log failed ({why}) and cannot be reopened yet: {e}",
+                v.name
+            )),
+        }
     }
 
     /// Accept connections until `stop` is set; each runs on its own thread.
@@ -280,7 +327,7 @@ impl CacheService {
     /// Close every VM log cleanly (what is written is made durable).
     pub fn close(&self) -> Result<()> {
         for v in self.vms.lock().values() {
-            v.cache.close()?;
+            v.log().close()?;
         }
         Ok(())
     }
@@ -394,7 +441,7 @@ impl CacheService {
         let (id, _run) = v.agent.take(sock)?;
         let w = Arc::new(Mutex::new(w));
         let result = (|| {
-            let st = v.cache.stats();
+            let st = v.log().stats();
             wire::write_msg(
                 &mut *w.lock(),
                 &Msg::Ready {
@@ -411,7 +458,7 @@ impl CacheService {
             // Acknowledgements go out as records become durable, while more arrive.
             let (tx, rx) = crossbeam_channel::unbounded::<u64>();
             let acker = {
-                let (cache, w) = (v.cache.clone(), w.clone());
+                let (cache, w) = (v.log(), w.clone());
                 std::thread::spawn(move || -> Result<()> {
                     while let Ok(mut seq) = rx.recv() {
                         // Coalesce to the newest: a keepalive may name an older position.
@@ -446,7 +493,7 @@ impl CacheService {
                         *v.agent_state.lock() = (a, crate::now_us());
                         // Answer it (the agent's state comes every second): an idle link
                         // stays alive, and the agent hears where the log is durable.
-                        let _ = tx.send(v.cache.durable_seq());
+                        let _ = tx.send(v.log().durable_seq());
                     }
                     Msg::Error { message } => {
                         break Err(Error::Link(LinkError::ClosedBy {
@@ -489,9 +536,9 @@ impl CacheService {
         let mut last = None;
         for (i, (at, h)) in frames.iter().enumerate() {
             let end = frames.get(i + 1).map(|(a, _)| *a).unwrap_or(payload.len());
-            let next = v.cache.next_seq();
+            let next = v.log().next_seq();
             if h.seq >= next {
-                v.cache.append_frame(&payload[*at..end], WIRE_BINDING)?;
+                v.log().append_frame(&payload[*at..end], WIRE_BINDING)?;
             }
             last = Some(h.seq);
         }
@@ -499,16 +546,16 @@ impl CacheService {
     }
 
     fn source_state(&self, v: &VmLog) -> SourceState {
-        let st = v.cache.stats();
+        let st = v.log().stats();
         let (agent, seen) = v.agent_state.lock().clone();
         let target = v.target_seq.load(Ordering::SeqCst);
         SourceState {
             durable_seq: st.durable_seq,
             first_seq: st.first_seq,
             used_bytes: st.stored_bytes,
-            backlog_bytes: v.cache.backlog(target).1,
+            backlog_bytes: v.log().backlog(target).1,
             capacity_bytes: st.capacity_bytes.unwrap_or(0),
-            last_time_us: v.cache.last_time_us(),
+            last_time_us: v.log().last_time_us(),
             agent_connected: v.agent_connected.load(Ordering::SeqCst),
             agent_seen_us: seen,
             agent,
@@ -523,7 +570,7 @@ impl CacheService {
         mut r: tls::ReadHalf,
         mut w: tls::WriteHalf,
     ) -> Result<()> {
-        let st = v.cache.stats();
+        let st = v.log().stats();
         let ready = Msg::Ready {
             next_seq: st.next_seq,
             first_seq: st.first_seq,
@@ -535,7 +582,7 @@ impl CacheService {
         }
         let (id, _run) = v.processor.take(sock)?;
         let result = (|| {
-            let st = v.cache.stats();
+            let st = v.log().stats();
             if from_seq < st.first_seq {
                 return Err(auth::refuse(
                     &mut w,
@@ -568,9 +615,9 @@ impl CacheService {
                     let out = loop {
                         match wire::read_msg(&mut r, &mut buf) {
                             Ok(Some(Msg::Checkpoint { seq })) => {
-                                let seq = seq.min(v.cache.durable_seq());
+                                let seq = seq.min(v.log().durable_seq());
                                 v.target_seq.fetch_max(seq, Ordering::SeqCst);
-                                if let Err(e) = v.cache.set_checkpoint(seq) {
+                                if let Err(e) = v.log().set_checkpoint(seq) {
                                     break Err(e);
                                 }
                             }
@@ -621,7 +668,7 @@ impl CacheService {
         w: &mut tls::WriteHalf,
         done: &AtomicBool,
     ) -> Result<()> {
-        let mut reader = v.cache.reader(from_seq)?;
+        let mut reader = v.log().reader(from_seq)?;
         let mut batch = vec![0u8; HEADER_BYTES];
         let mut last_state: Option<Instant> = None;
         while !done.load(Ordering::SeqCst) {
@@ -641,7 +688,7 @@ impl CacheService {
                 last_state = Some(Instant::now());
             }
             if batch.len() == HEADER_BYTES {
-                v.cache.wait_durable_beyond(
+                v.log().wait_durable_beyond(
                     reader.next_seq().saturating_sub(1),
                     Duration::from_millis(200),
                 )?;

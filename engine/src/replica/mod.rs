@@ -611,6 +611,11 @@ impl Replica {
         Ok(())
     }
 
+    /// The failure that latched this replica (it refuses changes until reopened), if any.
+    pub fn failure(&self) -> Option<String> {
+        self.poisoned.clone()
+    }
+
     fn check_writable(&self) -> Result<()> {
         if let Some(e) = self.damage_refusal() {
             return Err(e);

@@ -11,8 +11,9 @@
 //! request, working from published views).
 
 use super::control::ControlServer;
+use super::flag::slot;
 use super::owner::VmOwner;
-use super::{Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use super::{Backoff, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
 use crate::agent::Agent;
 use crate::error::{Error, Result};
 use crate::nbd::Server;
@@ -26,6 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The slot (in the VM's directory) set while the source images may be ahead of the log.
+pub const SOURCE_AHEAD: &str = "source.ahead";
 
 /// The processor runs only once the client has written nothing for this long...
 const IDLE_BEFORE_PROCESSING: Duration = Duration::from_millis(50);
@@ -61,11 +65,43 @@ impl EmbeddedAgent {
     /// background work.
     pub fn start(root: &Path, who: &str, vm: &str, opts: EmbeddedOptions) -> Result<EmbeddedAgent> {
         let vault = Vault::open(root, who, LockWait::Fail)?;
-        let handle = vault.agent(vm)?;
+        let (vfs, vm_dir) = (vault.vfs.clone(), vault.vm_dir(vm));
+        // Set while the source images may hold writes the log lacks: a restart must not
+        // replay the log over them (and must resync every block).
+        let ahead = slot::get(&*vfs, &vm_dir, SOURCE_AHEAD)?;
+        let handle = vault.agent_with(vm, !ahead)?;
+        slot::prepare(&*vfs, &vm_dir, SOURCE_AHEAD)?;
         let processor = Arc::new(Mutex::new(vault.processor_for(vm, &handle)?));
         let (agent, lock) = handle.into_parts();
         let agent = Arc::new(agent);
-        if vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
+        // Before the first write goes to the source images alone, the slot is set (in
+        // place: that works on a full disk) and the catalog says a resync is owed (the
+        // bitmap dies with the process). If the catalog cannot say so (the vault's disk is
+        // full), the write goes on all the same: it is in the source image, which is on
+        // its own disk, and the bitmap ships it once the log is back; the drain loop keeps
+        // trying to record it meanwhile. The slot is cleared once the resync is durable
+        // and the source hold covers it.
+        let recorded = Arc::new(AtomicBool::new(false));
+        {
+            let (root, who, vm, recorded) = (
+                root.to_path_buf(),
+                who.to_string(),
+                vm.to_string(),
+                recorded.clone(),
+            );
+            let (vfs, vm_dir) = (vfs.clone(), vm_dir.clone());
+            agent.on_bitmap(move |entering| {
+                if !entering {
+                    return slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, false);
+                }
+                slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, true)?;
+                if record_resync(&root, &who, &vm, true).is_ok() {
+                    recorded.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            });
+        }
+        if ahead || vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
             // The dirty bitmap of an earlier run was lost with it: resync every block.
             (opts.events)(Event::Notice(format!(
                 "{vm} needs a resync; shipping every allocated block again"
@@ -78,16 +114,17 @@ impl EmbeddedAgent {
             root: root.to_path_buf(),
             who: who.to_string(),
             vm: vm.to_string(),
-            cache: agent.cache().clone(),
             processor: processor.clone(),
             agent: Some(agent.clone()),
             events: opts.events.clone(),
+            processing_failure: Default::default(),
         });
-        let control = ControlServer::start(&vault.agent_socket(vm), vm, owner)?;
+        let control = ControlServer::start(&vault.agent_socket(vm), vm, owner.clone())?;
         let mut threads = Vec::new();
         {
-            let (agent, stop, events, root, who, vm) = (
+            let (agent, processor, stop, events, root, who, vm) = (
                 agent.clone(),
+                processor.clone(),
                 stop.clone(),
                 opts.events.clone(),
                 root.to_path_buf(),
@@ -97,7 +134,9 @@ impl EmbeddedAgent {
             let t = std::thread::Builder::new()
                 .name("standby-drain".into())
                 .spawn(move || {
-                    let r = drain_loop(&agent, &stop, &events, &root, &who, &vm);
+                    let r = drain_loop(
+                        &agent, &processor, &recorded, &stop, &events, &root, &who, &vm,
+                    );
                     stop.store(true, Ordering::SeqCst);
                     r
                 })
@@ -105,17 +144,18 @@ impl EmbeddedAgent {
             threads.push(("drain", t));
         }
         {
-            let (tap, processor, stop, events, vm, every) = (
+            let (tap, owner, stop, events, root, who, every) = (
                 agent.clone(),
-                processor.clone(),
+                owner.clone(),
                 stop.clone(),
                 opts.events.clone(),
-                vm.to_string(),
+                root.to_path_buf(),
+                who.to_string(),
                 opts.process_every,
             );
             let t = std::thread::Builder::new()
                 .name("standby-process".into())
-                .spawn(move || process_loop(&tap, &processor, &stop, &events, &vm, every))
+                .spawn(move || process_loop(&tap, &owner, &stop, &events, &root, &who, every))
                 .map_err(|e| Error::io("processor thread", e))?;
             threads.push(("processor", t));
         }
@@ -199,51 +239,120 @@ impl EmbeddedAgent {
     }
 }
 
+/// Record in the catalog that a resync is owed (or no longer).
+fn record_resync(root: &Path, who: &str, vm: &str, owed: bool) -> Result<()> {
+    let reason = owed.then(|| {
+        "the change log could not take writes; the blocks written meanwhile are resynced".into()
+    });
+    Vault::open(root, who, LockWait::Block)?.set_resync(vm, reason)
+}
+
+/// Reopen the VM's failed log (recovery runs) and hand it to the tap and the processor.
+fn reopen_log(
+    agent: &Agent,
+    processor: &Mutex<Processor>,
+    root: &Path,
+    who: &str,
+    vm: &str,
+) -> Result<()> {
+    let vault = Vault::open(root, who, LockWait::Block)?;
+    // The failed log's writer stops first: a log's files have one writer.
+    let _ = agent.cache().close();
+    let log = vault.open_cache(vm)?;
+    agent.reopen_log(log.clone())?;
+    processor.lock().set_cache(log);
+    Ok(())
+}
+
+/// Applies durable writes to the source images; while the log cannot take writes, ships
+/// the dirty bitmap once it can; after the log failed, reopens it with backoff.
+#[allow(clippy::too_many_arguments)]
 fn drain_loop(
     agent: &Agent,
+    processor: &Mutex<Processor>,
+    recorded: &AtomicBool,
     stop: &AtomicBool,
     events: &Events,
     root: &Path,
     who: &str,
     vm: &str,
 ) -> Result<()> {
-    let set_resync = |reason: Option<String>| -> Result<()> {
-        Vault::open(root, who, LockWait::Block)?.set_resync(vm, reason)
-    };
     let mut last_sync = Instant::now();
-    let mut flagged = Vault::open(root, who, LockWait::Block)?
+    if Vault::open(root, who, LockWait::Block)?
         .catalog()
         .vm(vm)
         .map(|r| r.state == VmState::ResyncRequired)
-        .unwrap_or(false);
+        .unwrap_or(false)
+    {
+        recorded.store(true, Ordering::SeqCst);
+    }
+    let mut announced = false;
+    let mut failure_told: Option<String> = None;
+    let mut backoff = Backoff::new();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(DRAIN_EVERY);
-        // The log was full: say so, and ship the dirty blocks as soon as it takes them.
-        if let Some(bytes) = agent.resync_pending() {
-            if !flagged {
-                events(Event::Notice(format!(
-                    "{vm}: the change log is full; tracking writes in the dirty bitmap"
+        if let Some(cause) = agent.log_failure() {
+            if failure_told.as_deref() != Some(&cause) {
+                events(Event::Trouble(format!(
+                    "{vm}: the change log failed: {cause}; tracking writes in the dirty bitmap, reopening it with backoff"
                 )));
-                set_resync(Some(format!(
-                    "the change log was full; {bytes} bytes of blocks to resync"
-                )))?;
-                flagged = true;
+                failure_told = Some(cause);
+            }
+            if backoff.ready() {
+                // Each try waits longer, whether it fails now or the reopened log fails
+                // again (its disk still full); a finished resync resets the wait.
+                backoff.failed();
+                if !recorded.load(Ordering::SeqCst) && record_resync(root, who, vm, true).is_ok() {
+                    recorded.store(true, Ordering::SeqCst);
+                }
+                if reopen_log(agent, processor, root, who, vm).is_ok() {
+                    events(Event::Notice(format!(
+                        "{vm}: the change log is reopened; resyncing the blocks written meanwhile"
+                    )));
+                }
+            }
+            continue;
+        }
+        // The log could not take writes: say so, and ship the dirty blocks as soon as it
+        // takes them.
+        if let Some(bytes) = agent.resync_pending() {
+            if !announced {
+                events(Event::Notice(format!(
+                    "{vm}: the change log cannot take writes; tracking them in the dirty bitmap ({bytes} bytes of blocks so far)"
+                )));
+                announced = true;
+            }
+            if !recorded.load(Ordering::SeqCst) && record_resync(root, who, vm, true).is_ok() {
+                recorded.store(true, Ordering::SeqCst);
             }
             if agent.resync_step(RESYNC_STEP_BYTES)? {
-                set_resync(None)?;
-                flagged = false;
+                announced = false;
+                failure_told = None;
+                backoff.reset();
                 events(Event::Notice(format!(
                     "{vm}: resync finished; replicating through the log again"
                 )));
             }
-        } else if flagged {
-            set_resync(None)?;
-            flagged = false;
+        }
+        if agent.resync_pending().is_none()
+            && recorded.load(Ordering::SeqCst)
+            && record_resync(root, who, vm, false).is_ok()
+        {
+            recorded.store(false, Ordering::SeqCst);
+        }
+        if agent.log_failure().is_some() {
+            continue;
         }
         let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
-        if let Err(e) = agent.drain(persist) {
-            events(Event::Trouble(format!("{vm}: agent: {e}")));
-            return Err(e);
+        match agent.drain(persist) {
+            Ok(()) => {}
+            // The log's own trouble (its disk is full): the source images take the
+            // writes directly until it is reopened.
+            Err(e) if agent.is_log_error(&e) => agent.log_failed(&e)?,
+            Err(e) => {
+                events(Event::Trouble(format!("{vm}: agent: {e}")));
+                return Err(e);
+            }
         }
         if persist {
             last_sync = Instant::now();
@@ -252,19 +361,28 @@ fn drain_loop(
     Ok(())
 }
 
+/// True for the failures a store's owner answers by reopening it later: I/O errors (a
+/// full disk) and the latched error they leave.
+fn reopen_cures(e: &Error) -> bool {
+    matches!(e, Error::Io { .. } | Error::Poisoned(_))
+}
+
 fn process_loop(
     agent: &Agent,
-    processor: &Mutex<Processor>,
+    owner: &VmOwner,
     stop: &AtomicBool,
     events: &Events,
-    vm: &str,
+    root: &Path,
+    who: &str,
     every: Duration,
 ) -> Result<()> {
+    let (processor, vm) = (&owner.processor, owner.vm.as_str());
     let mut last_pass = Instant::now();
     let mut seen_ops = agent.client_ops();
     let mut last_write = Instant::now();
     let mut deferred_since: Option<Instant> = None;
     let mut last_error: Option<String> = None;
+    let mut backoff = Backoff::new();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
         let ops = agent.client_ops();
@@ -272,9 +390,13 @@ fn process_loop(
             seen_ops = ops;
             last_write = Instant::now();
         }
+        // After a failure, the next pass waits for the backoff.
+        if !backoff.ready() {
+            continue;
+        }
         // A resync waits for the log to be freed: process at once, whatever the cadence.
         let resyncing = agent.resync_pending().is_some();
-        if !resyncing && last_pass.elapsed() < every {
+        if !resyncing && last_error.is_none() && last_pass.elapsed() < every {
             continue;
         }
         // The client's I/O first: put the pass off while it writes, but not for long.
@@ -286,9 +408,22 @@ fn process_loop(
         }
         deferred_since = None;
         last_pass = Instant::now();
-        match processor.lock().run_pass() {
+        let result = (|| {
+            let mut p = processor.lock();
+            if p.replica().failure().is_some() {
+                // A failure latched the replica: reopen it (recovery runs) and go on.
+                let replica = Vault::open(root, who, LockWait::Block)?.open_replica(vm)?;
+                p.reopen(replica)?;
+            }
+            p.run_pass()
+        })();
+        match result {
             Ok(r) => {
-                last_error = None;
+                if last_error.take().is_some() {
+                    events(Event::Notice(format!("{vm}: processing works again")));
+                }
+                *owner.processing_failure.lock() = None;
+                backoff.reset();
                 for pt in r.points {
                     events(Event::Point {
                         vm: vm.to_string(),
@@ -298,6 +433,10 @@ fn process_loop(
             }
             Err(e) => {
                 let msg = e.to_string();
+                if reopen_cures(&e) {
+                    *owner.processing_failure.lock() = Some(msg.clone());
+                }
+                backoff.failed();
                 if last_error.as_deref() != Some(&msg) {
                     events(Event::Trouble(format!("{vm}: processing: {msg}")));
                     last_error = Some(msg);

@@ -83,6 +83,83 @@ fn decode(b: &[u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Slots: a yes/no that can be changed when the disk is full. The file is created (clear)
+/// while there is room and later only overwritten in place, which allocates nothing.
+///
+/// Byte map (20 bytes): magic `STBYSLOT` (8), format version u32 LE (= 1), state u32 LE
+/// (0 clear, 1 set; anything else is refused), crc32 of the first 16 bytes u32 LE.
+pub mod slot {
+    use super::*;
+
+    const MAGIC: [u8; 8] = *b"STBYSLOT";
+    const BYTES: usize = 20;
+
+    fn encode(set: bool) -> [u8; BYTES] {
+        let mut b = [0u8; BYTES];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&u32::from(set).to_le_bytes());
+        let crc = crc32fast::hash(&b[..16]);
+        b[16..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Make sure the slot `name` exists in `dir` (created clear, durably, if it does not).
+    pub fn prepare(vfs: &dyn Vfs, dir: &Path, name: &str) -> Result<()> {
+        if vfs.exists(&dir.join(name)) {
+            return get(vfs, dir, name).map(|_| ());
+        }
+        crate::fsutil::replace_atomic(vfs, dir, name, &encode(false))
+    }
+
+    /// Set or clear the slot durably, in place (it must have been prepared).
+    pub fn put(vfs: &dyn Vfs, dir: &Path, name: &str, set: bool) -> Result<()> {
+        let path = dir.join(name);
+        let f = vfs.open(&path).at(&path)?;
+        f.write_all_at(&encode(set), 0).at(&path)?;
+        f.sync_data().at(&path)
+    }
+
+    /// The slot's state (clear if it does not exist).
+    pub fn get(vfs: &dyn Vfs, dir: &Path, name: &str) -> Result<bool> {
+        let path = dir.join(name);
+        if !vfs.exists(&path) {
+            return Ok(false);
+        }
+        let f = vfs.open(&path).at(&path)?;
+        let mut b = [0u8; BYTES + 1];
+        let n = f.read_full_at(&mut b, 0).at(&path)?;
+        decode(&b[..n]).map_err(|what| Error::corrupt(&path, 0, what))
+    }
+
+    fn decode(b: &[u8]) -> std::result::Result<bool, String> {
+        if b.len() != BYTES {
+            return Err(format!(
+                "a slot file is {BYTES} bytes, this one {}",
+                b.len()
+            ));
+        }
+        if b[..8] != MAGIC {
+            return Err("not a Standby slot file (bad magic)".into());
+        }
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if word(16) != crc32fast::hash(&b[..16]) {
+            return Err("slot file checksum mismatch".into());
+        }
+        if word(8) != VERSION {
+            return Err(format!(
+                "slot file format version {} is newer than this Standby ({VERSION})",
+                word(8)
+            ));
+        }
+        match word(12) {
+            0 => Ok(false),
+            1 => Ok(true),
+            n => Err(format!("slot state {n} is neither 0 nor 1")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +217,44 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_slot_flips_in_place_on_a_full_disk_and_every_flipped_byte_is_reported() {
+        let fs = crate::vfs::SimFs::new();
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        assert!(!slot::get(&fs, dir, "s").unwrap());
+        slot::prepare(&fs, dir, "s").unwrap();
+        assert!(!slot::get(&fs, dir, "s").unwrap());
+        fs.set_full(true);
+        slot::put(&fs, dir, "s", true).unwrap();
+        assert!(slot::get(&fs, dir, "s").unwrap());
+        slot::prepare(&fs, dir, "s").unwrap();
+        assert!(slot::get(&fs, dir, "s").unwrap(), "prepare keeps the state");
+        let crashed = fs.crash(0);
+        assert!(slot::get(&crashed, dir, "s").unwrap(), "durable");
+        slot::put(&fs, dir, "s", false).unwrap();
+        assert!(!slot::get(&fs, dir, "s").unwrap());
+        let good = {
+            let f = fs.open(&dir.join("s")).unwrap();
+            let mut b = vec![0u8; 20];
+            f.read_full_at(&mut b, 0).unwrap();
+            b
+        };
+        fs.set_full(false);
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x40;
+            fs.open(&dir.join("s"))
+                .unwrap()
+                .write_all_at(&b, 0)
+                .unwrap();
+            assert!(
+                matches!(slot::get(&fs, dir, "s"), Err(Error::Corrupt { .. })),
+                "byte {i}"
+            );
         }
     }
 }

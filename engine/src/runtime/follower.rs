@@ -82,10 +82,10 @@ pub fn follow(
                     root: root.to_path_buf(),
                     who: who.to_string(),
                     vm: vm.to_string(),
-                    cache: staging.clone(),
                     processor: processor.clone(),
                     agent: None,
                     events: events.clone(),
+                    processing_failure: Default::default(),
                 }),
             )?;
             let result = run_connected(

@@ -34,6 +34,9 @@ pub const RESYNC_STEP_BYTES: u64 = 32 << 20;
 /// How often the source images are synced and the log told how far they are.
 pub const SOURCE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
+pub(crate) use crate::backoff::Backoff;
+pub use crate::backoff::{BACKOFF_FIRST, BACKOFF_MAX};
+
 /// Something worth telling the operator, reported by a runtime as it happens.
 #[derive(Debug, Clone)]
 pub enum Event {

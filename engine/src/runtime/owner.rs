@@ -10,14 +10,13 @@
 use super::control::{Handler, Reply, Request};
 use super::{Event, Events};
 use crate::agent::Agent;
-use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::mount::MountDisk;
 use crate::nbd::{BlockDevice, ExportList, Server, ServerConfig};
 use crate::process::Processor;
 use crate::record::{Consistency, Marker};
 use crate::replica::{PointInfo, PointKind, View};
-use crate::vault::{point_at, view_of, LockWait, NoProgress, PointSpec, Vault, VmState};
+use crate::vault::{point_at, view_of, Health, LockWait, NoProgress, PointSpec, Vault, VmState};
 use parking_lot::Mutex;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -28,12 +27,16 @@ pub struct VmOwner {
     pub(crate) root: PathBuf,
     pub(crate) who: String,
     pub(crate) vm: String,
-    pub(crate) cache: Arc<Cache>,
+    /// The processor, which holds the VM's log (`Processor::cache`: the one in use, which
+    /// the runtime may reopen after a failure) and its replica.
     pub(crate) processor: Arc<Mutex<Processor>>,
     /// The write tap, when the owner is the embedded agent (points go through it as
     /// markers, ordered with the VM's writes).
     pub(crate) agent: Option<Arc<Agent>>,
     pub(crate) events: Events,
+    /// Why processing into the replica fails, while it does (an I/O error, a full disk):
+    /// set and cleared by the runtime's processing loop; health names it.
+    pub(crate) processing_failure: Mutex<Option<String>>,
 }
 
 impl VmOwner {
@@ -60,7 +63,7 @@ impl VmOwner {
                 self.report_points(std::slice::from_ref(&pt));
             }
         }
-        let durable = self.cache.durable_seq();
+        let durable = p.cache().durable_seq();
         let view = view_of(p.replica(), &self.vm, spec, &|| Some(durable))?;
         let point = point_at(&view, p.replica().points());
         Ok((view, point))
@@ -143,8 +146,23 @@ impl VmOwner {
     fn status(&self) -> Result<Reply> {
         let vault = self.vault()?;
         let p = self.processor.lock();
-        let mut st = vault.status_of(&self.vm, &self.cache, p.replica())?;
+        let cache = p.cache().clone();
+        let mut st = vault.status_of(&self.vm, &cache, p.replica())?;
         drop(p);
+        if let Some(f) = self.processing_failure.lock().clone() {
+            st.health = Health::Critical;
+            st.reasons.insert(
+                0,
+                format!("processing into the replica failed: {f}; retrying with backoff"),
+            );
+        }
+        if let Some(cause) = self.agent.as_ref().and_then(|a| a.log_failure()) {
+            st.health = Health::Critical;
+            st.reasons.insert(
+                0,
+                format!("the change log failed: {cause}; writes are tracked in the dirty bitmap"),
+            );
+        }
         if let Some(a) = &self.agent {
             if let Some(bytes) = a.resync_pending() {
                 st.reasons.push(format!(
@@ -267,8 +285,8 @@ impl Handler for VmOwner {
             Request::Verify { point: spec } => (|| {
                 let vault = self.vault()?;
                 let p = self.processor.lock();
-                let (report, point) =
-                    vault.verify_open(&self.vm, spec, p.replica(), &self.cache)?;
+                let cache = p.cache().clone();
+                let (report, point) = vault.verify_open(&self.vm, spec, p.replica(), &cache)?;
                 Ok(Reply::Verify { report, point })
             })(),
             Request::TestFailover {

@@ -5,10 +5,16 @@
 //! State files in the journal directory, written through the Vfs ([`super::flag`]):
 //! `resync.required` is durable before the first write bypasses the journal (the dirty
 //! bitmap lives in memory: if the process dies, every allocated block is shipped again on
-//! the next start); `initialized` once the first run's initial copy began.
+//! the next start); `initialized` once the first run's initial copy began; the slot
+//! `source.ahead` (set in place, so even on a full disk) while the source images may hold
+//! writes the journal lacks: a restart then replays nothing and resyncs every block.
+//!
+//! A journal that fails (its disk is full, an I/O error) is answered like a full one: the
+//! writes go to the source images, marked in the dirty bitmap; the drain loop reopens the
+//! journal with backoff, restarts the shipper over it, and the resync follows.
 
 use super::control::{ControlServer, Handler, Reply, Request};
-use super::{flag, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use super::{flag, Backoff, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
 use crate::agent::{Agent, SourceDisk};
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, Result};
@@ -19,6 +25,7 @@ use crate::nbd::Server;
 use crate::record::{Consistency, Marker};
 use crate::util::lock::{self, LockWait, VaultLock};
 use crate::vfs::{RealFs, Vfs};
+use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,6 +37,8 @@ use std::time::{Duration, Instant};
 /// Set before the agent first writes around its journal; cleared when the resync that
 /// follows is done.
 pub const RESYNC_FLAG: &str = "resync.required";
+/// A slot ([`flag::slot`]) set while the source images may be ahead of the journal.
+pub const SOURCE_AHEAD: &str = "source.ahead";
 /// Set once the agent's first run has begun its initial copy.
 pub const INITIALIZED: &str = "initialized";
 /// The running agent's control socket, in its journal directory.
@@ -53,9 +62,10 @@ pub struct SourceOptions {
 pub struct SourceAgent {
     vm: String,
     agent: Arc<Agent>,
-    journal: Arc<Cache>,
     server: Server,
-    shipper: Option<Shipper>,
+    /// The shipper of the journal in use (restarted over the journal when it is reopened
+    /// after a failure).
+    shipper: Arc<Mutex<Option<Shipper>>>,
     control: Option<ControlServer>,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<Result<()>>>,
@@ -146,10 +156,23 @@ impl SourceAgent {
             )));
         }
         let journal = Arc::new(journal);
-        let agent = Arc::new(Agent::open(journal.clone(), disks)?);
+        // Set while the source images may hold writes the journal lacks (it failed): a
+        // restart must not replay the journal over them, and must resync every block.
+        let ahead = flag::slot::get(&*vfs, &o.journal, SOURCE_AHEAD)?;
+        let agent = Arc::new(Agent::open_with(journal.clone(), disks, !ahead)?);
+        flag::slot::prepare(&*vfs, &o.journal, SOURCE_AHEAD)?;
         {
             let (vfs, dir) = (vfs.clone(), o.journal.clone());
-            agent.on_bitmap(move || flag::set(&*vfs, &dir, RESYNC_FLAG));
+            agent.on_bitmap(move |entering| {
+                // The slot flips in place (works on a full disk); the flag file may not
+                // be creatable then, and the write goes on all the same if the journal
+                // failed: the slot says what a restart needs.
+                flag::slot::put(&*vfs, &dir, SOURCE_AHEAD, entering)?;
+                match entering {
+                    true => flag::set(&*vfs, &dir, RESYNC_FLAG),
+                    false => Ok(()), // cleared by the drain loop
+                }
+            });
         }
         if !flag::is_set(&*vfs, &o.journal, INITIALIZED)? {
             (o.events)(Event::Notice(format!(
@@ -158,7 +181,7 @@ impl SourceAgent {
             )));
             agent.require_full_resync()?;
             flag::set(&*vfs, &o.journal, INITIALIZED)?;
-        } else if flag::is_set(&*vfs, &o.journal, RESYNC_FLAG)? {
+        } else if ahead || flag::is_set(&*vfs, &o.journal, RESYNC_FLAG)? {
             (o.events)(Event::Notice(format!(
                 "{}: the dirty bitmap of an earlier run was lost with it; shipping every allocated block again",
                 o.vm
@@ -166,28 +189,50 @@ impl SourceAgent {
             agent.require_full_resync()?;
         }
         let server = super::serve_disks(&agent, &o.listen)?;
-        let shipper = {
-            let (agent, journal) = (agent.clone(), journal.clone());
-            let events = o.events.clone();
-            Shipper::start(
-                journal.clone(),
-                ShipperConfig {
-                    addr: o.cache.clone(),
-                    security: o.security.clone(),
-                    vm: o.vm.clone(),
-                    disks: infos,
-                },
-                move || {
-                    let st = journal.stats();
-                    AgentState {
-                        resync_bytes: agent.resync_pending().unwrap_or(0),
-                        bitmap_mode: agent.resync_pending().is_some(),
-                        journal_bytes: st.stored_bytes,
-                        journal_seq: st.next_seq - 1,
-                    }
-                },
-                move |line: &str| events(Event::Notice(line.to_string())),
-            )
+        let make_shipper: Arc<dyn Fn(Arc<Cache>) -> Shipper + Send + Sync> = {
+            let (agent, events) = (agent.clone(), o.events.clone());
+            let (addr, security, vm) = (o.cache.clone(), o.security.clone(), o.vm.clone());
+            Arc::new(move |journal: Arc<Cache>| {
+                let (agent, events) = (agent.clone(), events.clone());
+                Shipper::start(
+                    journal,
+                    ShipperConfig {
+                        addr: addr.clone(),
+                        security: security.clone(),
+                        vm: vm.clone(),
+                        disks: infos.clone(),
+                    },
+                    move || {
+                        let st = agent.cache().stats();
+                        AgentState {
+                            resync_bytes: agent.resync_pending().unwrap_or(0),
+                            bitmap_mode: agent.resync_pending().is_some(),
+                            journal_bytes: st.stored_bytes,
+                            journal_seq: st.next_seq - 1,
+                        }
+                    },
+                    move |line: &str| events(Event::Notice(line.to_string())),
+                )
+            })
+        };
+        let shipper = Arc::new(Mutex::new(Some(make_shipper(journal.clone()))));
+        // Reopen the failed journal (recovery runs), swap it into the tap and ship it.
+        let reopen: Box<dyn Fn() -> Result<()> + Send> = {
+            let (agent, shipper, vfs) = (agent.clone(), shipper.clone(), vfs.clone());
+            let (dir, capacity) = (o.journal.join("log"), o.journal_capacity);
+            Box::new(move || {
+                if let Some(s) = shipper.lock().take() {
+                    s.stop();
+                }
+                // The failed journal's writer stops first: a log's files have one writer.
+                let _ = agent.cache().close();
+                let (journal, _) =
+                    Cache::open_with(vfs.clone(), &dir, CacheConfig::write_path(capacity))?;
+                let journal = Arc::new(journal);
+                agent.reopen_log(journal.clone())?;
+                *shipper.lock() = Some(make_shipper(journal));
+                Ok(())
+            })
         };
         let control = ControlServer::start(
             &o.journal.join(SOCKET),
@@ -204,7 +249,7 @@ impl SourceAgent {
             std::thread::Builder::new()
                 .name("standby-drain".into())
                 .spawn(move || {
-                    let r = drain_loop(&agent, &*vfs, &dir, &stop, &vm, &events);
+                    let r = drain_loop(&agent, &*vfs, &dir, &stop, &vm, &events, &*reopen);
                     stop.store(true, Ordering::SeqCst);
                     r
                 })
@@ -213,9 +258,8 @@ impl SourceAgent {
         Ok(SourceAgent {
             vm: o.vm,
             agent,
-            journal,
             server,
-            shipper: Some(shipper),
+            shipper,
             control: Some(control),
             stop,
             worker: Some(worker),
@@ -248,8 +292,9 @@ impl SourceAgent {
         };
         self.server.stop();
         self.agent.flush()?;
-        let last = self.journal.durable_seq();
-        if let Some(shipper) = self.shipper.take() {
+        let last = self.agent.cache().durable_seq();
+        let shipper = self.shipper.lock().take();
+        if let Some(shipper) = shipper {
             if !shipper.wait_acked(last, Duration::from_secs(10)) {
                 (self.events)(Event::Notice(format!(
                     "{}: the cache service has not acknowledged everything; the journal keeps it for the next run",
@@ -288,6 +333,9 @@ pub fn marker(journal: &Path, vm: &str, app: bool, name: Option<&str>) -> Result
     }
 }
 
+/// Applies durable writes to the source images; while the journal cannot take writes,
+/// ships the dirty bitmap once it can; after the journal failed (its disk is full, an I/O
+/// error), reopens it with backoff.
 fn drain_loop(
     agent: &Agent,
     vfs: &dyn Vfs,
@@ -295,11 +343,31 @@ fn drain_loop(
     stop: &AtomicBool,
     vm: &str,
     events: &Events,
+    reopen: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let mut last_sync = Instant::now();
     let mut resyncing = agent.resync_pending().is_some();
+    let mut failure_told: Option<String> = None;
+    let mut backoff = Backoff::new();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(DRAIN_EVERY);
+        if let Some(cause) = agent.log_failure() {
+            if failure_told.as_deref() != Some(&cause) {
+                events(Event::Trouble(format!(
+                    "{vm}: the journal failed: {cause}; tracking writes in the dirty bitmap, reopening it with backoff"
+                )));
+                failure_told = Some(cause);
+            }
+            if backoff.ready() {
+                backoff.failed();
+                if reopen().is_ok() {
+                    events(Event::Notice(format!(
+                        "{vm}: the journal is reopened; resyncing the blocks written meanwhile"
+                    )));
+                }
+            }
+            continue;
+        }
         if let Some(bytes) = agent.resync_pending() {
             if !resyncing {
                 events(Event::Notice(format!(
@@ -311,15 +379,26 @@ fn drain_loop(
                 // Everything is in the journal again: the flag can go.
                 flag::clear(vfs, dir, RESYNC_FLAG)?;
                 resyncing = false;
+                failure_told = None;
+                backoff.reset();
                 events(Event::Notice(format!(
                     "{vm}: resync finished; replicating through the journal again"
                 )));
             }
         }
+        if agent.log_failure().is_some() {
+            continue;
+        }
         let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
-        if let Err(e) = agent.drain(persist) {
-            events(Event::Trouble(format!("{vm}: agent: {e}")));
-            return Err(e);
+        match agent.drain(persist) {
+            Ok(()) => {}
+            // The journal's own trouble: the source images take the writes directly
+            // until it is reopened.
+            Err(e) if agent.is_log_error(&e) => agent.log_failed(&e)?,
+            Err(e) => {
+                events(Event::Trouble(format!("{vm}: agent: {e}")));
+                return Err(e);
+            }
         }
         if persist {
             last_sync = Instant::now();

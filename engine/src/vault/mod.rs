@@ -115,7 +115,7 @@ pub type OnWait = Box<dyn Fn(&str) + Send + Sync>;
 /// agent for its whole life.
 pub struct Vault {
     root: PathBuf,
-    vfs: Arc<dyn Vfs>,
+    pub(crate) vfs: Arc<dyn Vfs>,
     catalog: Catalog,
     who: String,
     wait: LockWait,
@@ -581,6 +581,11 @@ impl Vault {
 
     /// The write tap of a VM (what the NBD agent serves; tests and the demo write through it).
     pub fn agent(&self, vm: &str) -> Result<AgentHandle> {
+        self.agent_with(vm, true)
+    }
+
+    /// The write tap of a VM; without `replay`, see [`Agent::open_with`].
+    pub(crate) fn agent_with(&self, vm: &str, replay: bool) -> Result<AgentHandle> {
         let lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
         if let Some(r) = &rec.remote {
@@ -604,7 +609,7 @@ impl Vault {
             })
             .collect();
         Ok(AgentHandle {
-            agent: Agent::open(self.open_cache(vm)?, disks)?,
+            agent: Agent::open_with(self.open_cache(vm)?, disks, replay)?,
             _lock: lock,
         })
     }
