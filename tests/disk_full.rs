@@ -505,7 +505,39 @@ fn a_full_journal_disk_never_fails_the_vm_and_the_source_agent_heals() {
     }
     let mut want = bytes;
     want.resize(DISK_MIB << 20, 0);
-    failover_equals(&vault, &root.join("failover"), &want);
+    // "Resync finished" is the agent's journal holding every block again; the status the
+    // follower publishes each second may predate the last of them reaching the target.
+    // So wait until the target's latest is what the client wrote (it must get there).
+    let out = root.join("failover");
+    let mut h = Sha256Hex::new();
+    h.update(&want);
+    let want_sha = h.hex();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report: Value = serde_json::from_str(&standby(
+            &vault,
+            &[
+                "test-failover",
+                "vm",
+                "--point",
+                "latest",
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+        ))
+        .unwrap();
+        if report["disks"][0]["sha256"] == want_sha.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target's latest never became what the client wrote: {report:#}"
+        );
+        standby(&vault, &["test-failover-cleanup", "vm"]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(std::fs::read(out.join("os.raw")).unwrap() == want);
 }
 
 /// The cache service's directory on the small filesystem, the processor away while it
