@@ -75,31 +75,15 @@ impl EmbeddedAgent {
         let (agent, lock) = handle.into_parts();
         let agent = Arc::new(agent);
         // Before the first write goes to the source images alone, the slot is set (in
-        // place: that works on a full disk) and the catalog says a resync is owed (the
-        // bitmap dies with the process). If the catalog cannot say so (the vault's disk is
-        // full), the write goes on all the same: it is in the source image, which is on
-        // its own disk, and the bitmap ships it once the log is back; the drain loop keeps
-        // trying to record it meanwhile. The slot is cleared once the resync is durable
-        // and the source hold covers it.
+        // place: that works on a full disk), so a restart resyncs every block (the bitmap
+        // dies with the process) and replays nothing over the source images. It is
+        // cleared once the resync is durable and the source hold covers it. The catalog's
+        // `resync-required` (what status shows) is recorded by the drain thread, off the
+        // write path (it takes the vault's lock; on a full disk it keeps trying).
         let recorded = Arc::new(AtomicBool::new(false));
         {
-            let (root, who, vm, recorded) = (
-                root.to_path_buf(),
-                who.to_string(),
-                vm.to_string(),
-                recorded.clone(),
-            );
             let (vfs, vm_dir) = (vfs.clone(), vm_dir.clone());
-            agent.on_bitmap(move |entering| {
-                if !entering {
-                    return slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, false);
-                }
-                slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, true)?;
-                if record_resync(&root, &who, &vm, true).is_ok() {
-                    recorded.store(true, Ordering::SeqCst);
-                }
-                Ok(())
-            });
+            agent.on_bitmap(move |entering| slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, entering));
         }
         if ahead || vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
             // The dirty bitmap of an earlier run was lost with it: resync every block.
