@@ -28,9 +28,19 @@ pub fn run<T>(
     loop {
         let mut vault = Vault::open(root, who, LockWait::Fail)?;
         vault.catalog().vm(vm)?;
-        if let Some(r) = control::ask(&vault.agent_socket(vm), vm, req) {
-            let (reply, session) = r?;
-            return remote(reply, session);
+        match control::ask(&vault.agent_socket(vm), vm, req) {
+            // The owner went away under the request (a follower reconnecting, an agent
+            // stopping): a request that changes nothing is asked again, of whoever owns
+            // the VM now (or done here).
+            Some(Err(Error::Io { .. })) if read_only(req) && started.elapsed() < wait => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Some(r) => {
+                let (reply, session) = r?;
+                return remote(reply, session);
+            }
+            None => {}
         }
         match local(&mut vault) {
             Err(Error::Locked(holder)) => {
@@ -49,6 +59,14 @@ pub fn run<T>(
             other => return other,
         }
     }
+}
+
+/// Requests that change nothing, so asking again after a lost answer is harmless.
+fn read_only(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Status | Request::Points | Request::Verify { .. } | Request::Mount { .. }
+    )
 }
 
 /// The reply a request expects, or a one-line error for any other.

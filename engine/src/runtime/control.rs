@@ -178,10 +178,13 @@ pub fn ask(socket: &Path, vm: &str, req: &Request) -> Option<Result<(Reply, Sess
             .read_line(&mut reply)
             .map_err(|e| Error::io(socket, e))?;
         if reply.is_empty() {
-            return Err(Error::Conflict(format!(
-                "the owner of VM '{vm}' closed {} without answering (it may be stopping)",
-                socket.display()
-            )));
+            return Err(Error::io(
+                socket,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the owner of VM '{vm}' closed the socket without answering (it may be stopping)"),
+                ),
+            ));
         }
         let a: Answer = serde_json::from_str(&reply).map_err(|e| {
             Error::Conflict(format!("malformed reply on {}: {e}", socket.display()))
