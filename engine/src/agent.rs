@@ -614,7 +614,9 @@ impl Agent {
     }
 
     fn failure_text(&self, e: &Error) -> String {
-        self.log().failure().unwrap_or_else(|| e.to_string())
+        self.log()
+            .failure()
+            .map_or_else(|| e.to_string(), |f| f.to_string())
     }
 
     /// Mark again the resync blocks the log took but may not hold.

@@ -177,7 +177,7 @@ struct State {
     sync_in_flight: bool,
     total_bytes: u64,
     checkpoint: u64,
-    error: Option<String>,
+    error: Option<Error>,
     closing: bool,
     appended_records: u64,
     appended_logical_bytes: u64,
@@ -377,7 +377,7 @@ impl Cache {
         let mut st = sh.state.lock();
         loop {
             if let Some(e) = &st.error {
-                return Err(Error::Poisoned(e.clone()));
+                return Err(e.poisoned());
             }
             if st.closing {
                 return Err(Error::Closed);
@@ -525,7 +525,7 @@ impl Cache {
         let mut st = sh.state.lock();
         while st.durable_seq <= seq {
             if let Some(e) = &st.error {
-                return Err(Error::Poisoned(e.clone()));
+                return Err(e.poisoned());
             }
             if st.closing || sh.progress.wait_until(&mut st, deadline).timed_out() {
                 break;
@@ -548,7 +548,7 @@ impl Cache {
 
     /// The error that latched this log (a failed write or sync), if one did: every later
     /// append and wait fails with [`Error::Poisoned`] until the log is reopened.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Error> {
         self.shared.state.lock().error.clone()
     }
 
@@ -684,7 +684,7 @@ impl Cache {
             let mut st = sh.state.lock();
             loop {
                 if let Some(e) = &st.error {
-                    return Err(Error::Poisoned(e.clone()));
+                    return Err(e.poisoned());
                 }
                 let created = st
                     .segments
@@ -802,7 +802,7 @@ pub enum Ack {
 
 fn check_alive(st: &State, seq: u64) -> Result<()> {
     if let Some(e) = &st.error {
-        return Err(Error::Poisoned(e.clone()));
+        return Err(e.poisoned());
     }
     if st.closing && seq >= st.next_seq {
         return Err(Error::Closed);
@@ -872,7 +872,7 @@ fn syncer_loop(sh: Arc<Shared>, jobs: crossbeam_channel::Receiver<SyncJob>) {
             }
             Err(e) => {
                 if st.error.is_none() {
-                    st.error = Some(e.to_string());
+                    st.error = Some(e.clone());
                 }
             }
         }
@@ -1031,7 +1031,7 @@ fn take_pending(st: &mut State) -> Vec<Chunk> {
 fn fail(sh: &Shared, e: Error) {
     let mut st = sh.state.lock();
     if st.error.is_none() {
-        st.error = Some(e.to_string());
+        st.error = Some(e.clone());
     }
     drop(st);
     unpark_durable(sh, u64::MAX);
@@ -1074,7 +1074,7 @@ fn write_chunks(
                     sh.progress.wait(&mut st);
                 }
                 if let Some(e) = &st.error {
-                    return Err(Error::Poisoned(e.clone()));
+                    return Err(e.poisoned());
                 }
                 st.segments.get(&tail.id).map_or(0, |s| s.durable_bytes)
             };

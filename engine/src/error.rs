@@ -4,7 +4,9 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Everything the engine can fail with.
+/// Everything the engine can fail with. Clone, so a store can latch a failure and hand
+/// every later caller the same typed error (an I/O error's copy keeps its kind and its
+/// OS error code, hence its message).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O error on a named file.
@@ -34,8 +36,10 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Invalid(String),
     /// A previous write or sync failed; the store refuses further writes until reopened.
+    /// Carries that failure, typed (a full disk is an [`Error::Io`] whose kind says so,
+    /// damage an [`Error::Corrupt`]): see [`Error::latched`].
     #[error("store failed earlier and refuses writes until reopened: {0}")]
-    Poisoned(String),
+    Poisoned(Box<Error>),
     /// The store was closed.
     #[error("store is closed")]
     Closed,
@@ -158,6 +162,77 @@ impl Error {
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corrupt { .. })
     }
+
+    /// The failure itself: for [`Error::Poisoned`], the error that latched the store (a
+    /// poisoned store's refusal says nothing new), else `self`.
+    pub fn latched(&self) -> &Error {
+        match self {
+            Error::Poisoned(e) => e.latched(),
+            e => e,
+        }
+    }
+
+    /// The kind of the operating-system error under this one (through a latch), if it is
+    /// one: how a caller tells a full disk (`StorageFull`) from other failures.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self.latched() {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// A refusal of a store that `self` latched (failed earlier): what every later write
+    /// or wait on it returns.
+    pub fn poisoned(&self) -> Error {
+        match self {
+            Error::Poisoned(_) => self.clone(),
+            e => Error::Poisoned(Box::new(e.clone())),
+        }
+    }
+}
+
+/// A copy of an I/O error with the same kind and message: the OS error code when there
+/// is one, else the kind and the text (an `io::Error`'s payload cannot be cloned).
+fn copy_io(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+impl Clone for Error {
+    fn clone(&self) -> Error {
+        match self {
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: copy_io(source),
+            },
+            Error::Corrupt { path, offset, what } => Error::Corrupt {
+                path: path.clone(),
+                offset: *offset,
+                what: what.clone(),
+            },
+            Error::Unsupported { path, what } => Error::Unsupported {
+                path: path.clone(),
+                what: what.clone(),
+            },
+            Error::CacheFull {
+                used_bytes,
+                capacity_bytes,
+            } => Error::CacheFull {
+                used_bytes: *used_bytes,
+                capacity_bytes: *capacity_bytes,
+            },
+            Error::Invalid(m) => Error::Invalid(m.clone()),
+            Error::Poisoned(e) => Error::Poisoned(e.clone()),
+            Error::Closed => Error::Closed,
+            Error::Locked(m) => Error::Locked(m.clone()),
+            Error::Conflict(m) => Error::Conflict(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::Link(e) => Error::Link(e.clone()),
+            Error::Agent(m) => Error::Agent(m.clone()),
+        }
+    }
 }
 
 /// Attach a path to an `io::Result`.
@@ -168,5 +243,48 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn at(self, path: &std::path::Path) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copied_io_error_keeps_its_kind_code_and_message() {
+        let os = Error::io("/v/log", io::Error::from_raw_os_error(28));
+        let copy = os.clone();
+        assert_eq!(copy.io_kind(), Some(io::ErrorKind::StorageFull));
+        assert_eq!(copy.to_string(), os.to_string());
+        match &copy {
+            Error::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(28)),
+            other => panic!("{other:?}"),
+        }
+        let custom = Error::io("/v/log", io::Error::other("simulated power loss"));
+        assert_eq!(custom.clone().io_kind(), Some(io::ErrorKind::Other));
+        assert_eq!(custom.clone().to_string(), custom.to_string());
+    }
+
+    #[test]
+    fn a_latch_keeps_the_failure_typed_and_wraps_it_once() {
+        let full = Error::io("/v/log/seg", io::Error::from_raw_os_error(28));
+        let refused = full.poisoned();
+        assert!(matches!(refused.latched(), Error::Io { .. }));
+        assert_eq!(refused.io_kind(), Some(io::ErrorKind::StorageFull));
+        match refused.poisoned() {
+            Error::Poisoned(inner) => assert!(matches!(*inner, Error::Io { .. })),
+            other => panic!("{other:?}"),
+        }
+        let damaged = Error::corrupt("/v/log/seg", 4096, "bad crc").poisoned();
+        assert!(matches!(
+            damaged.latched(),
+            Error::Corrupt { offset: 4096, .. }
+        ));
+        assert_eq!(damaged.io_kind(), None);
+        // The one line an operator reads is unchanged by the typing.
+        assert_eq!(
+            damaged.to_string(),
+            "store failed earlier and refuses writes until reopened: corruption in /v/log/seg at byte 4096: bad crc"
+        );
     }
 }

@@ -80,6 +80,16 @@ fn a_full_log_disk_never_fails_a_write_and_reopening_resyncs_every_block() {
     agent.make_durable().unwrap();
     let cause = agent.log_failure().expect("the log's failure is named");
     assert!(cause.contains("No space left on device"), "{cause}");
+    // The log latched the failure typed: a full disk, which a caller tells from damage.
+    let latched = agent
+        .cache()
+        .failure()
+        .expect("the log latched its failure");
+    assert_eq!(
+        latched.io_kind(),
+        Some(std::io::ErrorKind::StorageFull),
+        "{latched:?}"
+    );
     assert!(agent.resync_pending().is_some_and(|b| b > 0));
     let mut back = vec![0u8; DISK];
     agent.read(0, 0, &mut back).unwrap();

@@ -145,7 +145,7 @@ pub struct Replica {
     pins: Vec<Arc<LayerIndex>>,
     /// Snapshots of the open layer taken by views since the last maintenance.
     pending_pins: Mutex<Vec<Arc<LayerIndex>>>,
-    poisoned: Option<String>,
+    poisoned: Option<Error>,
     /// Live layers whose index failed to load (position in `layers`, oldest first): the
     /// replica is read-only and views from the first one on are refused (see `open`).
     damaged: Vec<(usize, Damage)>,
@@ -612,7 +612,7 @@ impl Replica {
     }
 
     /// The failure that latched this replica (it refuses changes until reopened), if any.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Error> {
         self.poisoned.clone()
     }
 
@@ -621,7 +621,7 @@ impl Replica {
             return Err(e);
         }
         match &self.poisoned {
-            Some(why) => Err(Error::Poisoned(why.clone())),
+            Some(why) => Err(why.poisoned()),
             None => Ok(()),
         }
     }
@@ -631,7 +631,7 @@ impl Replica {
     fn guard<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let r = f(self);
         if let Err(e) = &r {
-            self.poisoned = Some(e.to_string());
+            self.poisoned = Some(e.clone());
         }
         r
     }
