@@ -4,53 +4,19 @@
 //! change of point, commit; and every operator mistake gets one clear line and exit 1
 //! (2 for usage).
 
+mod common;
+
+use common::{sha, Env};
 use serde_json::Value;
 use standby_engine::record::{Consistency, Marker};
-use standby_engine::vault::{LockWait, Sha256Hex, Vault};
+use standby_engine::vault::{LockWait, Vault};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const OS_BYTES: usize = 8 << 20;
 const DATA_BYTES: usize = 4 << 20;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
-
 impl Env {
-    fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_standby"))
-            .args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root)
-            .output()
-            .unwrap()
-    }
-
-    /// Run and require success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "standby {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     /// Run and require failure with `code`; returns the one-line stderr.
     fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
@@ -62,16 +28,6 @@ impl Env {
         );
         err
     }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-}
-
-fn sha(bytes: &[u8]) -> String {
-    let mut h = Sha256Hex::new();
-    h.update(bytes);
-    h.hex()
 }
 
 /// The VM as the test believes it is: one Vec per disk.
@@ -205,7 +161,7 @@ fn setup(env: &Env) -> Model {
 
 #[test]
 fn protect_write_point_process_and_fail_over_to_every_kind_of_point() {
-    let env = Env::new();
+    let env = Env::empty();
     let mut m = setup(&env);
     let initial = m.sums();
     let points = env.json(&["points", "vm1", "--json"]);
@@ -334,7 +290,7 @@ fn protect_write_point_process_and_fail_over_to_every_kind_of_point() {
 
 #[test]
 fn mistakes_get_one_clear_line_and_a_non_zero_exit() {
-    let env = Env::new();
+    let env = Env::empty();
     // Not a vault yet.
     let err = env.fails(&["status"], 1);
     assert!(err.contains("not a Standby vault"), "{err}");
@@ -396,7 +352,7 @@ fn mistakes_get_one_clear_line_and_a_non_zero_exit() {
 
 #[test]
 fn a_second_command_waits_for_the_lock_and_says_who_holds_it() {
-    let env = Env::new();
+    let env = Env::empty();
     let _m = setup(&env);
     let v = Vault::open(&env.vault, "the lock test", LockWait::Fail).unwrap();
     let held = v.agent("vm1").unwrap();
@@ -422,7 +378,7 @@ fn a_second_command_waits_for_the_lock_and_says_who_holds_it() {
 
 #[test]
 fn help_is_complete_with_examples() {
-    let env = Env::new();
+    let env = Env::empty();
     let top = env.ok(&["--help"]);
     for cmd in [
         "init",
@@ -454,7 +410,7 @@ fn help_is_complete_with_examples() {
 
 #[test]
 fn verify_names_damage_and_the_points_it_affects() {
-    let env = Env::new();
+    let env = Env::empty();
     let mut m = setup(&env);
     m.churn(&env.vault, 100);
     env.ok(&["point", "vm1", "--app-consistent"]);

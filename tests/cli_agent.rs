@@ -3,16 +3,12 @@
 //! whose agent is gone and a replica `verify` found damaged, and source images that two
 //! VMs or two agents may not share.
 
+mod common;
+
+use common::{free_port, interrupt, Env};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
+use std::process::{Child, Command, Stdio};
 
 impl Env {
     /// A vault with VM `vm` protected, its one disk `os` a new 4 MiB image.
@@ -22,39 +18,11 @@ impl Env {
 
     /// A vault with VM `vm` protected with the one disk `disk(root)` says.
     fn with(disk: impl FnOnce(&std::path::Path) -> String) -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let env = Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        };
+        let env = Env::empty();
         env.ok(&["init", env.vault.to_str().unwrap()]);
         let disk = disk(&env.root);
         env.ok(&["protect", "vm", "--disk", &disk]);
         env
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
-        c.args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "standby {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Run and require failure with exit status 1 and one line on stderr; returns it.
@@ -97,24 +65,6 @@ impl Env {
         assert!(first.contains("serving NBD"), "{first}");
         (child, addr)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// SIGINT, as Ctrl-C sends: the agent must stop cleanly.
-fn interrupt(child: &mut Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(child.wait().unwrap().success());
 }
 
 /// Run qemu-io commands against an NBD export; they must all succeed.

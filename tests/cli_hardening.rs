@@ -2,61 +2,19 @@
 //! output into a closed pipe ends quietly, new disks land inside the vault, hooks always
 //! thaw, failover manifests say what was chosen, point specs say exactly what is wrong.
 
-use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
+use common::Env;
+use serde_json::Value;
+use std::process::{Output, Stdio};
 
 impl Env {
-    fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
-        c.args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .env_remove("RUST_BACKTRACE")
-            .current_dir(&self.root);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "standby {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(code), "standby {args:?}: {err}");
         no_panic(&err);
         err
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
     }
 
     fn path(&self, rel: &str) -> String {
@@ -319,7 +277,7 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
 
 #[test]
 fn every_option_of_every_command_parses() {
-    let env = Env::new();
+    let env = Env::empty();
     std::fs::write(env.root.join("absent"), b"not a directory").unwrap();
     let top = env.ok(&["--help"]);
     let mut paths: Vec<Vec<String>> = Vec::new();
@@ -382,7 +340,7 @@ fn every_option_of_every_command_parses() {
 
 #[test]
 fn policy_set_app_interval_takes_a_duration_or_off() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     let out = env.ok(&["policy", "set", "x", "--app-interval", "2h"]);
     assert!(out.contains("app-consistent 2h"), "{out}");
@@ -413,7 +371,7 @@ fn into_closed_pipe(env: &Env, args: &[&str]) -> Output {
 
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
-    let env = Env::new();
+    let env = Env::empty();
     let vault = env.vault.to_str().unwrap().to_string();
     let other = env.path("other-vault");
     env.ok(&["init", &vault]);
@@ -457,7 +415,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn an_empty_standby_vault_counts_as_unset() {
-    let env = Env::new();
+    let env = Env::empty();
     let out = env
         .cmd(&["status"])
         .env("STANDBY_VAULT", "")
@@ -485,7 +443,7 @@ fn an_empty_standby_vault_counts_as_unset() {
 
 #[test]
 fn new_disks_are_created_inside_the_vault_per_vm() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     let mut created = Vec::new();
     for vm in ["vm1", "vm2"] {
@@ -533,7 +491,7 @@ fn new_disks_are_created_inside_the_vault_per_vm() {
 
 /// A VM with one small disk, protected in a fresh vault.
 fn protected() -> Env {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     env.ok(&["protect", "vm1", "--disk", "os=new:1MiB"]);
     env
@@ -633,7 +591,7 @@ fn write_block(env: &Env, fill: u8) -> u64 {
 
 #[test]
 fn a_test_failover_maps_every_network_to_its_isolated_twin() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     let protect = |vm: &str, extra: &[&str]| {
         let mut args = vec![

@@ -9,9 +9,12 @@
 //! `cargo test --test compat -- --ignored generate_vault_v1_fixture` rewrites it (only do
 //! that on purpose, with a new format version, and keep the old one as a second fixture).
 
+mod common;
+
+use common::sha;
 use serde_json::{json, Value};
 use standby_engine::record::{Consistency, Marker};
-use standby_engine::vault::{LockWait, Sha256Hex, Vault};
+use standby_engine::vault::{LockWait, Vault};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -42,12 +45,6 @@ fn ok(vault: &Path, cwd: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn sha(bytes: &[u8]) -> String {
-    let mut h = Sha256Hex::new();
-    h.update(bytes);
-    h.hex()
 }
 
 /// sha256 of each disk image in a failover directory, checked against its vm.json.

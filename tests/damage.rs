@@ -5,51 +5,18 @@
 //! layer still fails over and mounts bit-exact, a point that reads it is refused in one
 //! line naming the file; processing stops for `a` only.
 
+mod common;
+
+use common::{free_port, sha, Env};
 use serde_json::Value;
-use standby_engine::vault::{LockWait, Sha256Hex, Vault};
+use standby_engine::vault::{LockWait, Vault};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 const DISK_BYTES: usize = 4 << 20;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
-
 impl Env {
-    fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_standby"))
-            .args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "standby {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     /// Run and require exit 1 with one line on stderr (no panic); returns that line.
     fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
@@ -78,10 +45,6 @@ impl Env {
         child
     }
 
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     /// Write `fill` over `len` bytes at `offset` of a VM's only disk, through its agent.
     fn write(&self, vm: &str, offset: usize, len: usize, fill: u8, model: &mut [u8]) {
         let v = Vault::open(&self.vault, "test", LockWait::Block).unwrap();
@@ -105,20 +68,6 @@ impl Env {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn sha(bytes: &[u8]) -> String {
-    let mut h = Sha256Hex::new();
-    h.update(bytes);
-    h.hex()
-}
-
 fn status_of<'a>(st: &'a Value, vm: &str) -> &'a Value {
     st["vms"]
         .as_array()
@@ -130,7 +79,7 @@ fn status_of<'a>(st: &'a Value, vm: &str) -> &'a Value {
 
 #[test]
 fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     let mut models = Vec::new();
     for vm in ["a", "b"] {
@@ -299,7 +248,7 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
 /// fail in one line naming the file, its status is critical, and the other VM is unaffected.
 #[test]
 fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     for vm in ["a", "b"] {
         std::fs::write(env.root.join(format!("{vm}.raw")), vec![3u8; DISK_BYTES]).unwrap();
@@ -335,7 +284,7 @@ fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
 /// other VM's status is unaffected.
 #[test]
 fn a_damaged_change_log_makes_only_its_vm_critical() {
-    let env = Env::new();
+    let env = Env::empty();
     env.ok(&["init", env.vault.to_str().unwrap()]);
     for vm in ["a", "b"] {
         std::fs::write(env.root.join(format!("{vm}.raw")), vec![5u8; DISK_BYTES]).unwrap();

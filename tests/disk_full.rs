@@ -11,6 +11,9 @@
 //! filesystem. The log is capped (64 MiB) only so that its segments stay small enough to
 //! trim; the cap is above the free space, so the log fails with ENOSPC before it is full.
 
+mod common;
+
+use common::free_port;
 use serde_json::Value;
 use standby_engine::vault::Sha256Hex;
 use std::io::{BufRead, BufReader};
@@ -69,14 +72,6 @@ fn standby(vault: &Path, args: &[&str]) -> String {
 fn status(vault: &Path) -> Value {
     let st: Value = serde_json::from_str(&standby(vault, &["status", "--json"])).unwrap();
     st["vms"][0].clone()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn avail_mib(dir: &Path) -> u64 {

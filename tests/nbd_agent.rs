@@ -4,8 +4,10 @@
 //! qemu-io wrote, the same points read through `standby mount`, a writable mount that leaves
 //! its point unchanged, and kill -9 of the agent in the middle of a burst.
 
+mod common;
+
+use common::{free_port, interrupt, qemu_io, sha, Env};
 use serde_json::Value;
-use standby_engine::vault::Sha256Hex;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,33 +15,13 @@ use std::process::{Child, Command, Stdio};
 const OS: usize = 16 << 20;
 const DATA: usize = 8 << 20;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Env {
     fn new() -> Env {
         Env::with(&[])
     }
 
     fn with(extra: &[&str]) -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let env = Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        };
+        let env = Env::empty();
         env.ok(&["init", env.vault.to_str().unwrap()]);
         let os = format!("os=new:{}MiB", OS >> 20);
         let data = format!("data=new:{}MiB", DATA >> 20);
@@ -63,24 +45,6 @@ impl Env {
         st["vms"][0]["state"].as_str().unwrap().to_string()
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
-        c.args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root);
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "standby {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     /// Start a long-running command and wait for its first line of output (it is serving).
     fn serve(&self, args: &[&str]) -> Child {
         let mut child = self
@@ -99,42 +63,6 @@ impl Env {
         );
         child
     }
-}
-
-/// SIGINT, as Ctrl-C sends: the child must stop cleanly with status 0.
-fn interrupt(child: &mut Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "clean stop on SIGINT, got {status}");
-}
-
-fn qemu_io(url: &str, cmds: &[String]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.arg(url).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("fail"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
-}
-
-fn sha(b: &[u8]) -> String {
-    let mut h = Sha256Hex::new();
-    h.update(b);
-    h.hex()
 }
 
 /// What qemu-io wrote, applied to a byte model of each disk.
@@ -329,11 +257,11 @@ fn qemu_io_through_the_agent_then_every_point_by_failover_and_by_mount() {
     qemu_io(
         &format!("nbd://{maddr}/os"),
         &[
-            "write -P 0x77 0 2M".into(),
-            "write -z 3M 64k".into(),
-            "read -P 0x77 0 2M".into(),
-            "read -P 0 3M 64k".into(),
-            "read -P 0x14 5M 4k".into(),
+            "write -P 0x77 0 2M",
+            "write -z 3M 64k",
+            "read -P 0x77 0 2M",
+            "read -P 0 3M 64k",
+            "read -P 0x14 5M 4k",
         ],
     );
     interrupt(&mut mount);
@@ -574,7 +502,7 @@ fn a_filesystem_written_through_the_agent_mounts_from_a_recovery_point() {
     }
     env.ok(&["point", "vm", "--app-consistent", "--name", "fs"]);
     // Later writes must not show up in the point.
-    qemu_io(&format!("nbd://{addr}/os"), &["write -P 0xee 0 1M".into()]);
+    qemu_io(&format!("nbd://{addr}/os"), &["write -P 0xee 0 1M"]);
     interrupt(&mut agent);
 
     let port = free_port();

@@ -4,58 +4,22 @@
 //! libnbd would drop the connection over, the errno the spec gives each refusal, flags
 //! that do not apply to a command, block sizes sent unasked, the default export's name.
 
+mod common;
+
+use common::{free_port, Env};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 const OS: u64 = 16 << 20;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Env {
     /// A vault protecting `vm`, whose disk `os` is a sparse source image.
     fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let env = Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        };
+        let env = Env::empty();
         env.ok(&["init", env.vault.to_str().unwrap()]);
         let os = format!("os=new:{}MiB", OS >> 20);
         env.ok(&["protect", "vm", "--disk", &os]);
         env
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
-        c.args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root);
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "standby {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Start a long-running server and wait for its first line (it is serving); stopped

@@ -5,8 +5,10 @@
 //! for the agent only as long as `--wait` says, names it when it gives up, and proceeds as
 //! soon as the agent has stopped.
 
+mod common;
+
+use common::{free_port, interrupt, qemu_io, sha, Env};
 use serde_json::Value;
-use standby_engine::vault::Sha256Hex;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,29 +20,9 @@ const DATA: usize = 8 << 20;
 /// The background writer's block: block i of `data` gets pattern i % 250 + 1.
 const BLOCK: usize = 64 << 10;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    vault: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Env {
     fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let env = Env {
-            vault: root.join("vault"),
-            root,
-            _tmp: tmp,
-        };
+        let env = Env::empty();
         env.ok(&["init", env.vault.to_str().unwrap()]);
         let (os, data) = (
             root_disk(&env.root, "os", OS),
@@ -48,28 +30,6 @@ impl Env {
         );
         env.ok(&["protect", "vm", "--disk", &os, "--disk", &data]);
         env
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_standby"));
-        c.args(args)
-            .env("STANDBY_VAULT", &self.vault)
-            .current_dir(&self.root);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "standby {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Start a long-running command; returns it once it printed its first line.
@@ -96,40 +56,6 @@ fn root_disk(root: &Path, name: &str, size: usize) -> String {
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(size as u64).unwrap();
     format!("{name}={}", p.display())
-}
-
-fn interrupt(child: &mut Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "clean stop on SIGINT, got {status}");
-}
-
-fn qemu_io(url: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.arg(url).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("fail"),
-        "qemu-io {cmds:?}: {text}"
-    );
-}
-
-fn sha(b: &[u8]) -> String {
-    let mut h = Sha256Hex::new();
-    h.update(b);
-    h.hex()
 }
 
 /// How many leading blocks of `data` hold the writer's patterns; the rest must be zero,
