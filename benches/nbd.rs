@@ -1,5 +1,5 @@
 //! `nbd`: the agent's and the mount's NBD servers against `qemu-nbd`, driven by one NBD
-//! client (below, in this file) over loopback TCP, both sides in the same run, each
+//! client (`benches/users/client.rs`, which the `users` bench shares) over loopback TCP, both sides in the same run, each
 //! Standby iteration right after a qemu-nbd one.
 //!
 //! Writes go through the agent's block device (the write tap over a freshly protected
@@ -26,29 +26,30 @@
 //! [`diagnose`]): both servers at 1 and 16 requests in flight, the NBD server over a plain
 //! file, and the agent's and the view's devices called directly, with write latencies.
 
+#[allow(dead_code)] // this bench drives pipelined patterns only
+#[path = "users/client.rs"]
+mod client;
 mod common;
 
+use client::{drive, ops, Op, Pattern, Xorshift, EXPORT};
 use common::{print_ratios, Ratio};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use standby_engine::agent::{Agent, AgentDisk, SourceDisk};
 use standby_engine::cache::{Cache, CacheConfig};
 use standby_engine::mount::MountDisk;
-use standby_engine::nbd::proto::*;
 use standby_engine::nbd::{BlockDevice, DevError, DevResult, ExportList, Server, ServerConfig};
 use standby_engine::record::Consistency;
 use standby_engine::vault::{DiskSource, LockWait, NoProgress, PointSpec, ProtectRequest, Vault};
-use std::io::{self, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const EXPORT: &str = "os";
 const DISK_BYTES: u64 = 256 << 20;
 const SEQ_BYTES: u64 = 256 << 20;
 const RANDOM_BYTES: u64 = 64 << 20;
@@ -57,282 +58,6 @@ const QUEUE_DEPTH: usize = 16;
 const POOL_BYTES: usize = 64 << 20;
 /// Rounds of random 64 KiB writes after the full write of the read case's disk.
 const ROUNDS: u64 = 10;
-
-// ---------------------------------------------------------------------------------------
-// The client.
-
-/// What the client sends.
-#[derive(Clone, Copy)]
-enum Pattern {
-    /// `total` bytes written in order from offset 0, `req` bytes a request.
-    SeqWrite { req: u32, total: u64 },
-    /// `total` bytes written `req` bytes at a time at random `req`-aligned offsets.
-    RandomWrite { req: u32, total: u64 },
-    /// The whole export read in order, `req` bytes a request.
-    SeqRead { req: u32 },
-}
-
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The cookie carries a read's offset and length (in sectors), so replies to reads can be
-/// consumed (and checked) in whatever order the server sends them.
-fn cookie(offset: u64, read_len: u32) -> u64 {
-    ((offset >> 9) << 24) | (read_len as u64 >> 9)
-}
-
-fn bad(what: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-/// Fixed newstyle handshake with NBD_OPT_GO (simple replies): the export's size.
-fn handshake(s: &mut TcpStream, name: &str) -> io::Result<u64> {
-    let mut greet = [0u8; 18];
-    s.read_exact(&mut greet)?;
-    let magic = u64::from_be_bytes(greet[0..8].try_into().unwrap());
-    let opt = u64::from_be_bytes(greet[8..16].try_into().unwrap());
-    let hflags = u16::from_be_bytes([greet[16], greet[17]]);
-    if magic != NBDMAGIC || opt != IHAVEOPT || hflags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(bad("not a fixed newstyle NBD server".into()));
-    }
-    let mut cflags = FLAG_C_FIXED_NEWSTYLE;
-    if hflags & FLAG_NO_ZEROES != 0 {
-        cflags |= FLAG_C_NO_ZEROES;
-    }
-    let mut msg = cflags.to_be_bytes().to_vec();
-    let mut data = (name.len() as u32).to_be_bytes().to_vec();
-    data.extend_from_slice(name.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    msg.extend_from_slice(&OPT_GO.to_be_bytes());
-    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    msg.extend_from_slice(&data);
-    s.write_all(&msg)?;
-    let mut size = None;
-    loop {
-        let mut h = [0u8; 8];
-        s.read_exact(&mut h)?;
-        if u64::from_be_bytes(h) != REPLY_MAGIC_OPT {
-            return Err(bad("bad option reply magic".into()));
-        }
-        let _opt = read_u32(s)?;
-        let kind = read_u32(s)?;
-        let len = read_u32(s)?;
-        let mut d = vec![0u8; len as usize];
-        s.read_exact(&mut d)?;
-        match kind {
-            REP_ACK => break,
-            REP_INFO if d.len() >= 10 && u16::from_be_bytes([d[0], d[1]]) == INFO_EXPORT => {
-                size = Some(u64::from_be_bytes(d[2..10].try_into().unwrap()));
-            }
-            REP_INFO => {}
-            k => {
-                return Err(bad(format!(
-                    "NBD_OPT_GO refused ({k:#x}): {}",
-                    String::from_utf8_lossy(&d)
-                )))
-            }
-        }
-    }
-    size.ok_or_else(|| bad("no export info".into()))
-}
-
-/// Reads simple replies until the server hangs up; tells the sender of each completion.
-/// With `check`, returns an order-independent digest of what the reads returned.
-fn reply_reader(
-    mut s: TcpStream,
-    done: mpsc::Sender<Result<(), String>>,
-    check: bool,
-) -> io::Result<u64> {
-    let mut r = io::BufReader::with_capacity(1 << 20, &mut s);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut digest = 0u64;
-    loop {
-        let mut h = [0u8; 16];
-        match r.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(digest),
-            Err(e) => return Err(e),
-        }
-        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(bad(format!("bad reply magic {magic:#x}")));
-        }
-        let errno = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let c = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let len = ((c & 0xff_ffff) << 9) as usize;
-        if errno != 0 {
-            let _ = done.send(Err(format!("request {c:#x} failed with errno {errno}")));
-            continue;
-        }
-        if len > 0 {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            r.read_exact(&mut buf[..len])?;
-            if check {
-                let mut hs = crc32fast::Hasher::new();
-                hs.update(&(c >> 24).to_le_bytes());
-                hs.update(&buf[..len]);
-                digest = digest.wrapping_add(hs.finalize() as u64);
-            }
-        }
-        if done.send(Ok(())).is_err() {
-            return Ok(digest);
-        }
-    }
-}
-
-struct Sender {
-    w: BufWriter<TcpStream>,
-    done: mpsc::Receiver<Result<(), String>>,
-    inflight: usize,
-    depth: usize,
-    next: u64,
-}
-
-impl Sender {
-    fn complete_one(&mut self) {
-        self.w.flush().expect("send");
-        match self.done.recv() {
-            Ok(Ok(())) => self.inflight -= 1,
-            Ok(Err(e)) => panic!("{e}"),
-            Err(_) => panic!("the server hung up"),
-        }
-    }
-
-    fn send(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) {
-        while self.inflight >= self.depth {
-            self.complete_one();
-        }
-        // Reads are told apart by offset; the rest by a counter (cookies stay unique).
-        self.next += 1;
-        let cookie = if command == CMD_READ {
-            cookie(offset, length)
-        } else {
-            cookie(self.next << 9, 0)
-        };
-        let req = Request {
-            flags: 0,
-            command,
-            cookie,
-            offset,
-            length,
-        };
-        self.w.write_all(&req.encode()).expect("send");
-        self.w.write_all(payload).expect("send");
-        self.w.flush().expect("send");
-        self.inflight += 1;
-    }
-
-    fn barrier(&mut self) {
-        while self.inflight > 0 {
-            self.complete_one();
-        }
-    }
-
-    /// Wait for the writes sent, then FLUSH and wait for it.
-    fn flush_barrier(&mut self) {
-        self.barrier();
-        self.send(CMD_FLUSH, 0, 0, &[]);
-        self.barrier();
-    }
-}
-
-/// One step of a pattern. `Flush` means: wait for the writes sent, FLUSH, wait for it.
-enum Op<'a> {
-    Write(u64, &'a [u8]),
-    Read(u64, u32),
-    Flush,
-}
-
-/// The requests of `pattern`, in order (write data sliced from `pool`).
-fn ops(pattern: Pattern, pool: &[u8]) -> impl Iterator<Item = Op<'_>> {
-    let slice = move |i: u64, len: usize| {
-        let steps = ((pool.len() - len) / 4096) as u64;
-        let at = ((i * 7919) % steps) as usize * 4096;
-        &pool[at..at + len]
-    };
-    let (req, count, write, random) = match pattern {
-        Pattern::SeqWrite { req, total } => (req, total / req as u64, true, false),
-        Pattern::RandomWrite { req, total } => (req, total / req as u64, true, true),
-        Pattern::SeqRead { req } => (req, DISK_BYTES / req as u64, false, false),
-    };
-    let per_flush = FLUSH_EVERY / req as u64;
-    let slots = DISK_BYTES / req as u64;
-    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
-    (0..count).flat_map(move |i| {
-        let slot = if random { rng.next() % slots } else { i };
-        let offset = slot * req as u64;
-        let op = if write {
-            Op::Write(offset, slice(i, req as usize))
-        } else {
-            Op::Read(offset, req)
-        };
-        let flush = write && ((i + 1) % per_flush == 0 || i + 1 == count);
-        std::iter::once(op).chain(flush.then_some(Op::Flush))
-    })
-}
-
-/// Connect, run `pattern` against the export with `depth` requests in flight, disconnect.
-/// Returns the time from the first request to the last reply, and (with `check`) the
-/// digest of what was read.
-fn drive(
-    addr: SocketAddr,
-    pattern: Pattern,
-    pool: &[u8],
-    depth: usize,
-    check: bool,
-) -> (Duration, u64) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let size = handshake(&mut s, EXPORT).expect("handshake");
-    assert_eq!(size, DISK_BYTES, "export size");
-    let (tx, rx) = mpsc::channel();
-    let rs = s.try_clone().expect("clone");
-    let reader = std::thread::Builder::new()
-        .name("client-replies".into())
-        .spawn(move || reply_reader(rs, tx, check))
-        .expect("reader thread");
-    let mut c = Sender {
-        w: BufWriter::with_capacity(256 << 10, s.try_clone().expect("clone")),
-        done: rx,
-        inflight: 0,
-        depth,
-        next: 0,
-    };
-    let start = Instant::now();
-    for op in ops(pattern, pool) {
-        match op {
-            Op::Write(offset, data) => c.send(CMD_WRITE, offset, data.len() as u32, data),
-            Op::Read(offset, len) => c.send(CMD_READ, offset, len, &[]),
-            Op::Flush => c.flush_barrier(),
-        }
-    }
-    c.barrier();
-    let took = start.elapsed();
-    c.send(CMD_DISC, 0, 0, &[]);
-    // Every reply is in; the agent's and the mount's server keep the socket open after
-    // NBD_CMD_DISC (until the server stops), so hang up here rather than wait for them.
-    let _ = s.shutdown(Shutdown::Both);
-    drop(c);
-    let digest = reader.join().expect("reader").expect("replies");
-    (took, digest)
-}
 
 // ---------------------------------------------------------------------------------------
 // The servers.
@@ -477,7 +202,7 @@ fn standby_write(pattern: Pattern, pool: &[u8], depth: usize, check: bool) -> (D
     let disk = AgentDisk::new(agent.clone(), 0).expect("agent disk");
     let drainer = Drainer::start(agent.clone());
     let mut server = serve(Arc::new(disk));
-    let (took, _) = drive(server.local_addr(), pattern, pool, depth, false);
+    let (took, _) = drive(server.local_addr(), DISK_BYTES, pattern, pool, depth, false);
     server.stop();
     drop(server);
     drop(drainer);
@@ -498,7 +223,7 @@ fn qemu_write(pattern: Pattern, pool: &[u8], depth: usize, check: bool) -> (Dura
     f.set_len(DISK_BYTES).expect("raw size");
     f.sync_all().expect("raw sync");
     let q = QemuNbd::start(&image, false);
-    let (took, _) = drive(q.addr, pattern, pool, depth, false);
+    let (took, _) = drive(q.addr, DISK_BYTES, pattern, pool, depth, false);
     drop(q);
     let crc = if check { file_crc(&image) } else { 0 };
     (took, crc)
@@ -536,6 +261,7 @@ fn writes(c: &mut Criterion) {
             Pattern::SeqWrite {
                 req: 64 << 10,
                 total: SEQ_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
         (
@@ -544,6 +270,7 @@ fn writes(c: &mut Criterion) {
             Pattern::SeqWrite {
                 req: 1 << 20,
                 total: SEQ_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
         (
@@ -552,6 +279,8 @@ fn writes(c: &mut Criterion) {
             Pattern::RandomWrite {
                 req: 4096,
                 total: RANDOM_BYTES,
+                disk: DISK_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
     ];
@@ -600,7 +329,7 @@ fn print_iops(cases: &[(&str, &str, Pattern)]) {
         let req = match p {
             Pattern::SeqWrite { req, .. }
             | Pattern::RandomWrite { req, .. }
-            | Pattern::SeqRead { req } => *req as f64,
+            | Pattern::SeqRead { req, .. } => *req as f64,
         };
         if let (Some(c), Some(f)) = (common::median_rate(case), common::median_rate(floor)) {
             println!(
@@ -665,20 +394,33 @@ fn reads(c: &mut Criterion) {
         (
             "read/standby-mount/seq-64k",
             "floor/qemu-nbd-raw/seq-64k",
-            Pattern::SeqRead { req: 64 << 10 },
+            Pattern::SeqRead {
+                req: 64 << 10,
+                disk: DISK_BYTES,
+            },
         ),
         (
             "read/standby-mount/seq-1m",
             "floor/qemu-nbd-raw/seq-1m",
-            Pattern::SeqRead { req: 1 << 20 },
+            Pattern::SeqRead {
+                req: 1 << 20,
+                disk: DISK_BYTES,
+            },
         ),
     ];
     let mut g = group(c, "nbd-read");
     g.throughput(Throughput::Bytes(DISK_BYTES));
     for (case, floor, pattern) in cases {
         // Both servers must serve the point's bytes.
-        let (_, s) = drive(server.local_addr(), pattern, &[], QUEUE_DEPTH, true);
-        let (_, q) = drive(qemu.addr, pattern, &[], QUEUE_DEPTH, true);
+        let (_, s) = drive(
+            server.local_addr(),
+            DISK_BYTES,
+            pattern,
+            &[],
+            QUEUE_DEPTH,
+            true,
+        );
+        let (_, q) = drive(qemu.addr, DISK_BYTES, pattern, &[], QUEUE_DEPTH, true);
         assert_eq!(s, q, "{case}: the mount serves other bytes than qemu-nbd");
         g.bench_function(case, |b| {
             b.iter_custom(|iters| {
@@ -687,8 +429,18 @@ fn reads(c: &mut Criterion) {
                     floor,
                     DISK_BYTES,
                     iters,
-                    || drive(server.local_addr(), pattern, &[], QUEUE_DEPTH, false).0,
-                    || drive(qemu.addr, pattern, &[], QUEUE_DEPTH, false).0,
+                    || {
+                        drive(
+                            server.local_addr(),
+                            DISK_BYTES,
+                            pattern,
+                            &[],
+                            QUEUE_DEPTH,
+                            false,
+                        )
+                        .0
+                    },
+                    || drive(qemu.addr, DISK_BYTES, pattern, &[], QUEUE_DEPTH, false).0,
                 )
             })
         });
@@ -778,7 +530,7 @@ fn file_server_write(pattern: Pattern, pool: &[u8], depth: usize) -> Duration {
     let image = dir.path().join("os.raw");
     fresh_raw(&image);
     let server = serve(Arc::new(file_dev(&image)));
-    drive(server.local_addr(), pattern, pool, depth, false).0
+    drive(server.local_addr(), DISK_BYTES, pattern, pool, depth, false).0
 }
 
 /// Latencies of single requests, for the stall report.
@@ -883,6 +635,7 @@ fn diagnose(_c: &mut Criterion) {
             Pattern::SeqWrite {
                 req: 64 << 10,
                 total: SEQ_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
         (
@@ -890,6 +643,7 @@ fn diagnose(_c: &mut Criterion) {
             Pattern::SeqWrite {
                 req: 1 << 20,
                 total: SEQ_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
         (
@@ -897,6 +651,8 @@ fn diagnose(_c: &mut Criterion) {
             Pattern::RandomWrite {
                 req: 4096,
                 total: RANDOM_BYTES,
+                disk: DISK_BYTES,
+                flush_every: FLUSH_EVERY,
             },
         ),
     ] {
@@ -904,8 +660,10 @@ fn diagnose(_c: &mut Criterion) {
             continue;
         }
         let (req, bytes) = match pattern {
-            Pattern::SeqWrite { req, total } | Pattern::RandomWrite { req, total } => (req, total),
-            Pattern::SeqRead { req } => (req, DISK_BYTES),
+            Pattern::SeqWrite { req, total, .. } | Pattern::RandomWrite { req, total, .. } => {
+                (req, total)
+            }
+            Pattern::SeqRead { req, .. } => (req, DISK_BYTES),
         };
         println!("write {name}:");
         for depth in [1, QUEUE_DEPTH] {
@@ -956,13 +714,18 @@ fn diagnose(_c: &mut Criterion) {
     let plain = serve(Arc::new(file_dev(&raw)));
     let qemu = QemuNbd::start(&raw, true);
     for req in [64u32 << 10, 1 << 20] {
-        let pattern = Pattern::SeqRead { req };
+        let pattern = Pattern::SeqRead {
+            req,
+            disk: DISK_BYTES,
+        };
         println!("read seq-{}k:", req >> 10);
         for depth in [1, QUEUE_DEPTH] {
-            let q = median_of(n, || drive(qemu.addr, pattern, &[], depth, false).0);
+            let q = median_of(n, || {
+                drive(qemu.addr, DISK_BYTES, pattern, &[], depth, false).0
+            });
             diag_line(&format!("qemu-nbd, {depth} in flight"), DISK_BYTES, req, q);
             let s = median_of(n, || {
-                drive(server.local_addr(), pattern, &[], depth, false).0
+                drive(server.local_addr(), DISK_BYTES, pattern, &[], depth, false).0
             });
             diag_line(
                 &format!("mount over NBD, {depth} in flight"),
@@ -972,7 +735,15 @@ fn diagnose(_c: &mut Criterion) {
             );
         }
         let f = median_of(n, || {
-            drive(plain.local_addr(), pattern, &[], QUEUE_DEPTH, false).0
+            drive(
+                plain.local_addr(),
+                DISK_BYTES,
+                pattern,
+                &[],
+                QUEUE_DEPTH,
+                false,
+            )
+            .0
         });
         diag_line(
             "NBD server over the raw image, 16 in flight",

@@ -1,5 +1,5 @@
-//! A pipelined NBD client (fixed newstyle, NBD_OPT_GO, simple replies), adapted from the
-//! one in `benches/nbd.rs`: `depth` requests in flight, a reply-reader thread, FLUSH
+//! A pipelined NBD client (fixed newstyle, NBD_OPT_GO, simple replies), shared by the
+//! `users` and the `nbd` bench: `depth` requests in flight, a reply-reader thread, FLUSH
 //! barriers; plus a one-at-a-time FUA writer that records each write's latency.
 
 use standby_engine::nbd::proto::*;
@@ -34,10 +34,11 @@ pub enum Pattern {
     SeqRead { req: u32, disk: u64 },
 }
 
-struct Xorshift(u64);
+/// A small deterministic generator (xorshift64) for offsets.
+pub struct Xorshift(pub u64);
 
 impl Xorshift {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
