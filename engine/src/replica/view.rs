@@ -84,7 +84,12 @@ type CachedExtent = ((u64, u64), Arc<Vec<u8>>);
 struct ExtentCache {
     entries: std::collections::VecDeque<CachedExtent>,
     loading: Vec<(u64, u64)>,
+    /// Memory of evicted extents, reused by the next decodes.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted extents' buffers kept for reuse.
+const SPARE_EXTENTS: usize = 4;
 
 /// Decoded extents a view keeps, by count and by bytes.
 const EXTENT_CACHE_ENTRIES: usize = 16;
@@ -181,10 +186,11 @@ impl View {
                 self.decoded.wait(&mut cache);
             }
         }
+        let mut out = self.cache.lock().spare.pop().unwrap_or_default();
         let result = self
             .store
-            .read_extent(r.file_id, r.frame_offset, r.frame_len)
-            .map(Arc::new);
+            .read_extent_into(r.file_id, r.frame_offset, r.frame_len, &mut out)
+            .map(|()| Arc::new(out));
         let mut cache = self.cache.lock();
         cache.loading.retain(|k| *k != key);
         if let Ok(data) = &result {
@@ -198,7 +204,19 @@ impl View {
                 bytes += d.len();
                 keep += 1;
             }
-            cache.entries.truncate(keep.max(1));
+            let keep = keep.max(1);
+            while cache.entries.len() > keep {
+                // Keep the memory of evicted extents no reader holds any more, for the
+                // next decode (fresh allocations cost page faults and zero-fill).
+                let Some((_, evicted)) = cache.entries.pop_back() else {
+                    break;
+                };
+                if cache.spare.len() < SPARE_EXTENTS {
+                    if let Ok(v) = Arc::try_unwrap(evicted) {
+                        cache.spare.push(v);
+                    }
+                }
+            }
         }
         drop(cache);
         self.decoded.notify_all();
@@ -233,11 +251,15 @@ impl View {
                     d.size_bytes
                 ))
             })?;
-        buf.fill(0);
+        // Zero only what no piece covers (holes), not the whole buffer first.
+        let mut filled = 0usize;
         for (s, l, r) in map.overlapping(offset, end) {
             let at = (s - offset) as usize;
+            buf[filled..at].fill(0);
             self.copy_piece(&r, &mut buf[at..at + l as usize])?;
+            filled = at + l as usize;
         }
+        buf[filled..].fill(0);
         Ok(())
     }
 
