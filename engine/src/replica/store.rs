@@ -80,8 +80,11 @@ impl Store {
         }
         FRAME.with(|frame| {
             let mut frame = frame.borrow_mut();
-            frame.resize(frame_len as usize, 0);
-            let r = self.read_frame_into(file_id, frame_offset, &mut frame, out);
+            let n = frame_len as usize;
+            if frame.len() < n {
+                frame.resize(n, 0); // grown only: shrinking and regrowing would zero again
+            }
+            let r = self.read_frame_into(file_id, frame_offset, &mut frame[..n], out);
             if frame.capacity() > FRAME_KEEP_BYTES {
                 *frame = Vec::new(); // a rare huge frame: do not hold its memory
             }
