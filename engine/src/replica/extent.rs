@@ -290,7 +290,11 @@ pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), FormatEr
 /// The logical data of a verified data frame's body.
 /// [`decode_body`] into `out` (its old contents and capacity reused: no allocation and no
 /// zero-fill when it is already large enough).
-pub fn decode_body_into(body: &[u8], h: &FrameHeader, out: &mut Vec<u8>) -> Result<(), FormatError> {
+pub fn decode_body_into(
+    body: &[u8],
+    h: &FrameHeader,
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
     if h.flags & FLAG_LZ4 == 0 {
         out.clear();
         out.extend_from_slice(body);

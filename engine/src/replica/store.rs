@@ -111,7 +111,7 @@ impl Store {
                 format!("extent frame cut short: {n} of {frame_len} bytes present"),
             ));
         }
-        let h = FrameHeader::parse(&buf, file_id).map_err(fail)?;
+        let h = FrameHeader::parse(buf, file_id).map_err(fail)?;
         if h.frame_bytes() != buf.len() || h.kind != KIND_DATA {
             return Err(Error::corrupt(
                 &path,
@@ -119,7 +119,7 @@ impl Store {
                 "extent frame does not match the index entry that references it",
             ));
         }
-        verify_frame(&buf, &h, file_id).map_err(fail)?;
+        verify_frame(buf, &h, file_id).map_err(fail)?;
         let body = &buf[super::extent::FRAME_HEADER_BYTES..h.frame_bytes() - 4];
         decode_body_into(body, &h, out).map_err(fail)
     }
