@@ -74,6 +74,11 @@ pub trait Vfs: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
     /// fsync the directory so that created, renamed and removed entries survive a power loss.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Remove a directory and everything in it; durable once its parent is synced.
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Rename a directory (the destination must not exist, or be an empty directory);
+    /// durable once the destination's parent is synced.
+    fn rename_dir(&self, from: &Path, to: &Path) -> io::Result<()>;
 }
 
 /// The real filesystem.
@@ -199,6 +204,12 @@ impl Vfs for RealFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::remove_dir_all(dir)
+    }
+    fn rename_dir(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
 }
 
 /// Contents of one simulated file.
@@ -219,11 +230,17 @@ struct SimDir {
     live: BTreeMap<String, Arc<SimFile>>,
     /// name -> file, as a power loss would leave it.
     durable: BTreeMap<String, Arc<SimFile>>,
+    /// Where a power loss would leave this directory, when that differs from where it is
+    /// now: its path before a rename whose parent was not synced yet (see `rename_dir`).
+    durable_at: Option<PathBuf>,
 }
 
 #[derive(Default)]
 struct SimInner {
     dirs: Mutex<BTreeMap<PathBuf, SimDir>>,
+    /// Directories removed while their parent was not synced yet: a power loss brings
+    /// them back, at these paths.
+    removed: Mutex<Vec<(PathBuf, SimDir)>>,
     syncs: AtomicU64,
     /// Fail every sync from this count on (1-based); 0 = never.
     fail_at_sync: AtomicU64,
@@ -270,7 +287,10 @@ impl SimInner {
 
     fn take_snapshot(&self) -> Snapshot {
         let dirs = self.dirs.lock();
+        let removed = self.removed.lock();
         dirs.iter()
+            .map(|(p, d)| (d.durable_at.as_ref().unwrap_or(p), d))
+            .chain(removed.iter().map(|(p, d)| (p, d)))
             .map(|(p, d)| {
                 let files = d
                     .durable
@@ -467,6 +487,8 @@ impl Vfs for SimFs {
         // Directories themselves are treated as durable once created: the engine creates
         // its directories before any data goes in them.
         self.inner.dirs.lock().entry(dir.to_path_buf()).or_default();
+        // A directory made where one was removed replaces it, durable as creation is.
+        self.inner.removed.lock().retain(|(p, _)| p != dir);
         Ok(())
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -535,6 +557,69 @@ impl Vfs for SimFs {
         let mut dirs = self.inner.dirs.lock();
         let d = dirs.get_mut(dir).ok_or_else(not_found)?;
         d.durable = d.live.clone();
+        // Renames and removals of the directories inside it are now durable too.
+        for (p, d) in dirs.iter_mut() {
+            if p.parent() == Some(dir) {
+                d.durable_at = None;
+            }
+        }
+        self.inner
+            .removed
+            .lock()
+            .retain(|(p, _)| p.parent() != Some(dir));
+        Ok(())
+    }
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        let mut dirs = self.inner.dirs.lock();
+        if !dirs.contains_key(dir) {
+            return Err(not_found());
+        }
+        let gone: Vec<PathBuf> = dirs
+            .keys()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        let mut removed = self.inner.removed.lock();
+        for p in gone {
+            if let Some(d) = dirs.remove(&p) {
+                // Only the top's entry waits for its parent's sync; what is inside goes
+                // with it.
+                let at = d.durable_at.clone().unwrap_or(p);
+                removed.push((at, d));
+            }
+        }
+        Ok(())
+    }
+    fn rename_dir(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        let mut dirs = self.inner.dirs.lock();
+        if dirs.get(to).is_some_and(|d| !d.live.is_empty())
+            || dirs.keys().any(|p| p != to && p.starts_with(to))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::DirectoryNotEmpty,
+                "directory not empty",
+            ));
+        }
+        let moving: Vec<PathBuf> = dirs
+            .keys()
+            .filter(|p| p.starts_with(from))
+            .cloned()
+            .collect();
+        if moving.is_empty() {
+            return Err(not_found());
+        }
+        dirs.remove(to);
+        for p in moving {
+            if let Some(mut d) = dirs.remove(&p) {
+                let rest = p.strip_prefix(from).unwrap_or(Path::new(""));
+                if d.durable_at.is_none() {
+                    d.durable_at = Some(p.clone());
+                }
+                dirs.insert(to.join(rest), d);
+            }
+        }
         Ok(())
     }
 }
@@ -554,6 +639,38 @@ impl SimFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directory_renames_and_removals_are_durable_once_the_parent_is_synced() {
+        let fs = SimFs::new();
+        for d in ["/p", "/p/old", "/p/tmp"] {
+            fs.create_dir_all(Path::new(d)).unwrap();
+        }
+        for (d, b) in [("/p/old/f", 1u8), ("/p/tmp/f", 2)] {
+            let f = fs.create_new(Path::new(d)).unwrap();
+            f.write_all_at(&[b], 0).unwrap();
+            f.sync_data().unwrap();
+        }
+        fs.sync_dir(Path::new("/p/old")).unwrap();
+        fs.sync_dir(Path::new("/p/tmp")).unwrap();
+        fs.remove_dir_all(Path::new("/p/old")).unwrap();
+        fs.rename_dir(Path::new("/p/tmp"), Path::new("/p/old"))
+            .unwrap();
+        let read = |fs: &SimFs, p: &str| {
+            let mut b = [0u8; 1];
+            fs.open(Path::new(p)).unwrap().read_at(&mut b, 0).unwrap();
+            b[0]
+        };
+        assert_eq!(read(&fs, "/p/old/f"), 2);
+        // Not synced yet: a power loss brings back the old directory and the old name.
+        let lost = fs.crash(0);
+        assert_eq!(read(&lost, "/p/old/f"), 1);
+        assert_eq!(read(&lost, "/p/tmp/f"), 2);
+        fs.sync_dir(Path::new("/p")).unwrap();
+        let kept = fs.crash(0);
+        assert_eq!(read(&kept, "/p/old/f"), 2);
+        assert!(!kept.exists(Path::new("/p/tmp")));
+    }
 
     #[test]
     fn unsynced_data_and_entries_vanish_on_power_loss() {

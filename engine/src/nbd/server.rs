@@ -129,11 +129,19 @@ fn serve_tcp(stream: TcpStream, exports: Arc<dyn Exports>, config: ServerConfig)
     match session.handshake()? {
         Some(dev) => {
             stream.set_read_timeout(None)?;
-            session.transmit(dev)
+            session.w.flush()?;
+            // Replies go out whole as they are ready: a small buffer gathers a header-only
+            // reply, while a read's header and data pass straight to one writev.
+            let w = BufWriter::with_capacity(REPLY_BUFFER_BYTES, stream.try_clone()?);
+            let meta = session.meta.is_some();
+            super::transmit::serve(session.r, w, session.structured, meta, dev)
         }
         None => Ok(()),
     }
 }
+
+/// The transmission phase's reply buffer: big enough for any reply without data.
+const REPLY_BUFFER_BYTES: usize = 4096;
 
 /// Serve one client over any byte stream — the greeting, the option haggling, then
 /// requests — until it disconnects. `r` should be buffered; `w` is flushed after each

@@ -36,10 +36,7 @@ struct Replies<W> {
 impl<W: Write> Replies<W> {
     fn send(&self, parts: &[&[u8]]) {
         let mut w = self.w.lock();
-        let r = parts
-            .iter()
-            .try_for_each(|p| w.write_all(p))
-            .and_then(|_| w.flush());
+        let r = write_all_vectored(&mut *w, parts).and_then(|_| w.flush());
         if r.is_err() {
             self.failed.store(true, Ordering::SeqCst);
         }
@@ -65,6 +62,24 @@ impl<W: Write> Replies<W> {
             self.send(&[&simple_reply(cookie, e.errno)]);
         }
     }
+}
+
+/// Write every part, gathered: a reply's header and its data go out in one `writev` when
+/// `w` passes them through (a `BufWriter` does for parts larger than its buffer), and are
+/// never copied into a buffer first.
+fn write_all_vectored<W: Write>(w: &mut W, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn bad(what: &str) -> io::Error {

@@ -288,6 +288,33 @@ pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), FormatEr
 }
 
 /// The logical data of a verified data frame's body.
+/// [`decode_body`] into `out` (its old contents and capacity reused: no allocation and no
+/// zero-fill when it is already large enough).
+pub fn decode_body_into(
+    body: &[u8],
+    h: &FrameHeader,
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    if h.flags & FLAG_LZ4 == 0 {
+        out.clear();
+        out.extend_from_slice(body);
+        return Ok(());
+    }
+    let len = h.len as usize;
+    if out.len() < len {
+        out.resize(len, 0);
+    } else {
+        // Stale bytes are fine: the whole length must decompress, or it is an error.
+        out.truncate(len);
+    }
+    let n = lz4_flex::block::decompress_into(body, out)
+        .map_err(|e| bad(format!("lz4 extent body does not decompress: {e}")))?;
+    if n != len {
+        return Err(bad("lz4 extent body decompresses to the wrong length"));
+    }
+    Ok(())
+}
+
 pub fn decode_body(body: &[u8], h: &FrameHeader) -> Result<Vec<u8>, FormatError> {
     if h.flags & FLAG_LZ4 == 0 {
         return Ok(body.to_vec());

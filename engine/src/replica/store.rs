@@ -6,7 +6,7 @@
 
 use super::codec::FormatError;
 use super::datafile::{self, HEADER_BYTES as DATA_HEADER_BYTES};
-use super::extent::{decode_body, verify_frame, FrameHeader, KIND_DATA};
+use super::extent::{decode_body_into, verify_frame, FrameHeader, KIND_DATA};
 use super::index::{Entry, Loc};
 use crate::error::{Error, IoContext, Result};
 use crate::vfs::{VFile, Vfs};
@@ -14,6 +14,9 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Largest frame buffer a thread keeps between reads.
+const FRAME_KEEP_BYTES: usize = 8 << 20;
 
 /// Data files of one replica, shared by the replica and its views.
 pub(crate) struct Store {
@@ -57,10 +60,49 @@ impl Store {
     /// Read, verify and decode the data frame at `(file_id, frame_offset)`: its whole
     /// extent. Damage is reported with the file and the frame's offset.
     pub fn read_extent(&self, file_id: u64, frame_offset: u64, frame_len: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_extent_into(file_id, frame_offset, frame_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Store::read_extent`] into `out`, reusing its memory; the frame itself is read into
+    /// a buffer kept per thread, so a reader that decodes extent after extent allocates
+    /// (and page-faults in) nothing new.
+    pub fn read_extent_into(
+        &self,
+        file_id: u64,
+        frame_offset: u64,
+        frame_len: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        thread_local! {
+            static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        FRAME.with(|frame| {
+            let mut frame = frame.borrow_mut();
+            let n = frame_len as usize;
+            if frame.len() < n {
+                frame.resize(n, 0); // grown only: shrinking and regrowing would zero again
+            }
+            let r = self.read_frame_into(file_id, frame_offset, &mut frame[..n], out);
+            if frame.capacity() > FRAME_KEEP_BYTES {
+                *frame = Vec::new(); // a rare huge frame: do not hold its memory
+            }
+            r
+        })
+    }
+
+    fn read_frame_into(
+        &self,
+        file_id: u64,
+        frame_offset: u64,
+        buf: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let frame_len = buf.len();
         let path = self.path(file_id);
         let f = self.file(file_id)?;
-        let mut buf = vec![0u8; frame_len as usize];
-        let n = f.read_full_at(&mut buf, frame_offset).at(&path)?;
+        let n = f.read_full_at(buf, frame_offset).at(&path)?;
         let fail = |e: FormatError| e.at(&path, frame_offset);
         if n < buf.len() {
             return Err(Error::corrupt(
@@ -69,7 +111,7 @@ impl Store {
                 format!("extent frame cut short: {n} of {frame_len} bytes present"),
             ));
         }
-        let h = FrameHeader::parse(&buf, file_id).map_err(fail)?;
+        let h = FrameHeader::parse(buf, file_id).map_err(fail)?;
         if h.frame_bytes() != buf.len() || h.kind != KIND_DATA {
             return Err(Error::corrupt(
                 &path,
@@ -77,9 +119,9 @@ impl Store {
                 "extent frame does not match the index entry that references it",
             ));
         }
-        verify_frame(&buf, &h, file_id).map_err(fail)?;
+        verify_frame(buf, &h, file_id).map_err(fail)?;
         let body = &buf[super::extent::FRAME_HEADER_BYTES..h.frame_bytes() - 4];
-        decode_body(body, &h).map_err(fail)
+        decode_body_into(body, &h, out).map_err(fail)
     }
 
     /// Punch `[start, end)` of a data file.

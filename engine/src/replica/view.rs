@@ -55,6 +55,8 @@ pub struct MaterializeStats {
     pub written_bytes: u64,
     /// Writes issued (adjacent extents are coalesced into one).
     pub writes: u64,
+    /// sha256 of the whole image (holes as zeros), when it was asked for.
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// A read-only view of all disks of a VM at one sequence number.
@@ -82,7 +84,12 @@ type CachedExtent = ((u64, u64), Arc<Vec<u8>>);
 struct ExtentCache {
     entries: std::collections::VecDeque<CachedExtent>,
     loading: Vec<(u64, u64)>,
+    /// Memory of evicted extents, reused by the next decodes.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted extents' buffers kept for reuse.
+const SPARE_EXTENTS: usize = 4;
 
 /// Decoded extents a view keeps, by count and by bytes.
 const EXTENT_CACHE_ENTRIES: usize = 16;
@@ -179,10 +186,11 @@ impl View {
                 self.decoded.wait(&mut cache);
             }
         }
+        let mut out = self.cache.lock().spare.pop().unwrap_or_default();
         let result = self
             .store
-            .read_extent(r.file_id, r.frame_offset, r.frame_len)
-            .map(Arc::new);
+            .read_extent_into(r.file_id, r.frame_offset, r.frame_len, &mut out)
+            .map(|()| Arc::new(out));
         let mut cache = self.cache.lock();
         cache.loading.retain(|k| *k != key);
         if let Ok(data) = &result {
@@ -196,7 +204,19 @@ impl View {
                 bytes += d.len();
                 keep += 1;
             }
-            cache.entries.truncate(keep.max(1));
+            let keep = keep.max(1);
+            while cache.entries.len() > keep {
+                // Keep the memory of evicted extents no reader holds any more, for the
+                // next decode (fresh allocations cost page faults and zero-fill).
+                let Some((_, evicted)) = cache.entries.pop_back() else {
+                    break;
+                };
+                if cache.spare.len() < SPARE_EXTENTS {
+                    if let Ok(v) = Arc::try_unwrap(evicted) {
+                        cache.spare.push(v);
+                    }
+                }
+            }
         }
         drop(cache);
         self.decoded.notify_all();
@@ -231,19 +251,35 @@ impl View {
                     d.size_bytes
                 ))
             })?;
-        buf.fill(0);
+        // Zero only what no piece covers (holes), not the whole buffer first.
+        let mut filled = 0usize;
         for (s, l, r) in map.overlapping(offset, end) {
             let at = (s - offset) as usize;
+            buf[filled..at].fill(0);
             self.copy_piece(&r, &mut buf[at..at + l as usize])?;
+            filled = at + l as usize;
         }
+        buf[filled..].fill(0);
         Ok(())
     }
 
     /// Write `disk` as a sparse raw image at `out` (which must not exist yet).
     pub fn materialize(&self, disk: u16, out: &Path) -> Result<MaterializeStats> {
-        let vfs = &self.store.vfs;
+        self.materialize_at(&*self.store.vfs, disk, out, false)
+    }
+
+    /// [`View::materialize`] through `vfs`, and with `hash` the image's sha256 over its
+    /// whole virtual size in [`MaterializeStats::sha256`], computed from the bytes as they
+    /// are written (holes hash as zeros), so the image is never read back.
+    pub fn materialize_at(
+        &self,
+        vfs: &dyn crate::vfs::Vfs,
+        disk: u16,
+        out: &Path,
+        hash: bool,
+    ) -> Result<MaterializeStats> {
         let f = vfs.create_new(out).at(out)?;
-        let stats = self.materialize_to(disk, &*f, out)?;
+        let stats = self.materialize_into(disk, &*f, out, hash)?;
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             vfs.sync_dir(parent).at(parent)?;
         }
@@ -259,90 +295,174 @@ impl View {
         f: &dyn VFile,
         path: &Path,
     ) -> Result<MaterializeStats> {
+        self.materialize_into(disk, f, path, false)
+    }
+
+    /// [`View::materialize_to`], hashing the image as it is written when `hash` is set.
+    ///
+    /// The runs (adjacent pieces gathered up to [`RUN_BYTES`]) are claimed in offset order
+    /// by a few workers, which read, check and decode their extents and write them; each
+    /// filled buffer then comes back to this thread, which hashes the runs strictly in
+    /// offset order (the gaps between them as zeros) and hands the buffer back. A worker
+    /// takes a buffer before it claims a run, so the run this thread waits for always has
+    /// one: memory stays at `2 × workers` runs and the pipeline cannot stall.
+    pub fn materialize_into(
+        &self,
+        disk: u16,
+        f: &dyn VFile,
+        path: &Path,
+        hash: bool,
+    ) -> Result<MaterializeStats> {
+        use sha2::Digest;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let (d, map) = self.disk(disk)?;
         f.set_len(d.size_bytes).at(path)?;
         let pieces: Vec<(u64, u64, &DataRef)> = map.iter().collect();
-        // Split the pieces into contiguous groups of about equal bytes, one per core: each
-        // group reads, checks and decodes its extents and writes its own runs.
+        let runs = plan_runs(&pieces);
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .clamp(1, 4);
-        let total: u64 = pieces.iter().map(|p| p.1).sum();
-        let share = total.div_ceil(workers as u64).max(1);
-        let mut groups: Vec<&[(u64, u64, &DataRef)]> = Vec::new();
-        let (mut start, mut acc) = (0usize, 0u64);
-        for (i, p) in pieces.iter().enumerate() {
-            acc += p.1;
-            if acc >= share && groups.len() + 1 < workers {
-                groups.push(&pieces[start..=i]);
-                start = i + 1;
-                acc = 0;
-            }
+            .clamp(1, 4)
+            .min(runs.len().max(1));
+        let buffers = 2 * workers;
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(buffers);
+        for _ in 0..buffers {
+            let _ = pool_tx.send(Vec::new());
         }
-        groups.push(&pieces[start..]);
-        let results: Vec<Result<MaterializeStats>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = groups
-                .iter()
-                .map(|g| scope.spawn(move || self.write_runs(g, f, path)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Invalid("a materialize thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<(usize, Result<Vec<u8>>)>(buffers);
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let mut hasher = hash.then(sha2::Sha256::new);
         let mut stats = MaterializeStats {
             virtual_bytes: d.size_bytes,
             ..Default::default()
         };
-        for r in results {
-            let r = r?;
-            stats.written_bytes += r.written_bytes;
-            stats.writes += r.writes;
+        let (runs, pieces) = (&runs, &pieces);
+        let outcome: Result<u64> = std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let (pool_rx, done_tx, next, abort) =
+                    (pool_rx.clone(), done_tx.clone(), &next, &abort);
+                scope.spawn(move || {
+                    while let Ok(mut buf) = pool_rx.recv() {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(run) = runs.get(i).filter(|_| !abort.load(Ordering::SeqCst))
+                        else {
+                            break;
+                        };
+                        let r = self.write_run(run, pieces, &mut buf, f, path).map(|_| buf);
+                        if done_tx.send((i, r)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            drop(pool_rx);
+            let (pool_tx, done_rx) = (pool_tx, done_rx);
+            let result = (|| {
+                let mut ready: std::collections::BTreeMap<usize, Vec<u8>> = Default::default();
+                let mut hashed_to = 0u64;
+                let mut k = 0usize;
+                while k < runs.len() {
+                    let (i, r) = done_rx
+                        .recv()
+                        .map_err(|_| Error::Invalid("a materialize thread panicked".into()))?;
+                    ready.insert(i, r?);
+                    while let Some(buf) = ready.remove(&k) {
+                        let run = &runs[k];
+                        if let Some(h) = hasher.as_mut() {
+                            hash_zeros(h, run.start - hashed_to);
+                            h.update(&buf);
+                            hashed_to = run.start + run.len;
+                        }
+                        stats.written_bytes += run.len;
+                        stats.writes += 1;
+                        let _ = pool_tx.send(buf);
+                        k += 1;
+                    }
+                }
+                Ok(hashed_to)
+            })();
+            if result.is_err() {
+                abort.store(true, Ordering::SeqCst);
+            }
+            result
+        });
+        let hashed_to = outcome?;
+        if let Some(mut h) = hasher {
+            hash_zeros(&mut h, d.size_bytes - hashed_to);
+            stats.sha256 = Some(h.finalize().into());
         }
         f.sync_data().at(path)?;
         Ok(stats)
     }
 }
 
+/// One write of a materialization: `len` bytes at `start`, gathered from `pieces`.
+struct Run {
+    start: u64,
+    len: u64,
+    pieces: std::ops::Range<usize>,
+}
+
+/// Group pieces (in offset order) into runs of adjacent ones, each at most [`RUN_BYTES`]
+/// (a single longer piece is a run of its own).
+fn plan_runs(pieces: &[(u64, u64, &DataRef)]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, &(s, l, _)) in pieces.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.start + r.len == s && r.len + l <= RUN_BYTES => {
+                r.len += l;
+                r.pieces.end = i + 1;
+            }
+            _ => runs.push(Run {
+                start: s,
+                len: l,
+                pieces: i..i + 1,
+            }),
+        }
+    }
+    runs
+}
+
+/// Feed `n` zero bytes to `h` (a hole of the image), without reading anything.
+fn hash_zeros(h: &mut sha2::Sha256, mut n: u64) {
+    use sha2::Digest;
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
 impl View {
-    /// Write `pieces` (in offset order) into `f`, gathering adjacent ones into runs.
-    fn write_runs(
+    /// Gather `run`'s pieces into `buf` and write them at the run's offset.
+    fn write_run(
         &self,
+        run: &Run,
         pieces: &[(u64, u64, &DataRef)],
+        buf: &mut Vec<u8>,
         f: &dyn VFile,
         path: &Path,
-    ) -> Result<MaterializeStats> {
-        let mut stats = MaterializeStats::default();
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0u64;
-        let flush = |run: &mut Vec<u8>, start: u64, stats: &mut MaterializeStats| {
-            if run.is_empty() {
-                return Ok(());
-            }
-            f.write_all_at(run, start).at(path)?;
-            // Start writing it back now, so the final sync finds little left (a hint).
-            let _ = f.start_writeback(start, run.len() as u64);
-            stats.written_bytes += run.len() as u64;
-            stats.writes += 1;
-            run.clear();
-            Ok::<(), Error>(())
-        };
-        for &(s, l, r) in pieces {
-            let contiguous = !run.is_empty() && run_start + run.len() as u64 == s;
-            if !contiguous || run.len() as u64 + l > RUN_BYTES {
-                flush(&mut run, run_start, &mut stats)?;
-                run_start = s;
-            }
-            let at = run.len();
-            run.resize(at + l as usize, 0);
-            self.copy_piece(r, &mut run[at..])?;
+    ) -> Result<()> {
+        buf.clear();
+        buf.reserve(run.len as usize);
+        for &(_, l, r) in &pieces[run.pieces.clone()] {
+            let data = self.extent(r)?;
+            let start = r.skip as usize;
+            let src = data.get(start..start + l as usize).ok_or_else(|| {
+                Error::corrupt(
+                    self.store.path(r.file_id),
+                    r.frame_offset,
+                    "index entry reaches past the end of its extent",
+                )
+            })?;
+            buf.extend_from_slice(src);
         }
-        flush(&mut run, run_start, &mut stats)?;
-        Ok(stats)
+        f.write_all_at(buf, run.start).at(path)?;
+        // Start writing it back now, so the final sync finds little left (a hint).
+        let _ = f.start_writeback(run.start, run.len);
+        Ok(())
     }
 }
 

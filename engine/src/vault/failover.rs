@@ -13,6 +13,7 @@ use super::{
 use crate::error::{Error, IoContext, Result};
 use crate::process::Processor;
 use crate::replica::{PointInfo, PointKind, View};
+use crate::vfs::Vfs;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
@@ -118,26 +119,16 @@ impl Vault {
         let parent = dir
             .parent()
             .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", dir.display())))?;
-        std::fs::create_dir_all(parent).at(parent)?;
-        if dir.exists() && !self.owns_output(&rec, &dir) {
+        let vfs = self.vfs.clone();
+        vfs.create_dir_all(parent).at(parent)?;
+        if vfs.exists(&dir) && !self.owns_output(&rec, &dir) {
             return Err(Error::Conflict(format!(
                 "{} already exists; choose another --out or remove it",
                 dir.display()
             )));
         }
         let tmp = parent.join(format!(".{}.partial-{}", vm, std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).at(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp).at(&tmp)?;
-        let result = self.materialize_all(view, &rec.disks, &tmp, &dir, progress);
-        let disks = match result {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-        };
+        let disks = materialize_disks(&*vfs, view, &rec.disks, &tmp, &dir, progress)?;
         let report = FailoverReport {
             vm: vm.to_string(),
             test,
@@ -154,22 +145,7 @@ impl Vault {
             availability_set: rec.target.availability_set.clone(),
             network_mapping,
         };
-        let manifest = vm_json(&report);
-        let mpath = tmp.join("vm.json");
-        std::fs::write(&mpath, manifest).at(&mpath)?;
-        std::fs::File::open(&mpath)
-            .and_then(|f| f.sync_all())
-            .at(&mpath)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .at(&tmp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).at(&dir)?;
-        }
-        std::fs::rename(&tmp, &dir).at(&dir)?;
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .at(parent)?;
+        publish(&*vfs, &tmp, &dir, vm_json(&report).as_bytes())?;
         let frec = FailoverRecord {
             point_id: report.point.as_ref().map(|p| p.id),
             seq: report.seq,
@@ -272,36 +248,6 @@ impl Vault {
             .is_some_and(|f| Path::new(&f.dir) == dir)
     }
 
-    fn materialize_all(
-        &self,
-        view: &View,
-        disks: &[super::DiskRecord],
-        tmp: &Path,
-        dir: &Path,
-        progress: &mut dyn Progress,
-    ) -> Result<Vec<FailoverDisk>> {
-        let total: u64 = (0..disks.len())
-            .map(|i| view.allocated_bytes(i as u16).unwrap_or(0))
-            .sum();
-        progress.begin("materializing", total);
-        let mut out = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
-            let name = format!("{}.raw", d.name);
-            let path = tmp.join(&name);
-            let stats = view.materialize(i as u16, &path)?;
-            progress.advance(stats.written_bytes);
-            out.push(FailoverDisk {
-                name: d.name.clone(),
-                path: dir.join(&name),
-                size_bytes: d.size_bytes,
-                allocated_bytes: stats.written_bytes,
-                sha256: sha256_sparse(&path, d.size_bytes)?,
-            });
-        }
-        progress.end();
-        Ok(out)
-    }
-
     /// End a failover: it becomes final, and the VM's recovery points are deleted.
     pub fn failover_commit(&mut self, vm: &str) -> Result<()> {
         let rec = self.live_vm(vm)?;
@@ -345,6 +291,76 @@ impl Vault {
         })?;
         Ok(dir)
     }
+}
+
+/// Materialize every disk of `view` as `NAME.raw` into a fresh `tmp` (removed first if a
+/// crashed run left it), each hashed as it is written; the disks' paths in the result are
+/// where [`publish`] puts them, under `dir`. On error `tmp` is removed again.
+pub fn materialize_disks(
+    vfs: &dyn Vfs,
+    view: &View,
+    disks: &[super::DiskRecord],
+    tmp: &Path,
+    dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Vec<FailoverDisk>> {
+    if vfs.exists(tmp) {
+        vfs.remove_dir_all(tmp).at(tmp)?;
+    }
+    vfs.create_dir_all(tmp).at(tmp)?;
+    let total: u64 = (0..disks.len())
+        .map(|i| view.allocated_bytes(i as u16).unwrap_or(0))
+        .sum();
+    progress.begin("materializing", total);
+    let mut out = Vec::new();
+    let result = disks.iter().enumerate().try_for_each(|(i, d)| {
+        let name = format!("{}.raw", d.name);
+        let path = tmp.join(&name);
+        let stats = view.materialize_at(vfs, i as u16, &path, true)?;
+        progress.advance(stats.written_bytes);
+        let sha = stats
+            .sha256
+            .ok_or_else(|| Error::Invalid("materialize returned no sha256".into()))?;
+        out.push(FailoverDisk {
+            name: d.name.clone(),
+            path: dir.join(&name),
+            size_bytes: d.size_bytes,
+            allocated_bytes: stats.written_bytes,
+            sha256: hex(&sha),
+        });
+        Ok(())
+    });
+    progress.end();
+    if let Err(e) = result {
+        let _ = vfs.remove_dir_all(tmp);
+        return Err(e);
+    }
+    Ok(out)
+}
+
+/// Put a materialized failover in place: write `manifest` as `tmp/vm.json`, sync it and
+/// `tmp`, then replace `dir` (an earlier failover of the same VM, if any) with `tmp` and
+/// sync their parent. A crash leaves the earlier failover, or none, or the new one whole,
+/// and at worst a `tmp` beside them that the next run removes.
+pub fn publish(vfs: &dyn Vfs, tmp: &Path, dir: &Path, manifest: &[u8]) -> Result<()> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", dir.display())))?;
+    let mpath = tmp.join("vm.json");
+    let f = vfs.create_new(&mpath).at(&mpath)?;
+    f.write_all_at(manifest, 0).at(&mpath)?;
+    f.sync_data().at(&mpath)?;
+    vfs.sync_dir(tmp).at(tmp)?;
+    if vfs.exists(dir) {
+        vfs.remove_dir_all(dir).at(dir)?;
+    }
+    vfs.rename_dir(tmp, dir).at(dir)?;
+    vfs.sync_dir(parent).at(parent)?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The view `spec` names in `replica` (`latest`: its newest point; the caller processes
@@ -521,7 +537,7 @@ pub fn sha256_sparse(path: &Path, size: u64) -> Result<String> {
         at = e;
     }
     zero_run(&mut h, size - at);
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&h.finalize()))
 }
 
 fn vm_json(r: &FailoverReport) -> String {
@@ -567,10 +583,189 @@ impl Sha256Hex {
         self.0.update(bytes);
     }
     pub fn hex(self) -> String {
-        self.0
-            .finalize()
+        hex(&self.0.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Failover's files go through the Vfs: cut the power at every sync of a failover that
+    //! replaces an earlier one, and check what a restart finds.
+    use super::*;
+    use crate::record::{Op, Record};
+    use crate::replica::{DiskSpec, Replica, ReplicaConfig};
+    use crate::vfs::SimFs;
+    use std::sync::Arc;
+
+    const DISK: u64 = 1 << 20;
+
+    fn disks() -> Vec<super::super::DiskRecord> {
+        ["os", "data"]
             .iter()
-            .map(|b| format!("{b:02x}"))
+            .map(|n| super::super::DiskRecord {
+                name: n.to_string(),
+                source: format!("/src/{n}.raw"),
+                size_bytes: DISK,
+            })
             .collect()
+    }
+
+    fn read_all(fs: &SimFs, path: &Path) -> Option<Vec<u8>> {
+        let f = fs.open(path).ok()?;
+        let mut b = vec![0u8; f.len().ok()? as usize];
+        f.read_full_at(&mut b, 0).ok()?;
+        Some(b)
+    }
+
+    fn sha_hex(bytes: &[u8]) -> String {
+        let mut h = Sha256Hex::new();
+        h.update(bytes);
+        h.hex()
+    }
+
+    /// Each disk's bytes at each point: the model the images are checked against.
+    type Model = Vec<Vec<u8>>;
+
+    /// A replica with two points over two disks (the second overwrites and adds data).
+    fn replica(fs: &SimFs) -> (Replica, [u64; 2], [Model; 2]) {
+        let specs: Vec<DiskSpec> = disks()
+            .iter()
+            .map(|d| DiskSpec {
+                name: d.name.clone(),
+                size_bytes: d.size_bytes,
+            })
+            .collect();
+        let mut r =
+            Replica::create(Arc::new(fs.clone()), "/r", &specs, ReplicaConfig::default()).unwrap();
+        let mut model: Model = vec![vec![0u8; DISK as usize]; 2];
+        let mut seq = 0;
+        let mut ids = [0; 2];
+        let mut models: [Model; 2] = Default::default();
+        for (round, writes) in [
+            [(0u16, 0u64, 9000usize), (1, 65536, 4096)],
+            [(0, 4096, 200_000), (1, 900_000, 70_000)],
+        ]
+        .iter()
+        .enumerate()
+        {
+            for &(disk, offset, len) in writes {
+                seq += 1;
+                let data: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + seq) as u8).collect();
+                model[disk as usize][offset as usize..offset as usize + len].copy_from_slice(&data);
+                r.apply(&Record {
+                    seq,
+                    time_us: seq,
+                    op: Op::Write { disk, offset, data },
+                })
+                .unwrap();
+            }
+            ids[round] = r.cut_point(PointKind::CrashConsistent, None).unwrap().id;
+            models[round] = model.clone();
+        }
+        (r, ids, models)
+    }
+
+    fn failover(fs: &SimFs, r: &Replica, id: u64) -> Result<()> {
+        let view = r.view_point(id)?;
+        let (tmp, dir) = (Path::new("/out/.web01.partial"), Path::new("/out/web01"));
+        let disks =
+            materialize_disks(fs, &view, &disks(), tmp, dir, &mut super::super::NoProgress)?;
+        let manifest = serde_json::to_vec(&disks).unwrap();
+        publish(fs, tmp, dir, &manifest)
+    }
+
+    /// Which point `/out/web01` holds whole (`None`: no failover there); panics on anything
+    /// else (a directory without its manifest, an image that is not its manifest's).
+    fn found(fs: &SimFs, models: &[Model; 2]) -> Option<usize> {
+        let dir = Path::new("/out/web01");
+        if !fs.exists(dir) {
+            return None;
+        }
+        let manifest =
+            read_all(fs, &dir.join("vm.json")).expect("a failover directory without vm.json");
+        let listed: Vec<FailoverDisk> = serde_json::from_slice(&manifest).unwrap();
+        let images: Vec<Vec<u8>> = listed
+            .iter()
+            .map(|d| {
+                let bytes = read_all(fs, &dir.join(format!("{}.raw", d.name)))
+                    .expect("an image vm.json lists is missing");
+                assert_eq!(
+                    sha_hex(&bytes),
+                    d.sha256,
+                    "{} does not match vm.json",
+                    d.name
+                );
+                bytes
+            })
+            .collect();
+        let which = models.iter().position(|m| *m == images);
+        assert!(which.is_some(), "the images are neither point's");
+        which
+    }
+
+    #[test]
+    fn the_sha256_in_the_manifest_is_the_images_hash_holes_included() {
+        let fs = SimFs::new();
+        let (r, ids, models) = replica(&fs);
+        fs.create_dir_all(Path::new("/out")).unwrap();
+        failover(&fs, &r, ids[1]).unwrap();
+        assert_eq!(found(&fs, &models), Some(1));
+        let listed: Vec<FailoverDisk> =
+            serde_json::from_slice(&read_all(&fs, Path::new("/out/web01/vm.json")).unwrap())
+                .unwrap();
+        for (d, m) in listed.iter().zip(&models[1]) {
+            assert_eq!(d.sha256, sha_hex(m));
+        }
+    }
+
+    #[test]
+    fn a_power_cut_at_any_sync_of_a_failover_leaves_the_old_one_or_the_new_one_whole() {
+        let fs = SimFs::new();
+        let (r, ids, models) = replica(&fs);
+        fs.create_dir_all(Path::new("/out")).unwrap();
+        failover(&fs, &r, ids[0]).unwrap();
+        drop(r);
+        // Everything so far made durable: the starting state of every cut.
+        let base = fs.process_crash();
+        let open = |fs: &SimFs| {
+            Replica::open(Arc::new(fs.clone()), "/r", ReplicaConfig::default())
+                .unwrap()
+                .0
+        };
+        let whole = base.process_crash();
+        let r = open(&whole);
+        let before = whole.sync_count();
+        failover(&whole, &r, ids[1]).unwrap();
+        let syncs = whole.sync_count() - before;
+        // Once it returned, a power loss keeps the new failover whole.
+        assert_eq!(found(&whole.crash(0), &models), Some(1));
+        assert!(
+            syncs >= 5,
+            "a failover of two disks syncs each image, vm.json and directories"
+        );
+        let mut seen = [false; 3];
+        for cut in 1..=syncs {
+            let fs = base.process_crash();
+            let r = open(&fs);
+            fs.fail_at_sync(cut);
+            assert!(
+                failover(&fs, &r, ids[1]).is_err(),
+                "cut {cut} of {syncs} did not fail"
+            );
+            drop(r);
+            let after = fs.crash(0);
+            let got = found(&after, &models);
+            seen[got.map_or(2, |g| g)] = true;
+            // Until the parent's last sync the earlier failover is still there, whole. A
+            // restart runs the failover again and gets the new point whole.
+            let r = open(&after);
+            failover(&after, &r, ids[1]).unwrap_or_else(|e| panic!("cut {cut}: rerun: {e}"));
+            assert_eq!(found(&after, &models), Some(1), "cut {cut}");
+            assert!(
+                !after.exists(Path::new("/out/.web01.partial")),
+                "cut {cut}: the partial directory was left beside the failover"
+            );
+        }
+        assert!(seen[0], "no cut left the earlier failover in place");
     }
 }
