@@ -15,8 +15,10 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Requests executed at once per connection.
-const WORKERS: usize = 4;
+/// Requests executed at once per connection: as many as are read ahead, so every write a
+/// client pipelines (16 in flight for qemu) waits for the same log write, instead of four
+/// at a time (a log write and a wake-up per four requests).
+const WORKERS: usize = QUEUE_DEPTH;
 /// Most descriptors sent in one block status chunk (the spec's SHOULD NOT exceed).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 /// Requests read ahead of the workers (bounds memory: at most this many payloads).

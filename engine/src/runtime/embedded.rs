@@ -5,9 +5,10 @@
 //!
 //! Threads, so that none waits on another: the NBD connections (the client's writes wait
 //! only for the log), the drain (durable writes into the source images, every few
-//! milliseconds, and the resync of a dirty bitmap), the processor (log → replica; it
-//! yields while the client writes, for at most [`MAX_PROCESSING_DELAY`], so the VM's I/O
-//! comes first and the replica stays close behind), and the control socket (a thread per
+//! milliseconds, synced every second while the client is idle, and the resync of a dirty
+//! bitmap), the processor (log → replica, at nice 10; it yields while the client writes,
+//! for at most [`MAX_PROCESSING_DELAY`], so the VM's I/O comes first and the replica stays
+//! close behind), and the control socket (a thread per
 //! request, working from published views).
 
 use super::control::ControlServer;
