@@ -27,6 +27,8 @@ use std::sync::Arc;
 const MAX_PENDING_BYTES: u64 = 256 << 20;
 /// Most bytes one block-status answer of the agent covers.
 const BLOCK_STATUS_WINDOW_BYTES: u64 = 64 << 20;
+/// Most data ranges of a source image one block-status answer looks at.
+const BLOCK_STATUS_MAX_RANGES: usize = 64;
 /// Most bytes one drain round applies to the source images before it lets writers and
 /// readers at the pending set again.
 const DRAIN_BATCH_BYTES: u64 = 8 << 20;
@@ -41,8 +43,9 @@ pub struct SourceDisk {
 
 #[derive(Clone)]
 enum Change {
-    /// Shared, so a drain can apply it to the source image without holding the set.
-    Data(Arc<[u8]>),
+    /// Shared, so a drain can apply it to the source image without holding the set;
+    /// a `Vec`, so the buffer the NBD server read the payload into is kept, not copied.
+    Data(Arc<Vec<u8>>),
     Zero(u64),
     /// A marker: nothing to apply, but it holds its place in the sequence.
     Nothing,
@@ -443,14 +446,26 @@ impl Agent {
     /// too if `fua`). Offset and length must be multiples of 512.
     pub fn write(&self, disk: u16, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         self.check(disk, offset, data.len() as u64)?;
+        self.write_owned(disk, offset, data.to_vec(), fua)
+    }
+
+    /// [`Agent::write`] of a buffer the caller gives up: the pending set keeps it until
+    /// the source image holds it, so the payload is not copied once more.
+    pub fn write_owned(&self, disk: u16, offset: u64, data: Vec<u8>, fua: bool) -> Result<u64> {
+        self.check(disk, offset, data.len() as u64)?;
         self.client_ops
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = Arc::new(data);
         self.submit(
-            &Entry::Write { disk, offset, data },
+            &Entry::Write {
+                disk,
+                offset,
+                data: &data,
+            },
             || Pending {
                 disk,
                 offset,
-                change: Change::Data(Arc::from(data)),
+                change: Change::Data(data.clone()),
             },
             fua,
         )
@@ -1028,7 +1043,7 @@ impl Agent {
         // The answer may cover less than was asked (the protocol allows it): a bounded
         // window keeps each call's cost bounded, however fragmented the image, for clients
         // (qemu) that ask again from the end of each answer.
-        let end = offset + len.min(BLOCK_STATUS_WINDOW_BYTES);
+        let mut end = offset + len.min(BLOCK_STATUS_WINDOW_BYTES);
         // start -> (end, zero): non-overlapping, covering [offset, end).
         let mut runs: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
         fn paint(runs: &mut BTreeMap<u64, (u64, bool)>, s: u64, e: u64, zero: bool) {
@@ -1055,8 +1070,19 @@ impl Agent {
         // Under the state's read lock, image + pending set show every change: a drain
         // removes a change from the set only after the image holds it.
         let st = self.state.read();
+        // At most so many of the image's data ranges: qemu asks for one extent at a time
+        // (REQ_ONE) from the end of each answer, so on a fragmented image an answer that
+        // looked at the whole window cost O(ranges) per extent, O(ranges²) per pass.
+        let ranges =
+            crate::fsutil::data_ranges_upto(f, offset, end, BLOCK_STATUS_MAX_RANGES).at(&d.path)?;
+        if ranges.len() == BLOCK_STATUS_MAX_RANGES {
+            if let Some(&(_, e)) = ranges.last() {
+                end = e.max(offset + crate::SECTOR_BYTES).min(end);
+            }
+        }
         paint(&mut runs, offset, end, true);
-        for (s, e) in crate::fsutil::data_ranges_in(f, offset, end).at(&d.path)? {
+        for (s, e) in ranges {
+            let e = e.min(end);
             if s < e {
                 paint(&mut runs, s, e, false);
             }
@@ -1130,6 +1156,10 @@ impl crate::nbd::BlockDevice for AgentDisk {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::nbd::DevResult<()> {
         self.agent.write(self.disk, offset, data, fua)?;
+        Ok(())
+    }
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> crate::nbd::DevResult<()> {
+        self.agent.write_owned(self.disk, offset, data, fua)?;
         Ok(())
     }
     fn flush(&self) -> crate::nbd::DevResult<()> {

@@ -58,11 +58,22 @@ pub fn data_ranges(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64
 
 /// [`data_ranges`] of `[start, len)` only, clipped to it.
 pub fn data_ranges_in(f: &std::fs::File, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    data_ranges_upto(f, start, len, usize::MAX)
+}
+
+/// [`data_ranges_in`], stopping after `max_ranges` ranges (the caller then knows the file
+/// only up to the end of the last one): bounds the cost of a look at a fragmented file.
+pub fn data_ranges_upto(
+    f: &std::fs::File,
+    start: u64,
+    len: u64,
+    max_ranges: usize,
+) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
     let mut at = start;
-    while at < len {
+    while at < len && out.len() < max_ranges {
         #[allow(unsafe_code)]
         // SAFETY: lseek on a file descriptor we own; no memory is passed.
         let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };

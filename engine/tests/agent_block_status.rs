@@ -79,3 +79,65 @@ fn block_status_reports_source_holes_and_pending_changes() {
     assert_eq!(agent.block_status(0, 0, 16 * M).unwrap(), want, "drained");
     agent.close().unwrap();
 }
+
+/// On a fragmented image an answer covers a prefix (a bounded number of the image's data
+/// ranges), and a client that asks again from the end of each answer, as qemu does, still
+/// sees every range, with the pending changes painted over them.
+#[test]
+fn block_status_of_a_fragmented_image_answers_prefixes_that_add_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("os.raw");
+    let size = 32 * M;
+    let block = 64 * K;
+    let blocks = size / block;
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    // Every other block holds data: 256 data ranges.
+    let mut model: Vec<bool> = (0..blocks).map(|b| b % 2 == 0).collect();
+    for b in (0..blocks).step_by(2) {
+        f.write_all_at(&vec![9u8; block as usize], b * block)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let (cache, _) = Cache::open(tmp.path().join("cache"), CacheConfig::default()).unwrap();
+    let agent = Agent::open(
+        Arc::new(cache),
+        vec![SourceDisk {
+            name: "os".into(),
+            path: path.clone(),
+            size_bytes: size,
+        }],
+    )
+    .unwrap();
+    // Pending, not drained: a write into a late hole and a trim of an early data block.
+    agent
+        .write(0, 401 * block, &vec![1u8; block as usize], false)
+        .unwrap();
+    model[401] = true;
+    agent.zero(0, 10 * block, block, true, false).unwrap();
+    model[10] = false;
+    let mut seen: Vec<bool> = Vec::new();
+    let mut at = 0u64;
+    let mut answers = 0;
+    while at < size {
+        let runs = agent.block_status(0, at, size - at).unwrap();
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        assert!(
+            covered > 0 && at + covered <= size,
+            "answer at {at}: {runs:?}"
+        );
+        for (n, zero) in runs {
+            assert_eq!(n % block, 0, "runs end on the image's block boundaries");
+            seen.extend(std::iter::repeat_n(!zero, (n / block) as usize));
+        }
+        at += covered;
+        answers += 1;
+    }
+    assert_eq!(seen, model);
+    assert!(
+        answers > 1,
+        "the first answer covered the whole fragmented image"
+    );
+    agent.close().unwrap();
+}

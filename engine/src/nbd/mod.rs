@@ -78,6 +78,12 @@ pub trait BlockDevice: Send + Sync {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> DevResult<()>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()>;
+    /// [`BlockDevice::write`] of a payload the server hands over: a device that keeps the
+    /// bytes after it returns (the agent's pending set) takes the buffer instead of
+    /// copying it. The default writes from it and drops it.
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> DevResult<()> {
+        self.write(offset, &data, fua)
+    }
     fn flush(&self) -> DevResult<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> DevResult<()>;
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DevResult<()>;

@@ -15,12 +15,16 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Requests executed at once per connection.
-const WORKERS: usize = 4;
+/// Requests executed at once per connection: as many as are read ahead, so every write a
+/// client pipelines (16 in flight for qemu) waits for the same log write, instead of four
+/// at a time (a log write and a wake-up per four requests).
+const WORKERS: usize = QUEUE_DEPTH;
 /// Most descriptors sent in one block status chunk (the spec's SHOULD NOT exceed).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 /// Requests read ahead of the workers (bounds memory: at most this many payloads).
 const QUEUE_DEPTH: usize = 16;
+/// Most bytes of a write's payload reserved before they arrive.
+const PAYLOAD_RESERVE_BYTES: usize = 4 << 20;
 
 struct Job {
     req: Request,
@@ -164,7 +168,9 @@ fn read_requests<R: Read, W: Write>(
                     // Cannot stay in sync without buffering it: hang up.
                     return Err(bad("oversized write"));
                 }
-                // Grown as the bytes arrive, not allocated up front on the client's word.
+                // Grown as the bytes arrive, not allocated up front on the client's word
+                // past a bound (a client's usual request fits it: no regrowth and copy).
+                payload.reserve_exact((req.length as usize).min(PAYLOAD_RESERVE_BYTES));
                 r.by_ref()
                     .take(req.length as u64)
                     .read_to_end(&mut payload)?;
@@ -234,7 +240,7 @@ fn execute<W: Write>(
                 }
             }
             CMD_WRITE => check_write(dev, in_bounds, req.offset, len, ENOSPC)
-                .and_then(|_| noop_if_empty(len, || dev.write(req.offset, &job.payload, fua))),
+                .and_then(|_| noop_if_empty(len, || dev.write_owned(req.offset, job.payload, fua))),
             CMD_FLUSH => dev.flush(),
             // Past the end, the spec asks ENOSPC of WRITE_ZEROES (as of WRITE) but EINVAL of
             // TRIM. Zero lengths are no-ops, as qemu-nbd treats them.

@@ -5,15 +5,16 @@
 //!
 //! Threads, so that none waits on another: the NBD connections (the client's writes wait
 //! only for the log), the drain (durable writes into the source images, every few
-//! milliseconds, and the resync of a dirty bitmap), the processor (log → replica; it
-//! yields while the client writes, for at most [`MAX_PROCESSING_DELAY`], so the VM's I/O
-//! comes first and the replica stays close behind), and the control socket (a thread per
+//! milliseconds, synced every second while the client is idle, and the resync of a dirty
+//! bitmap), the processor (log → replica, at nice 10; it yields while the client writes,
+//! for at most [`MAX_PROCESSING_DELAY`], so the VM's I/O comes first and the replica stays
+//! close behind), and the control socket (a thread per
 //! request, working from published views).
 
 use super::control::ControlServer;
 use super::flag::slot;
 use super::owner::VmOwner;
-use super::{Backoff, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use super::{Backoff, ClientActivity, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES};
 use crate::agent::Agent;
 use crate::error::{Error, Result};
 use crate::nbd::Server;
@@ -31,9 +32,9 @@ use std::time::{Duration, Instant};
 /// The slot (in the VM's directory) set while the source images may be ahead of the log.
 pub const SOURCE_AHEAD: &str = "source.ahead";
 
-/// The processor runs only once the client has written nothing for this long...
-const IDLE_BEFORE_PROCESSING: Duration = Duration::from_millis(50);
-/// ...or once a pass has been put off this long (bounds how far the replica lags).
+/// The processor runs only once the client has written nothing for
+/// [`super::CLIENT_IDLE`], or once a pass has been put off this long (bounds how far the
+/// replica lags).
 pub const MAX_PROCESSING_DELAY: Duration = Duration::from_secs(2);
 
 /// Settings of an embedded agent.
@@ -262,6 +263,7 @@ fn drain_loop(
     vm: &str,
 ) -> Result<()> {
     let mut last_sync = Instant::now();
+    let mut activity = ClientActivity::new(agent);
     if Vault::open(root, who, LockWait::Block)?
         .catalog()
         .vm(vm)
@@ -327,7 +329,7 @@ fn drain_loop(
         if agent.log_failure().is_some() {
             continue;
         }
-        let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
+        let persist = activity.source_sync_due(agent, last_sync.elapsed());
         match agent.drain(persist) {
             Ok(()) => {}
             // The log's own trouble (its disk is full): the source images take the
@@ -361,19 +363,17 @@ fn process_loop(
     every: Duration,
 ) -> Result<()> {
     let (processor, vm) = (&owner.processor, owner.vm.as_str());
+    // Behind the write path in the CPU's queue too: on a busy machine the client's I/O
+    // (and the drain) get the cycles first.
+    super::lower_thread_priority();
     let mut last_pass = Instant::now();
-    let mut seen_ops = agent.client_ops();
-    let mut last_write = Instant::now();
+    let mut activity = ClientActivity::new(agent);
     let mut deferred_since: Option<Instant> = None;
     let mut last_error: Option<String> = None;
     let mut backoff = Backoff::new();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
-        let ops = agent.client_ops();
-        if ops != seen_ops {
-            seen_ops = ops;
-            last_write = Instant::now();
-        }
+        let busy = activity.busy(agent);
         // After a failure, the next pass waits for the backoff.
         if !backoff.ready() {
             continue;
@@ -385,7 +385,7 @@ fn process_loop(
         }
         // The client's I/O first: put the pass off while it writes, but not for long.
         if !resyncing
-            && last_write.elapsed() < IDLE_BEFORE_PROCESSING
+            && busy
             && deferred_since.get_or_insert_with(Instant::now).elapsed() < MAX_PROCESSING_DELAY
         {
             continue;

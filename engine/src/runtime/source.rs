@@ -14,7 +14,7 @@
 //! journal with backoff, restarts the shipper over it, and the resync follows.
 
 use super::control::{ControlServer, Handler, Reply, Request};
-use super::{flag, Backoff, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES, SOURCE_SYNC_EVERY};
+use super::{flag, Backoff, ClientActivity, Event, Events, DRAIN_EVERY, RESYNC_STEP_BYTES};
 use crate::agent::{Agent, SourceDisk};
 use crate::cache::{Cache, CacheConfig};
 use crate::error::{Error, Result};
@@ -346,6 +346,7 @@ fn drain_loop(
     reopen: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let mut last_sync = Instant::now();
+    let mut activity = ClientActivity::new(agent);
     let mut resyncing = agent.resync_pending().is_some();
     let mut failure_told: Option<String> = None;
     let mut backoff = Backoff::new();
@@ -389,7 +390,7 @@ fn drain_loop(
         if agent.log_failure().is_some() {
             continue;
         }
-        let persist = last_sync.elapsed() >= SOURCE_SYNC_EVERY;
+        let persist = activity.source_sync_due(agent, last_sync.elapsed());
         match agent.drain(persist) {
             Ok(()) => {}
             // The journal's own trouble: the source images take the writes directly
