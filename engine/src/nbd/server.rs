@@ -293,7 +293,7 @@ impl<R: Read, W: Write + Send> Session<R, W> {
             }
             OPT_STARTTLS => self.error(opt, REP_ERR_POLICY, "TLS is not offered on this port"),
             OPT_INFO | OPT_GO => {
-                let Some(req) = InfoRequest::parse(&data) else {
+                let Ok(req) = InfoRequest::parse(&data) else {
                     return self.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data");
                 };
                 let Some((name, dev)) = self.exports.resolve(&req.name) else {
@@ -351,7 +351,7 @@ impl<R: Read, W: Write + Send> Session<R, W> {
                         "structured replies must be negotiated first",
                     );
                 }
-                let Some(req) = MetaRequest::parse(&data) else {
+                let Ok(req) = MetaRequest::parse(&data) else {
                     return self.error(opt, REP_ERR_INVALID, "malformed meta context request");
                 };
                 let Some((export, _)) = self.exports.resolve(&req.export) else {
