@@ -102,6 +102,16 @@ impl DecodeError {
         self
     }
 
+    /// The same error with `prefix` before its words ("entry 3: …"), where it has words.
+    pub fn context(mut self, prefix: impl fmt::Display) -> DecodeError {
+        match &mut self.kind {
+            DecodeErrorKind::Invalid(what) => *what = format!("{prefix}: {what}").into(),
+            DecodeErrorKind::Unsupported(what) => *what = format!("{prefix}: {what}"),
+            DecodeErrorKind::Truncated { .. } => {}
+        }
+        self
+    }
+
     /// Turn into the engine's error, naming the file and the decoded structure's offset in
     /// it (the field's own offset is in the message).
     #[cold]
@@ -141,12 +151,18 @@ impl std::error::Error for DecodeError {}
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The field read last and its offset, for [`Reader::invalid`].
+    last: (&'static str, usize),
 }
 
 impl<'a> Reader<'a> {
     #[inline]
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader {
+            buf,
+            pos: 0,
+            last: ("start", 0),
+        }
     }
 
     /// Offset of the next byte to read.
@@ -176,6 +192,7 @@ impl<'a> Reader<'a> {
             .and_then(|end| self.buf.get(self.pos..end));
         match got {
             Some(s) => {
+                self.last = (field, self.pos);
                 self.pos += n;
                 Ok(s)
             }
@@ -188,6 +205,7 @@ impl<'a> Reader<'a> {
     pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         match self.buf.get(self.pos..).and_then(|s| s.first_chunk::<N>()) {
             Some(a) => {
+                self.last = (field, self.pos);
                 self.pos += N;
                 Ok(*a)
             }
@@ -230,6 +248,12 @@ impl<'a> Reader<'a> {
                 format!("{n} bytes after the end of {what}"),
             )),
         }
+    }
+
+    /// The field read last holds a bad value: an error naming it and its offset.
+    #[cold]
+    pub fn invalid(&self, what: impl Into<Cow<'static, str>>) -> DecodeError {
+        DecodeError::invalid(self.last.0, self.last.1, what)
     }
 
     #[cold]
@@ -431,6 +455,8 @@ mod tests {
             "truncated at c (byte 5): needs 13 bytes, 8 present"
         );
         assert_eq!(r.u16_be("d").unwrap(), 0x0908);
+        let e = r.invalid("bad d").context("entry 2");
+        assert_eq!(e.to_string(), "entry 2: bad d (d at byte 5)");
         let e = r.expect_end("a test").unwrap_err();
         assert_eq!((e.field, e.offset), ("end", 7));
         assert_eq!(
