@@ -1242,6 +1242,34 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_names_the_field_and_its_offset_in_the_frame() {
+        let frame = encode(&samples()[1].as_entry(), 2, 1, 0, false).unwrap();
+        let crc_at = frame.len() - TRAILER_BYTES;
+        let mut f = frame.clone();
+        f[crc_at] ^= 1;
+        let e = decode(&f, 2).unwrap_err();
+        assert_eq!((e.field, e.offset), ("crc", crc_at));
+        assert_eq!(
+            e.to_string(),
+            format!("record checksum mismatch (crc at byte {crc_at})")
+        );
+        let mut f = frame.clone();
+        f[9] = 0x80;
+        let e = FrameHeader::parse(&f, 2).unwrap_err();
+        assert_eq!((e.field, e.offset), ("flags", 9));
+        // Inside a marker's body, offsets still count from the frame's start.
+        let mut f = encode(&samples()[5].as_entry(), 4, 1, 0, false).unwrap();
+        f[HEADER_BYTES] = 9;
+        reseal(&mut f, 4).unwrap();
+        let e = decode(&f, 4).unwrap_err();
+        assert_eq!((e.field, e.offset), ("consistency", HEADER_BYTES));
+        let e = decode(&frame[..HEADER_BYTES + 10], 2).unwrap_err();
+        assert_eq!((e.field, e.offset), ("body", HEADER_BYTES));
+        let e = decode(&frame[..frame.len() - 1], 2).unwrap_err();
+        assert_eq!((e.field, e.offset), ("crc", crc_at));
+    }
+
+    #[test]
     fn truncated_frames_say_so() {
         let frame = encode(&samples()[0].as_entry(), 2, 1, 0, false).unwrap();
         for cut in 0..frame.len() {
