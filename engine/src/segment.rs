@@ -29,7 +29,8 @@
 )]
 
 use crate::error::{Error, Result};
-use crate::record::{self, DecodeError, FrameHeader, Record, HEADER_BYTES};
+use crate::record::{self, FrameHeader, Record, HEADER_BYTES};
+use crate::util::codec::{part, DecodeError, Features, Reader, Writer};
 use crate::vfs::VFile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,74 +56,62 @@ pub struct SegmentHeader {
 
 impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut out = Vec::with_capacity(SEGMENT_HEADER_BYTES);
+        Writer::new(&mut out)
+            .bytes(&MAGIC)
+            .u16(VERSION)
+            .u16(SEGMENT_HEADER_BYTES as u16)
+            .u32(KNOWN_INCOMPAT)
+            .u32(self.compat)
+            .u64(self.segment_id)
+            .u64(self.base_seq);
+        let crc = crc32fast::hash(&out);
+        Writer::new(&mut out).u32(crc);
         let mut b = [0u8; SEGMENT_HEADER_BYTES];
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
-        b[10..12].copy_from_slice(&(SEGMENT_HEADER_BYTES as u16).to_le_bytes());
-        b[12..16].copy_from_slice(&KNOWN_INCOMPAT.to_le_bytes());
-        b[16..20].copy_from_slice(&self.compat.to_le_bytes());
-        b[20..28].copy_from_slice(&self.segment_id.to_le_bytes());
-        b[28..36].copy_from_slice(&self.base_seq.to_le_bytes());
-        let crc = crc32fast::hash(&b[0..36]);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b.copy_from_slice(&out);
         b
     }
 
-    /// Parse and validate a header. `Err(None)` means the bytes are too short (a segment
-    /// whose creation was torn); `Err(Some(why))` means they are not a valid header.
-    pub fn decode(b: &[u8]) -> std::result::Result<SegmentHeader, Option<HeaderError>> {
-        // A fixed-size array from here on: every index below is checked at compile time.
-        let Some(b) = b.first_chunk::<SEGMENT_HEADER_BYTES>() else {
-            return Err(None);
-        };
-        if b[0..8] != MAGIC {
-            return Err(Some(HeaderError::Bad(
-                "not a Standby change-log segment (bad magic)".into(),
-            )));
+    /// Parse and validate a header. Too few bytes (a segment whose creation was torn) is a
+    /// truncation; a newer format is [`DecodeErrorKind::Unsupported`](crate::util::codec::DecodeErrorKind).
+    pub fn decode(b: &[u8]) -> std::result::Result<SegmentHeader, DecodeError> {
+        let whole = part(b, 0..SEGMENT_HEADER_BYTES, "header")?;
+        let covered = whole.get(..36).unwrap_or_default();
+        let mut r = Reader::new(whole);
+        r.magic(&MAGIC, "not a Standby change-log segment (bad magic)")?;
+        let version = r.u16("version")?;
+        let header_bytes = r.u16("header_bytes")? as usize;
+        let incompat = r.u32("incompat")?;
+        let compat = r.u32("compat")?;
+        let segment_id = r.u64("segment_id")?;
+        let base_seq = r.u64("base_seq")?;
+        if crc32fast::hash(covered) != r.u32("crc")? {
+            return Err(DecodeError::invalid(
+                "crc",
+                36,
+                "segment header checksum mismatch",
+            ));
         }
-        let mut c = [0u8; 4];
-        c.copy_from_slice(&b[36..40]);
-        if crc32fast::hash(&b[0..36]) != u32::from_le_bytes(c) {
-            return Err(Some(HeaderError::Bad(
-                "segment header checksum mismatch".into(),
-            )));
+        Features {
+            version,
+            version_at: 8,
+            incompat,
+            incompat_at: 12,
         }
-        let version = u16::from_le_bytes([b[8], b[9]]);
-        let header_bytes = u16::from_le_bytes([b[10], b[11]]) as usize;
-        let incompat = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
-        if version != VERSION {
-            return Err(Some(HeaderError::Unsupported(format!(
-                "segment format version {version} (this build reads version {VERSION})"
-            ))));
-        }
-        if incompat & !KNOWN_INCOMPAT != 0 {
-            return Err(Some(HeaderError::Unsupported(format!(
-                "segment needs unknown incompatible features {:#x}",
-                incompat & !KNOWN_INCOMPAT
-            ))));
-        }
+        .check("segment", VERSION, KNOWN_INCOMPAT)?;
         if header_bytes != SEGMENT_HEADER_BYTES {
-            return Err(Some(HeaderError::Bad(format!(
-                "segment header length {header_bytes}"
-            ))));
+            return Err(DecodeError::invalid(
+                "header_bytes",
+                10,
+                format!("segment header length {header_bytes}"),
+            ));
         }
-        let mut u = [0u8; 8];
-        u.copy_from_slice(&b[20..28]);
-        let segment_id = u64::from_le_bytes(u);
-        u.copy_from_slice(&b[28..36]);
-        let base_seq = u64::from_le_bytes(u);
         Ok(SegmentHeader {
             segment_id,
             base_seq,
-            compat: u32::from_le_bytes([b[16], b[17], b[18], b[19]]),
+            compat,
         })
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderError {
-    Bad(String),
-    Unsupported(String),
 }
 
 /// File name of a segment.
@@ -178,17 +167,8 @@ impl SegmentReader {
         let n = file
             .read_full_at(&mut hb, 0)
             .map_err(|e| Error::io(path, e))?;
-        let header = match SegmentHeader::decode(hb.get(..n).unwrap_or(&[])) {
-            Ok(h) => h,
-            Err(None) => return Err(Error::corrupt(path, 0, "segment header is truncated")),
-            Err(Some(HeaderError::Bad(w))) => return Err(Error::corrupt(path, 0, w)),
-            Err(Some(HeaderError::Unsupported(w))) => {
-                return Err(Error::Unsupported {
-                    path: path.into(),
-                    what: w,
-                })
-            }
-        };
+        let header =
+            SegmentHeader::decode(hb.get(..n).unwrap_or(&[])).map_err(|e| e.at(path, 0))?;
         Ok(SegmentReader {
             file,
             path: path.to_path_buf(),
@@ -294,10 +274,7 @@ impl SegmentReader {
         if have < total {
             return Ok(Scan::Invalid {
                 offset,
-                what: DecodeError::Truncated {
-                    needed: total,
-                    have,
-                },
+                what: DecodeError::truncated("body", HEADER_BYTES, total, have),
             });
         }
         let sid = self.header.segment_id;
@@ -340,7 +317,7 @@ mod tests {
             d[i] ^= 0x10;
             assert!(SegmentHeader::decode(&d).is_err(), "byte {i}");
         }
-        assert_eq!(SegmentHeader::decode(&b[..10]), Err(None));
+        assert!(SegmentHeader::decode(&b[..10]).unwrap_err().is_truncated());
     }
 
     #[test]
@@ -358,10 +335,9 @@ mod tests {
         b[12] = 0x02;
         let crc = crc32fast::hash(&b[0..36]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(
-            SegmentHeader::decode(&b),
-            Err(Some(HeaderError::Unsupported(_)))
-        ));
+        let e = SegmentHeader::decode(&b).unwrap_err();
+        assert!(e.is_unsupported(), "{e}");
+        assert_eq!((e.field, e.offset), ("incompat", 12));
     }
 
     #[test]

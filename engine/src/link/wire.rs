@@ -29,6 +29,7 @@
 )]
 
 use crate::error::{Error, LinkError, Result};
+use crate::util::codec::{DecodeError, Reader, Writer};
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"SBLK";
@@ -168,29 +169,29 @@ impl Msg {
     /// Encode the whole message (header and payload) onto `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let start = out.len();
-        out.extend_from_slice(&[0u8; HEADER_BYTES]);
+        let mut w = Writer::new(out);
+        w.bytes(&[0u8; HEADER_BYTES]);
         let ty = match self {
             Msg::Hello { role, vm, nonce } => {
-                out.push(*role as u8);
-                put_str(out, vm);
-                out.extend_from_slice(nonce);
+                w.u8(*role as u8);
+                put_str(&mut w, vm);
+                w.bytes(nonce);
                 T_HELLO
             }
             Msg::Challenge { nonce, proof } => {
-                out.extend_from_slice(nonce);
-                out.extend_from_slice(proof);
+                w.bytes(nonce).bytes(proof);
                 T_CHALLENGE
             }
             Msg::Auth { proof } => {
-                out.extend_from_slice(proof);
+                w.bytes(proof);
                 T_AUTH
             }
             Msg::OpenAgent { disks } => {
-                put_disks(out, disks);
+                put_disks(&mut w, disks);
                 T_OPEN_AGENT
             }
             Msg::OpenProcessor { from_seq } => {
-                out.extend_from_slice(&from_seq.to_le_bytes());
+                w.u64(*from_seq);
                 T_OPEN_PROCESSOR
             }
             Msg::Ready {
@@ -198,45 +199,40 @@ impl Msg {
                 first_seq,
                 disks,
             } => {
-                out.extend_from_slice(&next_seq.to_le_bytes());
-                out.extend_from_slice(&first_seq.to_le_bytes());
-                put_disks(out, disks);
+                w.u64(*next_seq).u64(*first_seq);
+                put_disks(&mut w, disks);
                 T_READY
             }
             Msg::Records(frames) => {
-                out.extend_from_slice(frames);
+                w.bytes(frames);
                 T_RECORDS
             }
             Msg::Ack { durable_seq } => {
-                out.extend_from_slice(&durable_seq.to_le_bytes());
+                w.u64(*durable_seq);
                 T_ACK
             }
             Msg::Checkpoint { seq } => {
-                out.extend_from_slice(&seq.to_le_bytes());
+                w.u64(*seq);
                 T_CHECKPOINT
             }
             Msg::AgentState(a) => {
-                put_agent(out, a);
+                put_agent(&mut w, a);
                 T_AGENT_STATE
             }
             Msg::SourceState(s) => {
-                for v in [
-                    s.durable_seq,
-                    s.first_seq,
-                    s.used_bytes,
-                    s.backlog_bytes,
-                    s.capacity_bytes,
-                    s.last_time_us,
-                    s.agent_connected as u64,
-                    s.agent_seen_us,
-                ] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-                put_agent(out, &s.agent);
+                w.u64(s.durable_seq)
+                    .u64(s.first_seq)
+                    .u64(s.used_bytes)
+                    .u64(s.backlog_bytes)
+                    .u64(s.capacity_bytes)
+                    .u64(s.last_time_us)
+                    .u64(s.agent_connected as u64)
+                    .u64(s.agent_seen_us);
+                put_agent(&mut w, &s.agent);
                 T_SOURCE_STATE
             }
             Msg::Error { message } => {
-                put_str(out, message);
+                put_str(&mut w, message);
                 T_ERROR
             }
         };
@@ -288,32 +284,27 @@ fn seal(msg: &mut [u8], ty: u8) {
     h[12..16].copy_from_slice(&c.to_le_bytes());
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+fn put_str(w: &mut Writer<'_>, s: &str) {
     let b = s
         .as_bytes()
         .get(..s.len().min(u16::MAX as usize))
         .unwrap_or_default();
-    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    out.extend_from_slice(b);
+    w.u16(b.len() as u16).bytes(b);
 }
 
-fn put_disks(out: &mut Vec<u8>, disks: &[DiskInfo]) {
-    out.extend_from_slice(&(disks.len() as u16).to_le_bytes());
+fn put_disks(w: &mut Writer<'_>, disks: &[DiskInfo]) {
+    w.u16(disks.len() as u16);
     for d in disks {
-        put_str(out, &d.name);
-        out.extend_from_slice(&d.size_bytes.to_le_bytes());
+        put_str(w, &d.name);
+        w.u64(d.size_bytes);
     }
 }
 
-fn put_agent(out: &mut Vec<u8>, a: &AgentState) {
-    for v in [
-        a.resync_bytes,
-        a.bitmap_mode as u64,
-        a.journal_bytes,
-        a.journal_seq,
-    ] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+fn put_agent(w: &mut Writer<'_>, a: &AgentState) {
+    w.u64(a.resync_bytes)
+        .u64(a.bitmap_mode as u64)
+        .u64(a.journal_bytes)
+        .u64(a.journal_seq);
 }
 
 fn bad(what: impl std::fmt::Display) -> Error {
@@ -324,26 +315,37 @@ fn bad(what: impl std::fmt::Display) -> Error {
 
 /// Checks a message header; returns (type, payload length).
 pub fn parse_header(h: &[u8; HEADER_BYTES]) -> Result<(u8, usize)> {
-    if h[0..4] != MAGIC {
-        if h[0] == 0x16 {
+    let mut r = Reader::new(h);
+    let fields = (|| {
+        Ok::<_, DecodeError>((
+            r.array::<4>("magic")?,
+            r.u8("version")?,
+            r.u8("type")?,
+            r.u16("reserved")?,
+            r.u32("payload_len")?,
+        ))
+    })();
+    let (magic, version, ty, reserved, len) = fields.map_err(bad)?;
+    if magic != MAGIC {
+        if magic[0] == 0x16 {
             return Err(Error::Link(LinkError::TlsOnPlaintext));
         }
         return Err(Error::Link(LinkError::NotStandby));
     }
-    if h[4] != VERSION {
+    if version != VERSION {
         return Err(Error::Link(LinkError::Version {
-            peer: h[4],
+            peer: version,
             ours: VERSION,
         }));
     }
-    if h[6..8] != [0, 0] {
+    if reserved != 0 {
         return Err(bad("reserved header bytes are not zero"));
     }
-    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    let len = len as usize;
     if len > MAX_PAYLOAD_BYTES {
         return Err(bad(format!("payload of {len} bytes exceeds the limit")));
     }
-    Ok((h[5], len))
+    Ok((ty, len))
 }
 
 /// Decode one whole message (header and payload).
@@ -365,141 +367,126 @@ pub fn decode(b: &[u8]) -> Result<Msg> {
     if crc.finalize() != u32::from_le_bytes([h[12], h[13], h[14], h[15]]) {
         return Err(bad("checksum mismatch"));
     }
-    decode_payload(ty, payload)
+    decode_payload(ty, payload).map_err(bad)
 }
 
-fn decode_payload(ty: u8, p: &[u8]) -> Result<Msg> {
-    let mut c = Cursor { b: p, at: 0 };
+/// Decode a payload; offsets in errors are from the start of the payload.
+fn decode_payload(ty: u8, p: &[u8]) -> std::result::Result<Msg, DecodeError> {
+    let mut r = Reader::new(p);
     let msg = match ty {
         T_HELLO => {
-            let role = match c.u8()? {
+            let role = match r.u8("role")? {
                 1 => PeerRole::Agent,
                 2 => PeerRole::Processor,
-                r => return Err(bad(format!("unknown role {r}"))),
+                n => return Err(DecodeError::invalid("role", 0, format!("unknown role {n}"))),
             };
             Msg::Hello {
                 role,
-                vm: c.str()?,
-                nonce: c.arr()?,
+                vm: get_str(&mut r, "vm")?,
+                nonce: r.array("nonce")?,
             }
         }
         T_CHALLENGE => Msg::Challenge {
-            nonce: c.arr()?,
-            proof: c.arr()?,
+            nonce: r.array("nonce")?,
+            proof: r.array("proof")?,
         },
-        T_AUTH => Msg::Auth { proof: c.arr()? },
-        T_OPEN_AGENT => Msg::OpenAgent { disks: c.disks()? },
-        T_OPEN_PROCESSOR => Msg::OpenProcessor { from_seq: c.u64()? },
+        T_AUTH => Msg::Auth {
+            proof: r.array("proof")?,
+        },
+        T_OPEN_AGENT => Msg::OpenAgent {
+            disks: get_disks(&mut r)?,
+        },
+        T_OPEN_PROCESSOR => Msg::OpenProcessor {
+            from_seq: r.u64("from_seq")?,
+        },
         T_READY => Msg::Ready {
-            next_seq: c.u64()?,
-            first_seq: c.u64()?,
-            disks: c.disks()?,
+            next_seq: r.u64("next_seq")?,
+            first_seq: r.u64("first_seq")?,
+            disks: get_disks(&mut r)?,
         },
-        T_RECORDS => {
-            c.at = p.len();
-            Msg::Records(p.to_vec())
-        }
+        T_RECORDS => Msg::Records(r.rest().to_vec()),
         T_ACK => Msg::Ack {
-            durable_seq: c.u64()?,
+            durable_seq: r.u64("durable_seq")?,
         },
-        T_CHECKPOINT => Msg::Checkpoint { seq: c.u64()? },
-        T_AGENT_STATE => Msg::AgentState(c.agent()?),
+        T_CHECKPOINT => Msg::Checkpoint { seq: r.u64("seq")? },
+        T_AGENT_STATE => Msg::AgentState(get_agent(&mut r)?),
         T_SOURCE_STATE => Msg::SourceState(SourceState {
-            durable_seq: c.u64()?,
-            first_seq: c.u64()?,
-            used_bytes: c.u64()?,
-            backlog_bytes: c.u64()?,
-            capacity_bytes: c.u64()?,
-            last_time_us: c.u64()?,
-            agent_connected: c.flag()?,
-            agent_seen_us: c.u64()?,
-            agent: c.agent()?,
+            durable_seq: r.u64("durable_seq")?,
+            first_seq: r.u64("first_seq")?,
+            used_bytes: r.u64("used_bytes")?,
+            backlog_bytes: r.u64("backlog_bytes")?,
+            capacity_bytes: r.u64("capacity_bytes")?,
+            last_time_us: r.u64("last_time_us")?,
+            agent_connected: get_flag(&mut r, "agent_connected")?,
+            agent_seen_us: r.u64("agent_seen_us")?,
+            agent: get_agent(&mut r)?,
         }),
-        T_ERROR => Msg::Error { message: c.str()? },
-        t => return Err(bad(format!("unknown message type {t}"))),
+        T_ERROR => Msg::Error {
+            message: get_str(&mut r, "message")?,
+        },
+        t => {
+            return Err(DecodeError::invalid(
+                "type",
+                0,
+                format!("unknown message type {t}"),
+            ))
+        }
     };
-    if c.at != p.len() {
-        return Err(bad(format!(
-            "{} bytes after the end of a {} message",
-            p.len() - c.at,
-            msg.name()
-        )));
-    }
+    r.expect_end(&format!("a {} message", msg.name()))?;
     Ok(msg)
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
+fn get_flag(r: &mut Reader<'_>, field: &'static str) -> std::result::Result<bool, DecodeError> {
+    let at = r.position();
+    match r.u64(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(DecodeError::invalid(
+            field,
+            at,
+            format!("flag with value {v}"),
+        )),
+    }
 }
 
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let s = self
-            .at
-            .checked_add(n)
-            .and_then(|end| self.b.get(self.at..end))
-            .ok_or_else(|| bad("message ends early"))?;
-        self.at += n;
-        Ok(s)
+/// A string: length u16, UTF-8 bytes.
+fn get_str(r: &mut Reader<'_>, field: &'static str) -> std::result::Result<String, DecodeError> {
+    let at = r.position();
+    let n = r.u16(field)? as usize;
+    if n > MAX_NAME.max(4096) {
+        return Err(DecodeError::invalid(field, at, "string too long"));
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        self.take(N)?
-            .try_into()
-            .map_err(|_| bad("message ends early"))
+    r.utf8(n, field)
+}
+
+fn get_disks(r: &mut Reader<'_>) -> std::result::Result<Vec<DiskInfo>, DecodeError> {
+    let at = r.position();
+    let n = r.u16("disk_count")? as usize;
+    if n > MAX_DISKS {
+        return Err(DecodeError::invalid("disk_count", at, format!("{n} disks")));
     }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(u8::from_le_bytes(self.array()?))
-    }
-    fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-    fn flag(&mut self) -> Result<bool> {
-        match self.u64()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(bad(format!("flag with value {v}"))),
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let at = r.position();
+        let name = get_str(r, "disk_name")?;
+        if name.len() > MAX_NAME {
+            return Err(DecodeError::invalid("disk_name", at, "disk name too long"));
         }
+        v.push(DiskInfo {
+            name,
+            size_bytes: r.u64("disk_size")?,
+        });
     }
-    fn arr(&mut self) -> Result<[u8; 32]> {
-        self.array()
-    }
-    fn str(&mut self) -> Result<String> {
-        let n = self.u16()? as usize;
-        if n > MAX_NAME.max(4096) {
-            return Err(bad("string too long"));
-        }
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| bad("string is not UTF-8"))
-    }
-    fn disks(&mut self) -> Result<Vec<DiskInfo>> {
-        let n = self.u16()? as usize;
-        if n > MAX_DISKS {
-            return Err(bad(format!("{n} disks")));
-        }
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            let name = self.str()?;
-            if name.len() > MAX_NAME {
-                return Err(bad("disk name too long"));
-            }
-            v.push(DiskInfo {
-                name,
-                size_bytes: self.u64()?,
-            });
-        }
-        Ok(v)
-    }
-    fn agent(&mut self) -> Result<AgentState> {
-        Ok(AgentState {
-            resync_bytes: self.u64()?,
-            bitmap_mode: self.flag()?,
-            journal_bytes: self.u64()?,
-            journal_seq: self.u64()?,
-        })
-    }
+    Ok(v)
+}
+
+fn get_agent(r: &mut Reader<'_>) -> std::result::Result<AgentState, DecodeError> {
+    Ok(AgentState {
+        resync_bytes: r.u64("resync_bytes")?,
+        bitmap_mode: get_flag(r, "bitmap_mode")?,
+        journal_bytes: r.u64("journal_bytes")?,
+        journal_seq: r.u64("journal_seq")?,
+    })
 }
 
 /// Read one message from a stream. `Ok(None)` on a clean end of stream before a header.

@@ -301,8 +301,12 @@ impl<R: Read, W: Write + Send> Session<R, W> {
             }
             OPT_STARTTLS => self.error(opt, REP_ERR_POLICY, "TLS is not offered on this port"),
             OPT_INFO | OPT_GO => {
-                let Some(req) = InfoRequest::parse(&data) else {
-                    return self.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data");
+                let req = match InfoRequest::parse(&data) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        let msg = format!("malformed NBD_OPT_INFO/GO data: {e}");
+                        return self.error(opt, REP_ERR_INVALID, &msg);
+                    }
                 };
                 let Some((name, dev)) = self.exports.resolve(&req.name) else {
                     let msg = format!("no export named '{}'", req.name);
@@ -359,8 +363,12 @@ impl<R: Read, W: Write + Send> Session<R, W> {
                         "structured replies must be negotiated first",
                     );
                 }
-                let Some(req) = MetaRequest::parse(&data) else {
-                    return self.error(opt, REP_ERR_INVALID, "malformed meta context request");
+                let req = match MetaRequest::parse(&data) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        let msg = format!("malformed meta context request: {e}");
+                        return self.error(opt, REP_ERR_INVALID, &msg);
+                    }
                 };
                 let Some((export, _)) = self.exports.resolve(&req.export) else {
                     let msg = format!("no export named '{}'", req.export);

@@ -30,7 +30,7 @@
     clippy::indexing_slicing
 )]
 
-use super::codec::{bad, check_features, part, seeded_crc, Cursor, FormatError};
+use crate::util::codec::{part, seeded_crc, DecodeError, Features, Reader};
 
 pub const MAGIC: [u8; 8] = *b"STBYDAT\0";
 pub const VERSION: u16 = 1;
@@ -72,25 +72,32 @@ impl DataHeader {
 }
 
 /// Decode and validate a data-file header from the start of `b`.
-pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, FormatError> {
-    let mut c = Cursor::new(b);
-    let magic = c.bytes(8)?;
-    if magic != MAGIC {
-        return Err(bad("not a Standby replica data file (bad magic)"));
+pub fn decode_data_header(b: &[u8]) -> Result<DataHeader, DecodeError> {
+    let mut c = Reader::new(b);
+    c.magic(&MAGIC, "not a Standby replica data file (bad magic)")?;
+    let version = c.u16("version")?;
+    let header_bytes = c.u16("header_bytes")? as usize;
+    let incompat = c.u32("incompat")?;
+    let compat = c.u32("compat")?;
+    let file_id = c.u64("file_id")?;
+    let prev_end = c.u64("prev_end")?;
+    let crc = c.u32("crc")?;
+    if seeded_crc(HEADER_SEED, file_id, &[part(b, 0..36, "header")?]) != crc {
+        return Err(c.invalid("data file header checksum mismatch"));
     }
-    let version = c.u16()?;
-    let header_bytes = c.u16()? as usize;
-    let incompat = c.u32()?;
-    let compat = c.u32()?;
-    let file_id = c.u64()?;
-    let prev_end = c.u64()?;
-    let crc = c.u32()?;
-    if seeded_crc(HEADER_SEED, file_id, &[part(b, 0..36)?]) != crc {
-        return Err(bad("data file header checksum mismatch"));
+    Features {
+        version,
+        version_at: 8,
+        incompat,
+        incompat_at: 12,
     }
-    check_features("data file", version, VERSION, incompat, KNOWN_INCOMPAT)?;
+    .check("data file", VERSION, KNOWN_INCOMPAT)?;
     if header_bytes != HEADER_BYTES {
-        return Err(bad("data file header has a bad length"));
+        return Err(DecodeError::invalid(
+            "header_bytes",
+            10,
+            "data file header has a bad length",
+        ));
     }
     Ok(DataHeader {
         file_id,
@@ -136,10 +143,7 @@ mod tests {
             }
         }
         for cut in 0..b.len() {
-            assert!(matches!(
-                decode_data_header(&b[..cut]),
-                Err(FormatError::Truncated { .. })
-            ));
+            assert!(decode_data_header(&b[..cut]).unwrap_err().is_truncated());
         }
         assert!(decode_data_header(&[0u8; HEADER_BYTES]).is_err());
     }
@@ -152,10 +156,7 @@ mod tests {
         assert!(decode_data_header(&b).is_ok());
         b[12] = 1;
         reseal(&mut b);
-        assert!(matches!(
-            decode_data_header(&b),
-            Err(FormatError::Unsupported(_))
-        ));
+        assert!(decode_data_header(&b).unwrap_err().is_unsupported());
     }
 
     #[test]

@@ -31,8 +31,8 @@
     clippy::indexing_slicing
 )]
 
-use super::codec::{bad, part, seeded_crc, Cursor, FormatError};
 use crate::record::MAX_WRITE_BYTES;
+use crate::util::codec::{part, seeded_crc, DecodeError, Reader, Writer};
 
 pub const FRAME_HEADER_BYTES: usize = 48;
 pub const FRAME_TRAILER_BYTES: usize = 4;
@@ -65,61 +65,95 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Parse the first [`FRAME_HEADER_BYTES`] of a frame and validate its fields, so the
     /// caller may allocate `frame_bytes()`.
-    pub fn parse(b: &[u8], file_id: u64) -> Result<FrameHeader, FormatError> {
+    pub fn parse(b: &[u8], file_id: u64) -> Result<FrameHeader, DecodeError> {
         if b.len() < FRAME_HEADER_BYTES {
-            return Err(FormatError::Truncated {
-                needed: FRAME_HEADER_BYTES,
-                have: b.len(),
-            });
+            return Err(DecodeError::truncated(
+                "header",
+                0,
+                FRAME_HEADER_BYTES,
+                b.len(),
+            ));
         }
-        let mut c = Cursor::new(b);
-        let body_len = c.u32()?;
-        if c.u32()? != len_check(file_id, body_len) {
-            return Err(bad("extent frame length check failed"));
+        let mut c = Reader::new(b);
+        let body_len = c.u32("body_len")?;
+        if c.u32("len_check")? != len_check(file_id, body_len) {
+            return Err(c.invalid("extent frame length check failed"));
         }
-        let kind = c.u8()?;
-        let flags = c.u8()?;
-        let disk = c.u16()?;
-        let _reserved = c.u32()?;
+        let kind = c.u8("kind")?;
+        let flags = c.u8("flags")?;
+        let disk = c.u16("disk")?;
+        let _reserved = c.u32("reserved")?;
         let h = FrameHeader {
             body_len,
             kind,
             flags,
             disk,
-            offset: c.u64()?,
-            len: c.u64()?,
-            seq: c.u64()?,
-            time_us: c.u64()?,
+            offset: c.u64("offset")?,
+            len: c.u64("len")?,
+            seq: c.u64("seq")?,
+            time_us: c.u64("time_us")?,
         };
         if body_len as usize > MAX_EXTENT_BYTES {
-            return Err(bad(format!(
-                "extent body of {body_len} bytes exceeds the limit"
-            )));
+            return Err(DecodeError::invalid(
+                "body_len",
+                0,
+                format!("extent body of {body_len} bytes exceeds the limit"),
+            ));
         }
         if h.len == 0 || h.offset.checked_add(h.len).is_none() {
-            return Err(bad("extent frame with an empty or overflowing range"));
+            return Err(DecodeError::invalid(
+                "len",
+                24,
+                "extent frame with an empty or overflowing range",
+            ));
         }
         match kind {
             KIND_DATA => {
                 if flags & !FLAG_LZ4 != 0 {
-                    return Err(bad(format!("unknown data frame flags {flags:#04x}")));
+                    return Err(DecodeError::invalid(
+                        "flags",
+                        9,
+                        format!("unknown data frame flags {flags:#04x}"),
+                    ));
                 }
                 if h.len as usize > MAX_EXTENT_BYTES {
-                    return Err(bad("data extent longer than the limit"));
+                    return Err(DecodeError::invalid(
+                        "len",
+                        24,
+                        "data extent longer than the limit",
+                    ));
                 }
                 if flags & FLAG_LZ4 == 0 && h.len != body_len as u64 {
-                    return Err(bad("raw data frame whose body is not its length"));
+                    return Err(DecodeError::invalid(
+                        "len",
+                        24,
+                        "raw data frame whose body is not its length",
+                    ));
                 }
                 if body_len == 0 {
-                    return Err(bad("data frame without a body"));
+                    return Err(DecodeError::invalid(
+                        "body_len",
+                        0,
+                        "data frame without a body",
+                    ));
                 }
             }
             KIND_ZERO => {
                 if flags & !FLAG_TRIM != 0 || body_len != 0 {
-                    return Err(bad("zero frame with a body or unknown flags"));
+                    return Err(DecodeError::invalid(
+                        "flags",
+                        9,
+                        "zero frame with a body or unknown flags",
+                    ));
                 }
             }
-            k => return Err(bad(format!("unknown extent frame kind {k}"))),
+            k => {
+                return Err(DecodeError::invalid(
+                    "kind",
+                    8,
+                    format!("unknown extent frame kind {k}"),
+                ))
+            }
         }
         Ok(h)
     }
@@ -229,45 +263,54 @@ fn encode_raw(
 ) {
     let start = out.len();
     let body_len = body.len() as u32;
-    out.extend_from_slice(&body_len.to_le_bytes());
-    out.extend_from_slice(&len_check(file_id, body_len).to_le_bytes());
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&disk.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    for v in [offset, len, seq, time_us] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(body);
+    Writer::new(out)
+        .u32(body_len)
+        .u32(len_check(file_id, body_len))
+        .u8(kind)
+        .u8(flags)
+        .u16(disk)
+        .u32(0)
+        .u64(offset)
+        .u64(len)
+        .u64(seq)
+        .u64(time_us)
+        .bytes(body);
     let crc = seeded_crc(CRC_SEED, file_id, &[out.get(start..).unwrap_or_default()]);
-    out.extend_from_slice(&crc.to_le_bytes());
+    Writer::new(out).u32(crc);
 }
 
 /// Check a whole frame's crc (`frame` holds at least `h.frame_bytes()` bytes).
-pub fn verify_frame(frame: &[u8], h: &FrameHeader, file_id: u64) -> Result<(), FormatError> {
+pub fn verify_frame(frame: &[u8], h: &FrameHeader, file_id: u64) -> Result<(), DecodeError> {
     let total = h.frame_bytes();
     if frame.len() < total {
-        return Err(FormatError::Truncated {
-            needed: total,
-            have: frame.len(),
-        });
+        return Err(DecodeError::truncated(
+            "body",
+            FRAME_HEADER_BYTES,
+            total,
+            frame.len(),
+        ));
     }
     let body_end = FRAME_HEADER_BYTES + h.body_len as usize;
-    let mut c = Cursor::new(part(frame, body_end..total)?);
-    if seeded_crc(CRC_SEED, file_id, &[part(frame, 0..body_end)?]) != c.u32()? {
-        return Err(bad("extent frame checksum mismatch"));
+    let mut c = Reader::new(part(frame, body_end..total, "crc")?);
+    if seeded_crc(CRC_SEED, file_id, &[part(frame, 0..body_end, "body")?]) != c.u32("crc")? {
+        return Err(DecodeError::invalid(
+            "crc",
+            body_end,
+            "extent frame checksum mismatch",
+        ));
     }
     Ok(())
 }
 
 /// Decode one whole frame from the start of `b`: parse, verify, decompress.
 /// Returns the extent and the frame's length in bytes.
-pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), FormatError> {
+pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), DecodeError> {
     let h = FrameHeader::parse(b, file_id)?;
     verify_frame(b, &h, file_id)?;
     let body = part(
         b,
         FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + h.body_len as usize,
+        "body",
     )?;
     let data = match h.kind {
         KIND_DATA => Some(decode_body(body, &h)?),
@@ -294,7 +337,7 @@ pub fn decode_body_into(
     body: &[u8],
     h: &FrameHeader,
     out: &mut Vec<u8>,
-) -> Result<(), FormatError> {
+) -> Result<(), DecodeError> {
     if h.flags & FLAG_LZ4 == 0 {
         out.clear();
         out.extend_from_slice(body);
@@ -307,23 +350,41 @@ pub fn decode_body_into(
         // Stale bytes are fine: the whole length must decompress, or it is an error.
         out.truncate(len);
     }
-    let n = lz4_flex::block::decompress_into(body, out)
-        .map_err(|e| bad(format!("lz4 extent body does not decompress: {e}")))?;
+    let n = lz4_flex::block::decompress_into(body, out).map_err(|e| {
+        DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            format!("lz4 extent body does not decompress: {e}"),
+        )
+    })?;
     if n != len {
-        return Err(bad("lz4 extent body decompresses to the wrong length"));
+        return Err(DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            "lz4 extent body decompresses to the wrong length",
+        ));
     }
     Ok(())
 }
 
-pub fn decode_body(body: &[u8], h: &FrameHeader) -> Result<Vec<u8>, FormatError> {
+pub fn decode_body(body: &[u8], h: &FrameHeader) -> Result<Vec<u8>, DecodeError> {
     if h.flags & FLAG_LZ4 == 0 {
         return Ok(body.to_vec());
     }
     let mut out = vec![0u8; h.len as usize];
-    let n = lz4_flex::block::decompress_into(body, &mut out)
-        .map_err(|e| bad(format!("lz4 extent body does not decompress: {e}")))?;
+    let n = lz4_flex::block::decompress_into(body, &mut out).map_err(|e| {
+        DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            format!("lz4 extent body does not decompress: {e}"),
+        )
+    })?;
     if n != out.len() {
-        return Err(bad("lz4 extent body decompresses to the wrong length"));
+        return Err(DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            "lz4 extent body decompresses to the wrong length",
+        ));
     }
     Ok(out)
 }
@@ -395,10 +456,7 @@ mod tests {
         assert!(decode_extent(&[0u8; 200], 0).is_err());
         assert!(decode_extent(&[0u8; 200], 5).is_err());
         for cut in 0..f.len() {
-            assert!(matches!(
-                decode_extent(&f[..cut], 5),
-                Err(FormatError::Truncated { .. })
-            ));
+            assert!(decode_extent(&f[..cut], 5).unwrap_err().is_truncated());
         }
     }
 
@@ -410,7 +468,10 @@ mod tests {
         f[4..8].copy_from_slice(&len_check(5, huge).to_le_bytes());
         assert!(matches!(
             FrameHeader::parse(&f, 5),
-            Err(FormatError::Bad(_))
+            Err(DecodeError {
+                kind: crate::util::codec::DecodeErrorKind::Invalid(_),
+                ..
+            })
         ));
     }
 }

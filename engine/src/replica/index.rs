@@ -48,8 +48,8 @@
     clippy::indexing_slicing
 )]
 
-use super::codec::{bad, check_features, part, seeded_crc, Cursor, FormatError};
 use super::extent::{FRAME_OVERHEAD_BYTES, MAX_EXTENT_BYTES};
+use crate::util::codec::{part, seeded_crc, DecodeError, Features, Reader};
 
 pub const MAGIC: [u8; 8] = *b"STBYIDX\0";
 pub const VERSION: u16 = 1;
@@ -164,7 +164,7 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
 }
 
 /// Decode and validate a whole layer index file.
-pub fn decode_layer_index(b: &[u8]) -> Result<LayerIndex, FormatError> {
+pub fn decode_layer_index(b: &[u8]) -> Result<LayerIndex, DecodeError> {
     decode_layer_index_located(b).map_err(|(_, e)| e)
 }
 
@@ -172,34 +172,45 @@ pub fn decode_layer_index(b: &[u8]) -> Result<LayerIndex, FormatError> {
 /// the file of the part that failed: 0 for the header, the entry's offset for a bad entry,
 /// [`HEADER_BYTES`] when the checksum over the entries fails (the header's own checksum
 /// held, so the damage is in the entries or the trailer).
-pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatError)> {
-    let at = |off: usize| move |e: FormatError| (off as u64, e);
-    let mut c = Cursor::new(b);
+pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, DecodeError)> {
+    let at = |off: usize| move |e: DecodeError| (off as u64, e);
+    let mut c = Reader::new(b);
     let h = (|| {
-        let magic = c.bytes(8)?;
-        if magic != MAGIC {
-            return Err(bad("not a Standby layer index (bad magic)"));
+        c.magic(&MAGIC, "not a Standby layer index (bad magic)")?;
+        let version = c.u16("version")?;
+        let header_bytes = c.u16("header_bytes")? as usize;
+        let incompat = c.u32("incompat")?;
+        let compat = c.u32("compat")?;
+        let entry_bytes = c.u32("entry_bytes")? as usize;
+        let layer_id = c.u64("layer_id")?;
+        let base_seq = c.u64("base_seq")?;
+        let end_seq = c.u64("end_seq")?;
+        let exact_from = c.u64("exact_from")?;
+        let count = c.u32("count")? as usize;
+        let hcrc = c.u32("hcrc")?;
+        if seeded_crc(HEADER_SEED, layer_id, &[part(b, 0..60, "header")?]) != hcrc {
+            return Err(c.invalid("layer index header checksum mismatch"));
         }
-        let version = c.u16()?;
-        let header_bytes = c.u16()? as usize;
-        let incompat = c.u32()?;
-        let compat = c.u32()?;
-        let entry_bytes = c.u32()? as usize;
-        let layer_id = c.u64()?;
-        let base_seq = c.u64()?;
-        let end_seq = c.u64()?;
-        let exact_from = c.u64()?;
-        let count = c.u32()? as usize;
-        let hcrc = c.u32()?;
-        if seeded_crc(HEADER_SEED, layer_id, &[part(b, 0..60)?]) != hcrc {
-            return Err(bad("layer index header checksum mismatch"));
+        Features {
+            version,
+            version_at: 8,
+            incompat,
+            incompat_at: 12,
         }
-        check_features("layer index", version, VERSION, incompat, KNOWN_INCOMPAT)?;
+        .check("layer index", VERSION, KNOWN_INCOMPAT)?;
         if header_bytes != HEADER_BYTES || entry_bytes != ENTRY_BYTES {
-            return Err(bad("layer index header or entry size is wrong"));
+            return Err(DecodeError::invalid(
+                "header_bytes",
+                10,
+                "layer index header or entry size is wrong",
+            ));
         }
         if base_seq > end_seq || exact_from < base_seq || exact_from > end_seq {
-            return Err(bad("layer index sequence range is inconsistent"));
+            return Err(DecodeError::invalid(
+                "base_seq",
+                28,
+                "layer index sequence range is inconsistent",
+            ));
         }
         Ok((layer_id, base_seq, end_seq, exact_from, compat, count))
     })();
@@ -210,36 +221,48 @@ pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatEr
     if (b.len() as u64) < need {
         return Err((
             b.len() as u64,
-            FormatError::Truncated {
-                needed: need as usize,
-                have: b.len(),
-            },
+            DecodeError::truncated("entries", HEADER_BYTES, need as usize, b.len()),
         ));
     }
     if b.len() as u64 != need {
-        return Err((need, bad("layer index has trailing bytes")));
+        return Err((
+            need,
+            DecodeError::invalid("end", need as usize, "layer index has trailing bytes"),
+        ));
     }
     let body_end = need as usize - TRAILER_BYTES;
     let (body, trailer) = b.split_at_checked(body_end).unwrap_or((b, &[]));
-    let mut t = Cursor::new(trailer);
-    if seeded_crc(CRC_SEED, layer_id, &[body]) != t.u32().map_err(at(body_end))? {
+    let mut t = Reader::new(trailer);
+    if seeded_crc(CRC_SEED, layer_id, &[body])
+        != t.u32("crc")
+            .map_err(|e| (body_end as u64, e.shifted(body_end)))?
+    {
         return Err((
             HEADER_BYTES as u64,
-            bad(format!(
-                "layer index checksum mismatch (entries at bytes {HEADER_BYTES}..{body_end} \
-                 or the trailer)"
-            )),
+            DecodeError::invalid(
+                "crc",
+                body_end,
+                format!(
+                    "layer index checksum mismatch (entries at bytes {HEADER_BYTES}..{body_end} \
+                     or the trailer)"
+                ),
+            ),
         ));
     }
     let mut entries = Vec::with_capacity(count);
     let mut last_seq = base_seq;
     for i in 0..count {
         let off = HEADER_BYTES + i * ENTRY_BYTES;
-        let e = decode_entry(&mut c).map_err(|e| (off as u64, bad(format!("entry {i}: {e}"))))?;
+        let e =
+            decode_entry(&mut c).map_err(|e| (off as u64, e.context(format_args!("entry {i}"))))?;
         if e.seq <= base_seq || e.seq > end_seq || e.seq < last_seq {
             return Err((
                 off as u64,
-                bad(format!("entry {i}: sequence number out of order")),
+                DecodeError::invalid(
+                    "seq",
+                    off + 24,
+                    format!("entry {i}: sequence number out of order"),
+                ),
             ));
         }
         last_seq = e.seq;
@@ -255,21 +278,26 @@ pub fn decode_layer_index_located(b: &[u8]) -> Result<LayerIndex, (u64, FormatEr
     })
 }
 
-fn decode_entry(c: &mut Cursor<'_>) -> Result<Entry, FormatError> {
-    let disk = c.u16()?;
-    let kind = c.u8()?;
-    let flags = c.u8()?;
-    let skip = c.u32()?;
-    let offset = c.u64()?;
-    let len = c.u64()?;
-    let seq = c.u64()?;
-    let time_us = c.u64()?;
-    let file_id = c.u64()?;
-    let frame_offset = c.u64()?;
-    let frame_len = c.u32()?;
-    let _reserved = c.u32()?;
+fn decode_entry(c: &mut Reader<'_>) -> Result<Entry, DecodeError> {
+    let at = c.position();
+    let disk = c.u16("disk")?;
+    let kind = c.u8("kind")?;
+    let flags = c.u8("flags")?;
+    let skip = c.u32("skip")?;
+    let offset = c.u64("offset")?;
+    let len = c.u64("len")?;
+    let seq = c.u64("seq")?;
+    let time_us = c.u64("time_us")?;
+    let file_id = c.u64("file_id")?;
+    let frame_offset = c.u64("frame_offset")?;
+    let frame_len = c.u32("frame_len")?;
+    let _reserved = c.u32("reserved")?;
     if len == 0 || offset.checked_add(len).is_none() {
-        return Err(bad("empty or overflowing range"));
+        return Err(DecodeError::invalid(
+            "len",
+            at + 16,
+            "empty or overflowing range",
+        ));
     }
     let loc = match kind {
         1 => {
@@ -278,7 +306,11 @@ fn decode_entry(c: &mut Cursor<'_>) -> Result<Entry, FormatError> {
                 || frame_len as usize > FRAME_OVERHEAD_BYTES + MAX_EXTENT_BYTES
                 || skip as u64 + len > MAX_EXTENT_BYTES as u64
             {
-                return Err(bad("bad data location"));
+                return Err(DecodeError::invalid(
+                    "frame_len",
+                    at + 56,
+                    "bad data location",
+                ));
             }
             Loc::Data {
                 file_id,
@@ -289,13 +321,23 @@ fn decode_entry(c: &mut Cursor<'_>) -> Result<Entry, FormatError> {
         }
         2 => {
             if flags & !1 != 0 || skip != 0 || file_id != 0 || frame_offset != 0 || frame_len != 0 {
-                return Err(bad("zero entry with a location"));
+                return Err(DecodeError::invalid(
+                    "flags",
+                    at + 3,
+                    "zero entry with a location",
+                ));
             }
             Loc::Zero {
                 trim: flags & 1 != 0,
             }
         }
-        k => return Err(bad(format!("unknown entry kind {k}"))),
+        k => {
+            return Err(DecodeError::invalid(
+                "kind",
+                at + 2,
+                format!("unknown entry kind {k}"),
+            ))
+        }
     };
     Ok(Entry {
         disk,
@@ -416,7 +458,7 @@ mod tests {
         b[n..].copy_from_slice(&c.to_le_bytes());
         assert!(matches!(
             decode_layer_index(&b),
-            Err(FormatError::Unsupported(_))
+            Err(e) if e.is_unsupported()
         ));
     }
 }

@@ -47,8 +47,7 @@
     clippy::indexing_slicing
 )]
 
-use super::codec::{bad, check_features, put_opt_str, put_u16, put_u32, put_u64, Cursor};
-use super::codec::{part, seeded_crc, FormatError};
+use crate::util::codec::{part, seeded_crc, DecodeError, Features, Reader, Writer};
 
 pub const FILE_NAME: &str = "manifest";
 pub const MAGIC: [u8; 8] = *b"STBYMAN\0";
@@ -142,49 +141,43 @@ impl Manifest {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
-        for v in [
-            self.generation,
-            self.next_layer_id,
-            self.next_point_id,
-            self.open_file_id,
-            self.open_offset,
-        ] {
-            put_u64(&mut body, v);
-        }
-        put_u32(&mut body, self.disks.len() as u32);
+        let mut w = Writer::new(&mut body);
+        w.u64(self.generation)
+            .u64(self.next_layer_id)
+            .u64(self.next_point_id)
+            .u64(self.open_file_id)
+            .u64(self.open_offset)
+            .u32(self.disks.len() as u32);
         for d in &self.disks {
-            put_u64(&mut body, d.size_bytes);
-            body.push(1);
-            put_u16(&mut body, d.name.len() as u16);
-            body.extend_from_slice(d.name.as_bytes());
+            w.u64(d.size_bytes)
+                .u8(1)
+                .u16(d.name.len() as u16)
+                .bytes(d.name.as_bytes());
         }
-        put_u32(&mut body, self.points.len() as u32);
+        w.u32(self.points.len() as u32);
         for p in &self.points {
             let i = &p.info;
-            for v in [i.id, i.seq, i.time_us] {
-                put_u64(&mut body, v);
-            }
-            body.push(i.kind.code());
-            put_opt_str(&mut body, i.name.as_deref());
-            put_opt_str(&mut body, i.group.as_deref());
-            for v in [p.layer_id, p.layer_exact_from, p.layer_entries] {
-                put_u64(&mut body, v);
-            }
+            w.u64(i.id).u64(i.seq).u64(i.time_us).u8(i.kind.code());
+            put_opt_str(&mut w, i.name.as_deref());
+            put_opt_str(&mut w, i.group.as_deref());
+            w.u64(p.layer_id)
+                .u64(p.layer_exact_from)
+                .u64(p.layer_entries);
         }
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 4);
-        out.extend_from_slice(&MAGIC);
-        put_u16(&mut out, VERSION);
-        put_u16(&mut out, HEADER_BYTES as u16);
-        put_u32(&mut out, KNOWN_INCOMPAT);
-        put_u32(&mut out, self.compat);
-        put_u32(&mut out, body.len() as u32);
-        put_u32(&mut out, 0);
+        Writer::new(&mut out)
+            .bytes(&MAGIC)
+            .u16(VERSION)
+            .u16(HEADER_BYTES as u16)
+            .u32(KNOWN_INCOMPAT)
+            .u32(self.compat)
+            .u32(body.len() as u32)
+            .u32(0);
         debug_assert_eq!(out.len(), 28);
         let h = seeded_crc(HEADER_SEED, CRC_ID, &[&out]);
-        put_u32(&mut out, h);
-        out.extend_from_slice(&body);
+        Writer::new(&mut out).u32(h).bytes(&body);
         let c = seeded_crc(CRC_SEED, CRC_ID, &[&out]);
-        put_u32(&mut out, c);
+        Writer::new(&mut out).u32(c);
         out
     }
 
@@ -197,84 +190,137 @@ impl Manifest {
     }
 }
 
+/// An optional UTF-8 string: present u8 (0/1), length u16, bytes.
+fn put_opt_str(w: &mut Writer<'_>, s: Option<&str>) {
+    match s {
+        None => w.u8(0).u16(0),
+        Some(s) => w.u8(1).u16(s.len() as u16).bytes(s.as_bytes()),
+    };
+}
+
+fn get_opt_str(c: &mut Reader<'_>, field: &'static str) -> Result<Option<String>, DecodeError> {
+    let present = c.u8(field)?;
+    let at = c.position();
+    let len = c.u16(field)? as usize;
+    if len > MAX_NAME_BYTES {
+        return Err(c.invalid(format!("string of {len} bytes exceeds {MAX_NAME_BYTES}")));
+    }
+    match present {
+        0 if len == 0 => Ok(None),
+        1 => c.utf8(len, field).map(Some),
+        _ => Err(DecodeError::invalid(
+            field,
+            at - 1,
+            "bad string presence byte",
+        )),
+    }
+}
+
 /// Decode and validate a whole manifest file.
-pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
-    let mut c = Cursor::new(b);
-    if c.bytes(8)? != MAGIC {
-        return Err(bad("not a Standby replica manifest (bad magic)"));
+pub fn decode_manifest(b: &[u8]) -> Result<Manifest, DecodeError> {
+    let mut c = Reader::new(b);
+    c.magic(&MAGIC, "not a Standby replica manifest (bad magic)")?;
+    let version = c.u16("version")?;
+    let header_bytes = c.u16("header_bytes")? as usize;
+    let incompat = c.u32("incompat")?;
+    let compat = c.u32("compat")?;
+    let body_len = c.u32("body_len")? as usize;
+    let _reserved = c.u32("reserved")?;
+    let h = c.u32("header_crc")?;
+    if seeded_crc(HEADER_SEED, CRC_ID, &[part(b, 0..28, "header")?]) != h {
+        return Err(c.invalid("manifest header checksum mismatch"));
     }
-    let version = c.u16()?;
-    let header_bytes = c.u16()? as usize;
-    let incompat = c.u32()?;
-    let compat = c.u32()?;
-    let body_len = c.u32()? as usize;
-    let _reserved = c.u32()?;
-    let h = c.u32()?;
-    if seeded_crc(HEADER_SEED, CRC_ID, &[part(b, 0..28)?]) != h {
-        return Err(bad("manifest header checksum mismatch"));
+    Features {
+        version,
+        version_at: 8,
+        incompat,
+        incompat_at: 12,
     }
-    check_features("manifest", version, VERSION, incompat, KNOWN_INCOMPAT)?;
+    .check("manifest", VERSION, KNOWN_INCOMPAT)?;
     if header_bytes != HEADER_BYTES || body_len > MAX_MANIFEST_BYTES {
-        return Err(bad("manifest header has a bad length"));
+        return Err(DecodeError::invalid(
+            "header_bytes",
+            10,
+            "manifest header has a bad length",
+        ));
     }
     let total = HEADER_BYTES + body_len + 4;
     if b.len() < total {
-        return Err(FormatError::Truncated {
-            needed: total,
-            have: b.len(),
-        });
+        return Err(DecodeError::truncated("body", HEADER_BYTES, total, b.len()));
     }
     if b.len() != total {
-        return Err(bad("manifest has trailing bytes"));
+        return Err(DecodeError::invalid(
+            "end",
+            total,
+            "manifest has trailing bytes",
+        ));
     }
-    let mut t = Cursor::new(part(b, total - 4..total)?);
-    if seeded_crc(CRC_SEED, CRC_ID, &[part(b, 0..total - 4)?]) != t.u32()? {
-        return Err(bad("manifest checksum mismatch"));
+    let mut t = Reader::new(part(b, total - 4..total, "crc")?);
+    if seeded_crc(CRC_SEED, CRC_ID, &[part(b, 0..total - 4, "body")?]) != t.u32("crc")? {
+        return Err(DecodeError::invalid(
+            "crc",
+            total - 4,
+            "manifest checksum mismatch",
+        ));
     }
-    let mut c = Cursor::new(part(b, HEADER_BYTES..total - 4)?);
-    let generation = c.u64()?;
-    let next_layer_id = c.u64()?;
-    let next_point_id = c.u64()?;
-    let open_file_id = c.u64()?;
-    let open_offset = c.u64()?;
-    let disk_count = c.u32()? as usize;
+    let mut c = Reader::new(part(b, 0..total - 4, "body")?);
+    c.skip(HEADER_BYTES, "header")?;
+    let generation = c.u64("generation")?;
+    let next_layer_id = c.u64("next_layer_id")?;
+    let next_point_id = c.u64("next_point_id")?;
+    let open_file_id = c.u64("open_file_id")?;
+    let open_offset = c.u64("open_offset")?;
+    let disk_count = c.u32("disk_count")? as usize;
     if disk_count > u16::MAX as usize + 1 || disk_count > c.remaining() / 11 {
-        return Err(bad("manifest disk count is implausible"));
+        return Err(c.invalid("manifest disk count is implausible"));
     }
     let mut disks = Vec::with_capacity(disk_count);
     for _ in 0..disk_count {
-        let size_bytes = c.u64()?;
-        let name = c
-            .opt_str(MAX_NAME_BYTES)?
-            .ok_or_else(|| bad("disk without a name"))?;
+        let size_bytes = c.u64("size_bytes")?;
+        let name =
+            get_opt_str(&mut c, "disk_name")?.ok_or_else(|| c.invalid("disk without a name"))?;
         disks.push(DiskSpec { name, size_bytes });
     }
-    let point_count = c.u32()? as usize;
+    let point_count = c.u32("point_count")? as usize;
     if point_count > c.remaining() / 55 {
-        return Err(bad("manifest point count is implausible"));
+        return Err(c.invalid("manifest point count is implausible"));
     }
     let mut points: Vec<ManifestPoint> = Vec::with_capacity(point_count);
     for _ in 0..point_count {
-        let id = c.u64()?;
-        let seq = c.u64()?;
-        let time_us = c.u64()?;
-        let kind = PointKind::from_code(c.u8()?).ok_or_else(|| bad("unknown point kind"))?;
-        let name = c.opt_str(MAX_NAME_BYTES)?;
-        let group = c.opt_str(MAX_NAME_BYTES)?;
-        let layer_id = c.u64()?;
-        let layer_exact_from = c.u64()?;
-        let layer_entries = c.u64()?;
+        let at = c.position();
+        let id = c.u64("id")?;
+        let seq = c.u64("seq")?;
+        let time_us = c.u64("time_us")?;
+        let kind = PointKind::from_code(c.u8("point_kind")?)
+            .ok_or_else(|| c.invalid("unknown point kind"))?;
+        let name = get_opt_str(&mut c, "name")?;
+        let group = get_opt_str(&mut c, "group")?;
+        let layer_id = c.u64("layer_id")?;
+        let layer_exact_from = c.u64("layer_exact_from")?;
+        let layer_entries = c.u64("layer_entries")?;
         let base = points.last().map_or(0, |p| p.info.seq);
         if let Some(prev) = points.last() {
             if id <= prev.info.id || seq <= prev.info.seq {
-                return Err(bad("manifest points out of order"));
+                return Err(DecodeError::invalid(
+                    "id",
+                    at,
+                    "manifest points out of order",
+                ));
             }
         }
         if layer_exact_from < base || layer_exact_from > seq || id >= next_point_id {
-            return Err(bad("manifest point has inconsistent fields"));
+            return Err(DecodeError::invalid(
+                "layer_exact_from",
+                c.position() - 16,
+                "manifest point has inconsistent fields",
+            ));
         }
         if layer_id >= next_layer_id || points.iter().any(|p| p.layer_id == layer_id) {
-            return Err(bad("manifest point has a bad layer id"));
+            return Err(DecodeError::invalid(
+                "layer_id",
+                c.position() - 24,
+                "manifest point has a bad layer id",
+            ));
         }
         points.push(ManifestPoint {
             info: PointInfo {
@@ -290,8 +336,12 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
             layer_entries,
         });
     }
-    if c.remaining() != 0 {
-        return Err(bad("manifest body has trailing bytes"));
+    if !c.is_empty() {
+        return Err(DecodeError::invalid(
+            "end",
+            c.position(),
+            "manifest body has trailing bytes",
+        ));
     }
     Ok(Manifest {
         compat,
@@ -403,7 +453,7 @@ mod tests {
         reseal(&mut b);
         assert!(matches!(
             decode_manifest(&b),
-            Err(FormatError::Unsupported(_))
+            Err(e) if e.is_unsupported()
         ));
     }
 }

@@ -19,7 +19,6 @@
 //! - a frame's bytes are punched only after a durable manifest stops referencing them and
 //!   no live view pins them; a crash in between is healed on open by a reference scan.
 
-pub mod codec;
 pub mod datafile;
 pub mod extent;
 pub mod index;
@@ -32,7 +31,6 @@ mod usage;
 mod verify;
 pub mod view;
 
-pub use codec::FormatError;
 pub use manifest::{DiskSpec, PointInfo, PointKind};
 pub use retention::PruneReport;
 pub use verify::{Damage, VerifyReport};

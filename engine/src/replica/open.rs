@@ -13,7 +13,6 @@
 //! and any new point would read the damaged layer too). Only the manifest, the root of
 //! everything, still refuses to open.
 
-use super::codec::FormatError;
 use super::datafile::{self, decode_data_header, HEADER_BYTES as DATA_HEADER_BYTES};
 use super::extent::{verify_frame, FrameHeader, FRAME_HEADER_BYTES, KIND_DATA};
 use super::index::{self, decode_layer_index_located, Entry, LayerIndex, Loc};
@@ -440,7 +439,7 @@ fn scan_open_layer(store: &Store, m: &Manifest, report: &mut OpenReport) -> Resu
                 }
             }
             Err(e) => {
-                if id != m.open_file_id && !matches!(e, FormatError::Unsupported(_)) {
+                if id != m.open_file_id && !e.is_unsupported() {
                     // Its creation was torn: nothing in it (or after it) was ever durable.
                     ended_at = Some(i);
                     break;

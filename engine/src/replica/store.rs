@@ -4,11 +4,11 @@
 //! layer, and no view still pinning a retired layer, references a frame in it, and only
 //! below the open layer's start.
 
-use super::codec::FormatError;
 use super::datafile::{self, HEADER_BYTES as DATA_HEADER_BYTES};
 use super::extent::{decode_body_into, verify_frame, FrameHeader, KIND_DATA};
 use super::index::{Entry, Loc};
 use crate::error::{Error, IoContext, Result};
+use crate::util::codec::DecodeError;
 use crate::vfs::{VFile, Vfs};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -103,7 +103,7 @@ impl Store {
         let path = self.path(file_id);
         let f = self.file(file_id)?;
         let n = f.read_full_at(buf, frame_offset).at(&path)?;
-        let fail = |e: FormatError| e.at(&path, frame_offset);
+        let fail = |e: DecodeError| e.at(&path, frame_offset);
         if n < buf.len() {
             return Err(Error::corrupt(
                 &path,

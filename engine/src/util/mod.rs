@@ -2,5 +2,6 @@
 //! agent's runtime). They sit below all of them and depend on nothing above `error`, so no
 //! service has to reach into another one for a lock file or a name check.
 
+pub mod codec;
 pub mod lock;
 pub mod names;

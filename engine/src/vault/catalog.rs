@@ -30,6 +30,7 @@
 use crate::error::{Error, Result};
 use crate::fsutil::replace_atomic;
 use crate::policy::Policy;
+use crate::util::codec::Features;
 use crate::vfs::Vfs;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -240,20 +241,14 @@ pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
     if h[0..8] != MAGIC {
         return Err(corrupt(0, "not a Standby vault catalog (bad magic)"));
     }
-    let version = u16::from_le_bytes([h[8], h[9]]);
-    if version != VERSION {
-        return Err(Error::Unsupported {
-            path: path.into(),
-            what: format!("vault catalog version {version} (this build reads version {VERSION})"),
-        });
+    Features {
+        version: u16::from_le_bytes([h[8], h[9]]),
+        version_at: 8,
+        incompat: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
+        incompat_at: 12,
     }
-    let incompat = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-    if incompat != 0 {
-        return Err(Error::Unsupported {
-            path: path.into(),
-            what: format!("vault catalog needs unknown features {incompat:#x}"),
-        });
-    }
+    .check("vault catalog", VERSION, 0)
+    .map_err(|e| e.at(path, 0))?;
     let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
     if len > MAX_PAYLOAD_BYTES || HEADER_BYTES + len != b.len() {
         return Err(corrupt(16, "vault catalog length does not match the file"));
