@@ -35,7 +35,7 @@ use crate::vfs::{RealFs, Vfs};
 use commit::writer_loop;
 use parking_lot::{Condvar, Mutex};
 use recover::recover;
-use state::{read_source_seq, write_checkpoint};
+use state::{read_source_seq, write_checkpoint, write_source_seq};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -490,9 +490,7 @@ impl Cache {
     /// (see [`crate::agent`]). Once set, the checkpoint never passes it: records the source
     /// may still need for replay are kept even after the replica has them.
     pub fn set_source_seq(&self, seq: u64) -> Result<()> {
-        let mut b = seq.to_le_bytes().to_vec();
-        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
-        crate::fsutil::replace_atomic(&*self.shared.vfs, &self.shared.dir, SOURCE_SEQ_FILE, &b)
+        write_source_seq(&*self.shared.vfs, &self.shared.dir, seq)
     }
 
     /// How far the source images are durable (`None` if this log has no source hold).

@@ -4,3 +4,4 @@
 
 pub mod lock;
 pub mod names;
+pub mod statefile;
