@@ -74,6 +74,8 @@ pub trait Vfs: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
     /// fsync the directory so that created, renamed and removed entries survive a power loss.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Remove `dir` and everything below it (nothing if it does not exist).
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
 }
 
 /// The real filesystem.
@@ -198,6 +200,12 @@ impl Vfs for RealFs {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 }
 
@@ -537,6 +545,13 @@ impl Vfs for SimFs {
         d.durable = d.live.clone();
         Ok(())
     }
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.check()?;
+        // Like their creation, the removal of directories is taken as durable at once: a
+        // directory tree is removed only to be rebuilt from scratch.
+        self.inner.dirs.lock().retain(|d, _| !d.starts_with(dir));
+        Ok(())
+    }
 }
 
 /// Names present in a simulated directory, for tests.
@@ -554,6 +569,32 @@ impl SimFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_dir_all_removes_the_tree_and_only_it() {
+        let fs = SimFs::new();
+        for d in ["/v/a", "/v/a/b", "/v/ab"] {
+            fs.create_dir_all(Path::new(d)).unwrap();
+            fs.create_new(&Path::new(d).join("f")).unwrap();
+        }
+        fs.remove_dir_all(Path::new("/v/a")).unwrap();
+        assert!(!fs.exists(Path::new("/v/a")) && !fs.exists(Path::new("/v/a/b/f")));
+        assert!(
+            fs.exists(Path::new("/v/ab/f")),
+            "a sibling whose name shares a prefix stays"
+        );
+        fs.remove_dir_all(Path::new("/v/none")).unwrap();
+        let after = fs.crash(0);
+        assert!(!after.exists(Path::new("/v/a/b")));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("x/y");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), b"1").unwrap();
+        RealFs.remove_dir_all(&tmp.path().join("x")).unwrap();
+        assert!(!tmp.path().join("x").exists());
+        RealFs.remove_dir_all(&tmp.path().join("x")).unwrap();
+    }
 
     #[test]
     fn unsynced_data_and_entries_vanish_on_power_loss() {

@@ -120,10 +120,7 @@ impl Vault {
             }),
         };
         let vm_dir = self.vm_dir(&req.vm);
-        if vm_dir.exists() {
-            std::fs::remove_dir_all(&vm_dir).map_err(|e| Error::io(&vm_dir, e))?;
-        }
-        std::fs::create_dir_all(&vm_dir).map_err(|e| Error::io(&vm_dir, e))?;
+        let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
         let specs: Vec<DiskSpec> = disks
             .iter()
             .map(|d| DiskSpec {
@@ -137,7 +134,11 @@ impl Vault {
             &specs,
             ReplicaConfig::default(),
         )?;
-        let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::with_capacity(None))?;
+        let (cache, _) = Cache::open_with(
+            self.vfs.clone(),
+            vm_dir.join("cache"),
+            CacheConfig::with_capacity(None),
+        )?;
         cache.close()?;
         let name = req.vm.clone();
         self.update(|c| {
