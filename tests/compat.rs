@@ -180,6 +180,102 @@ fn a_vault_written_by_an_earlier_build_opens_verifies_and_fails_over_bit_exact()
     );
 }
 
+/// The small state files of earlier builds, which had no magic or version (the change
+/// log's `checkpoint` and `source.seq` in the vault fixture, the processor's
+/// `resync.window` and the follower's `status.json` in `tests/fixtures/state-v0/`), are
+/// read as version 0 and replaced in the current format at their next write.
+#[test]
+fn state_files_of_an_earlier_build_are_read_then_rewritten_in_the_current_format() {
+    use standby_engine::cache::{Cache, CacheConfig};
+    use standby_engine::process::Processor;
+    use standby_engine::record::{Entry, MarkerKind};
+    use standby_engine::replica::{Replica, ReplicaConfig};
+    use standby_engine::vault::remote::status_file;
+    use standby_engine::vfs::RealFs;
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let vault = tmp.path().join("vault");
+    copy_tree(&fixture_dir().join("vault"), &vault);
+    let state_v0 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v0");
+    let log = vault.join("vms/vm1/cache");
+    let replica_dir = vault.join("vms/vm1/replica");
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+
+    // Version 0 as the fixture holds it: no version field anywhere.
+    let ckpt = bytes(&log.join("checkpoint"));
+    assert_eq!((ckpt.len(), &ckpt[..8]), (24, &b"STBYCKP\0"[..]));
+    let hold = bytes(&log.join("source.seq"));
+    assert_eq!(hold.len(), 12);
+    std::fs::copy(
+        state_v0.join("resync.window"),
+        replica_dir.join("resync.window"),
+    )
+    .unwrap();
+
+    let policy = Vault::open(&vault, "compat", LockWait::Fail)
+        .unwrap()
+        .vm_policy("vm1")
+        .unwrap();
+    let (cache, _) = Cache::open(&log, CacheConfig::default()).unwrap();
+    let cache = Arc::new(cache);
+    assert_eq!(cache.stats().checkpoint, u64_at(&ckpt, 8));
+    assert_eq!(cache.source_seq().unwrap(), Some(u64_at(&hold, 0)));
+    let (replica, _) =
+        Replica::open(Arc::new(RealFs), &replica_dir, ReplicaConfig::default()).unwrap();
+    let mut p = Processor::new(cache.clone(), replica, policy).unwrap();
+    assert!(p.in_resync(), "the old window `1 0` is open");
+
+    // The next writes: closing the window rewrites it; the source hold and a checkpoint
+    // that frees the segment rewrite the log's two files.
+    let end = cache
+        .append(&Entry::Marker(&Marker {
+            consistency: Consistency::Crash,
+            name: None,
+            group: None,
+            kind: MarkerKind::ResyncEnd,
+        }))
+        .unwrap();
+    let durable = cache.sync().unwrap();
+    let report = p.run_pass().unwrap();
+    assert!(!p.in_resync());
+    assert!(report.points.iter().any(|pt| pt.seq == end), "{report:?}");
+    assert_eq!(&bytes(&replica_dir.join("resync.window"))[..8], b"STBYRSYN");
+    cache.set_source_seq(durable).unwrap();
+    cache.set_checkpoint(durable).unwrap();
+    drop(p);
+    cache.close().unwrap();
+    drop(cache);
+    for (file, magic) in [("checkpoint", b"STBYCKPT"), ("source.seq", b"STBYSSEQ")] {
+        let b = bytes(&log.join(file));
+        assert_eq!((b.len(), &b[..8]), (28, &magic[..]), "{file}");
+        assert_eq!(
+            u32::from_le_bytes(b[8..12].try_into().unwrap()),
+            1,
+            "{file}"
+        );
+    }
+    let (cache, _) = Cache::open(&log, CacheConfig::default()).unwrap();
+    assert_eq!(cache.stats().checkpoint, durable);
+    assert_eq!(cache.source_seq().unwrap(), Some(durable));
+
+    // The follower's status: an unversioned file reads as version 0, field for field.
+    let old = status_file::read(&RealFs, &state_v0).unwrap().unwrap();
+    assert_eq!(old.version, 0);
+    assert_eq!(old.written_us, 1795702439420187);
+    assert!(old.status.is_none());
+    assert_eq!(old.link.records, 131);
+    assert_eq!(old.link.source.as_ref().unwrap().agent_journal_bytes, 56618);
+    let dir = tmp.path().join("status");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(state_v0.join("status.json"), dir.join("status.json")).unwrap();
+    let now = status_file::StatusFile::new(old.written_us + 1, None, old.link.clone());
+    status_file::write(&RealFs, &dir, &now).unwrap();
+    let back = status_file::read(&RealFs, &dir).unwrap().unwrap();
+    assert_eq!((back.version, back.link), (status_file::VERSION, old.link));
+}
+
 /// The VM as the generator writes it: one Vec per disk, deterministic writes.
 struct Model {
     disks: Vec<Vec<u8>>,

@@ -19,8 +19,9 @@ use crate::error::Result;
 use crate::policy::{us, Policy};
 use crate::record::MarkerKind;
 use crate::replica::{Applied, PointInfo, PointKind, PruneReport, Replica};
-use crate::vfs::Vfs;
 use std::sync::Arc;
+
+mod window;
 
 /// Flush and advance the checkpoint after this many bytes applied within one pass, so a
 /// long catch-up lets the log trim as it goes.
@@ -51,13 +52,10 @@ pub struct Processor {
     resync: (u64, u64),
 }
 
-/// Where the resync window is kept, in the replica's directory: `begin end` as decimal.
-const RESYNC_FILE: &str = "resync.window";
-
 impl Processor {
     pub fn new(cache: Arc<Cache>, replica: Replica, policy: Policy) -> Result<Processor> {
         policy.validate()?;
-        let resync = read_window(&**replica.vfs(), &replica.dir().join(RESYNC_FILE))?;
+        let resync = window::read(&**replica.vfs(), replica.dir())?;
         Ok(Processor {
             cache,
             replica,
@@ -87,7 +85,7 @@ impl Processor {
     /// Work on `replica` from now on: the same replica reopened (recovery ran) by the
     /// runtime after a failure latched the old one.
     pub fn reopen(&mut self, replica: Replica) -> Result<()> {
-        self.resync = read_window(&**replica.vfs(), &replica.dir().join(RESYNC_FILE))?;
+        self.resync = window::read(&**replica.vfs(), replica.dir())?;
         self.replica = replica;
         Ok(())
     }
@@ -130,15 +128,9 @@ impl Processor {
         begin != 0 && begin <= at && (end == 0 || at < end)
     }
 
-    fn set_window(&mut self, window: (u64, u64)) -> Result<()> {
-        self.resync = window;
-        let text = format!("{} {}\n", window.0, window.1);
-        crate::fsutil::replace_atomic(
-            &**self.replica.vfs(),
-            self.replica.dir(),
-            RESYNC_FILE,
-            text.as_bytes(),
-        )
+    fn set_window(&mut self, w: window::Window) -> Result<()> {
+        self.resync = w;
+        window::write(&**self.replica.vfs(), self.replica.dir(), w)
     }
 
     fn due(&self, time_us: u64) -> bool {
@@ -211,30 +203,5 @@ impl Processor {
         report.durable_seq = self.checkpoint()?;
         report.prune = self.replica.prune(&self.policy, now)?;
         Ok(report)
-    }
-}
-
-fn read_window(vfs: &dyn Vfs, path: &std::path::Path) -> Result<(u64, u64)> {
-    if !vfs.exists(path) {
-        return Ok((0, 0));
-    }
-    let f = vfs.open(path).map_err(|e| crate::Error::io(path, e))?;
-    // Two decimal u64s, a space and a newline fit in 48 bytes; more is not a window.
-    let mut b = [0u8; 64];
-    let n = f
-        .read_full_at(&mut b, 0)
-        .map_err(|e| crate::Error::io(path, e))?;
-    let text = match n < b.len() {
-        true => std::str::from_utf8(&b[..n]).unwrap_or(""),
-        false => "",
-    };
-    let mut it = text.split_whitespace().map(str::parse::<u64>);
-    match (it.next(), it.next(), it.next()) {
-        (Some(Ok(b)), Some(Ok(e)), None) => Ok((b, e)),
-        _ => Err(crate::Error::corrupt(
-            path,
-            0,
-            "expected two sequence numbers (the resync window)",
-        )),
     }
 }

@@ -74,7 +74,8 @@ pub trait Vfs: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
     /// fsync the directory so that created, renamed and removed entries survive a power loss.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
-    /// Remove a directory and everything in it; durable once its parent is synced.
+    /// Remove a directory and everything in it (nothing if it does not exist); durable once
+    /// its parent is synced.
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Rename a directory (the destination must not exist, or be an empty directory);
     /// durable once the destination's parent is synced.
@@ -205,7 +206,10 @@ impl Vfs for RealFs {
         File::open(dir)?.sync_all()
     }
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::remove_dir_all(dir)
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
     fn rename_dir(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
@@ -573,7 +577,7 @@ impl Vfs for SimFs {
         self.inner.check()?;
         let mut dirs = self.inner.dirs.lock();
         if !dirs.contains_key(dir) {
-            return Err(not_found());
+            return Ok(());
         }
         let gone: Vec<PathBuf> = dirs
             .keys()
@@ -670,6 +674,33 @@ mod tests {
         let kept = fs.crash(0);
         assert_eq!(read(&kept, "/p/old/f"), 2);
         assert!(!kept.exists(Path::new("/p/tmp")));
+    }
+
+    #[test]
+    fn remove_dir_all_removes_the_tree_and_only_it() {
+        let fs = SimFs::new();
+        for d in ["/v/a", "/v/a/b", "/v/ab"] {
+            fs.create_dir_all(Path::new(d)).unwrap();
+            fs.create_new(&Path::new(d).join("f")).unwrap();
+        }
+        fs.remove_dir_all(Path::new("/v/a")).unwrap();
+        assert!(!fs.exists(Path::new("/v/a")) && !fs.exists(Path::new("/v/a/b/f")));
+        assert!(
+            fs.exists(Path::new("/v/ab/f")),
+            "a sibling whose name shares a prefix stays"
+        );
+        fs.remove_dir_all(Path::new("/v/none")).unwrap();
+        fs.sync_dir(Path::new("/v")).unwrap();
+        let after = fs.crash(0);
+        assert!(!after.exists(Path::new("/v/a/b")));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("x/y");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), b"1").unwrap();
+        RealFs.remove_dir_all(&tmp.path().join("x")).unwrap();
+        assert!(!tmp.path().join("x").exists());
+        RealFs.remove_dir_all(&tmp.path().join("x")).unwrap();
     }
 
     #[test]

@@ -5,3 +5,4 @@
 pub mod codec;
 pub mod lock;
 pub mod names;
+pub mod statefile;

@@ -264,10 +264,16 @@ pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
     })
 }
 
-pub fn load(dir: &Path) -> Result<Catalog> {
+/// Read the catalog in `dir` through the vault's Vfs.
+pub fn load(vfs: &dyn Vfs, dir: &Path) -> Result<Catalog> {
     let path = dir.join(FILE_NAME);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    decode(&bytes, &path)
+    match crate::util::statefile::read_raw(vfs, &path, HEADER_BYTES + MAX_PAYLOAD_BYTES)? {
+        Some(bytes) => decode(&bytes, &path),
+        None => Err(Error::io(
+            &path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )),
+    }
 }
 
 pub fn store(vfs: &dyn Vfs, dir: &Path, c: &Catalog) -> Result<()> {

@@ -164,55 +164,75 @@ pub const WANTED_FILE: &str = "lock.wanted";
 pub const LINK_DIR: &str = "link";
 
 impl Vault {
-    /// Create a vault in `root` (created if missing; an existing directory must be empty).
+    /// Create a vault in `root` on the real filesystem (created if missing; an existing
+    /// directory must be empty).
     pub fn init(root: &Path) -> Result<()> {
-        if root.join(catalog::FILE_NAME).exists() {
+        Self::init_with(&RealFs, root)
+    }
+
+    /// Create a vault in `root` through the given filesystem. The vault's locks and its link
+    /// credentials are files on the real filesystem whatever `vfs` is (a lock is a flock, the
+    /// keys are read by TLS), so `root` is created there too.
+    pub fn init_with(vfs: &dyn Vfs, root: &Path) -> Result<()> {
+        if vfs.exists(&root.join(catalog::FILE_NAME)) {
             return Err(Error::Conflict(format!(
                 "{} is already a Standby vault",
                 root.display()
             )));
         }
-        if root.exists() {
-            if !root.is_dir() {
-                return Err(Error::Invalid(format!(
-                    "{} exists and is not a directory",
-                    root.display()
-                )));
-            }
-            let mut entries = std::fs::read_dir(root).at(root)?;
-            if entries.next().is_some() {
+        if vfs.exists(root) {
+            let entries = match vfs.list(root) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                    return Err(Error::Invalid(format!(
+                        "{} exists and is not a directory",
+                        root.display()
+                    )))
+                }
+                other => other.at(root)?,
+            };
+            if !entries.is_empty() {
                 return Err(Error::Conflict(format!(
                     "{} is a non-empty directory that is not a Standby vault; pick an empty or new directory",
                     root.display()
                 )));
             }
         }
-        std::fs::create_dir_all(root.join("vms")).at(root)?;
-        let vfs = RealFs;
+        vfs.create_dir_all(root).at(root)?;
+        vfs.create_dir_all(&root.join("vms")).at(root)?;
+        std::fs::create_dir_all(root).at(root)?;
         let _lock = lock::acquire(root, "standby init", LockWait::Fail)?;
         // The site-to-site link's CA, certificates and key (see `link::tls`).
         crate::link::tls::create(&root.join(LINK_DIR))?;
-        catalog::store(&vfs, root, &Catalog::new(random_id(), now_us()))?;
+        catalog::store(vfs, root, &Catalog::new(random_id(), now_us()))?;
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-            vfs.sync_dir(parent).at(parent)?;
+            if vfs.exists(parent) {
+                vfs.sync_dir(parent).at(parent)?;
+            }
         }
         Ok(())
     }
 
     /// Open a vault. `who` is recorded in the locks this command takes, so others can say
     /// whom they wait for; `wait` says whether a busy lock fails at once or is waited for.
+    /// This opens the vault on the real filesystem; see [`Vault::open_with`].
     pub fn open(root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
-        if !root.join(catalog::FILE_NAME).exists() {
+        Self::open_with(Arc::new(RealFs), root, who, wait)
+    }
+
+    /// Open a vault whose files go through `vfs` (the vault's catalog, logs, replicas and
+    /// state files; its locks stay flocks on the real filesystem, see [`Vault::init_with`]).
+    pub fn open_with(vfs: Arc<dyn Vfs>, root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
+        if !vfs.exists(&root.join(catalog::FILE_NAME)) {
             return Err(Error::NotFound(format!(
                 "{} is not a Standby vault (create one with `standby init {}`)",
                 root.display(),
                 root.display()
             )));
         }
-        let catalog = catalog::load(root)?;
+        let catalog = catalog::load(&*vfs, root)?;
         Ok(Vault {
             root: root.to_path_buf(),
-            vfs: Arc::new(RealFs),
+            vfs,
             catalog,
             who: who.to_string(),
             wait,
@@ -262,7 +282,7 @@ impl Vault {
     /// Change the catalog: under the vault lock, re-read it, apply `f`, store it.
     fn update<T>(&mut self, f: impl FnOnce(&mut Catalog) -> Result<T>) -> Result<T> {
         let _lock = self.acquire(&self.root, LockWait::Block)?;
-        let mut fresh = catalog::load(&self.root)?;
+        let mut fresh = catalog::load(&*self.vfs, &self.root)?;
         let out = f(&mut fresh)?;
         catalog::store(&*self.vfs, &self.root, &fresh)?;
         self.catalog = fresh;
@@ -273,7 +293,7 @@ impl Vault {
     fn lock_vm(&self, vm: &str) -> Result<lock::VaultLock> {
         self.catalog.vm(vm)?;
         let dir = self.vm_dir(vm);
-        if !dir.exists() {
+        if !self.vfs.exists(&dir) {
             return Err(Error::NotFound(format!(
                 "VM '{vm}' has no replication data (was its failover committed?)"
             )));
@@ -458,12 +478,10 @@ impl Vault {
             remote: None,
         };
         // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
-        // next protect of that name.
+        // next protect of that name, and a power cut anywhere before the catalog names the
+        // VM leaves no VM.
         let vm_dir = self.vm_dir(&req.vm);
-        if vm_dir.exists() {
-            std::fs::remove_dir_all(&vm_dir).at(&vm_dir)?;
-        }
-        std::fs::create_dir_all(&vm_dir).at(&vm_dir)?;
+        let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
         let specs: Vec<DiskSpec> = record
             .disks
             .iter()
@@ -479,19 +497,9 @@ impl Vault {
             ReplicaConfig::default(),
         )?;
         let config = CacheConfig::write_path(record.cache_capacity_bytes);
-        let (cache, _) = Cache::open(vm_dir.join("cache"), config)?;
+        let (cache, _) = Cache::open_with(self.vfs.clone(), vm_dir.join("cache"), config)?;
         let cache = Arc::new(cache);
-        let _vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
         let vm_name = req.vm.clone();
-        self.update(|c| {
-            if c.vms.contains_key(&vm_name) {
-                return Err(Error::Conflict(format!(
-                    "VM '{vm_name}' is already protected"
-                )));
-            }
-            c.vms.insert(vm_name.clone(), record.clone());
-            Ok(())
-        })?;
         let mut replica = replica;
         let (shipped, scanned) =
             initial_replication(&cache, &mut replica, &record.disks, progress)?;
@@ -517,8 +525,18 @@ impl Vault {
         cache.set_checkpoint(applied.min(cache.durable_seq()))?;
         drop(replica);
         cache.close()?;
+        // The VM exists from here on, complete: registered as protected in one catalog write.
+        let record = VmRecord {
+            state: VmState::Protected,
+            ..record
+        };
         self.update(|c| {
-            c.vm_mut(&vm_name)?.state = VmState::Protected;
+            if c.vms.contains_key(&vm_name) {
+                return Err(Error::Conflict(format!(
+                    "VM '{vm_name}' is already protected"
+                )));
+            }
+            c.vms.insert(vm_name.clone(), record);
             Ok(())
         })?;
         Ok(ProtectReport {
@@ -535,6 +553,33 @@ impl Vault {
             .join("sources")
             .join(vm)
             .join(format!("{disk}.raw"))
+    }
+
+    /// Make a new VM's directory empty (what an interrupted protect left is removed) and
+    /// hold its lock, so that a second protect of the same name fails rather than removes
+    /// this one's files. The data goes through the vault's Vfs; the lock file (a flock)
+    /// lives in the same directory on the real filesystem.
+    pub(crate) fn fresh_vm_dir(&self, vm_dir: &Path) -> Result<lock::VaultLock> {
+        std::fs::create_dir_all(vm_dir).at(vm_dir)?;
+        let guard = lock::acquire(vm_dir, &self.who, LockWait::Fail)?;
+        self.vfs.create_dir_all(vm_dir).at(vm_dir)?;
+        // By name first: a Vfs need not list subdirectories.
+        for sub in ["cache", "replica"] {
+            let path = vm_dir.join(sub);
+            self.vfs.remove_dir_all(&path).at(&path)?;
+        }
+        for name in self.vfs.list(vm_dir).at(vm_dir)? {
+            let path = vm_dir.join(&name);
+            if name == lock::FILE_NAME || name.starts_with(WANTED_FILE) {
+                continue;
+            }
+            if self.vfs.list(&path).is_ok() {
+                self.vfs.remove_dir_all(&path).at(&path)?;
+            } else {
+                self.vfs.remove(&path).at(&path)?;
+            }
+        }
+        Ok(guard)
     }
 
     /// A protect request's VM name is valid and free, and its policy exists: the policy's name.
@@ -554,7 +599,7 @@ impl Vault {
     pub(crate) fn open_cache(&self, vm: &str) -> Result<Arc<Cache>> {
         let rec = self.live_vm(vm)?;
         let config = CacheConfig::write_path(rec.cache_capacity_bytes);
-        let (cache, _) = Cache::open(self.vm_dir(vm).join("cache"), config)?;
+        let (cache, _) = Cache::open_with(self.vfs.clone(), self.vm_dir(vm).join("cache"), config)?;
         Ok(Arc::new(cache))
     }
 

@@ -17,8 +17,10 @@ use crate::replica::{DiskSpec, Replica, ReplicaConfig};
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod status_file;
+
 /// The file `follow` keeps the live status of a remote VM in.
-pub const STATUS_FILE: &str = "status.json";
+pub use status_file::STATUS_FILE;
 
 impl Vault {
     /// How this vault's processor connects to a cache service.
@@ -118,10 +120,7 @@ impl Vault {
             }),
         };
         let vm_dir = self.vm_dir(&req.vm);
-        if vm_dir.exists() {
-            std::fs::remove_dir_all(&vm_dir).map_err(|e| Error::io(&vm_dir, e))?;
-        }
-        std::fs::create_dir_all(&vm_dir).map_err(|e| Error::io(&vm_dir, e))?;
+        let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
         let specs: Vec<DiskSpec> = disks
             .iter()
             .map(|d| DiskSpec {
@@ -135,7 +134,11 @@ impl Vault {
             &specs,
             ReplicaConfig::default(),
         )?;
-        let (cache, _) = Cache::open(vm_dir.join("cache"), CacheConfig::with_capacity(None))?;
+        let (cache, _) = Cache::open_with(
+            self.vfs.clone(),
+            vm_dir.join("cache"),
+            CacheConfig::with_capacity(None),
+        )?;
         cache.close()?;
         let name = req.vm.clone();
         self.update(|c| {
@@ -169,45 +172,6 @@ pub(crate) fn write_status_file(
     st: Option<super::VmStatus>,
     link: &PullStatus,
 ) -> Result<()> {
-    let doc = serde_json::json!({
-        "written_us": crate::now_us(),
-        "status": st,
-        "link": link_value(link),
-    });
-    crate::fsutil::replace_atomic(
-        &crate::vfs::RealFs,
-        &vault.vm_dir(vm),
-        STATUS_FILE,
-        doc.to_string().as_bytes(),
-    )
-}
-
-pub fn link_value(l: &PullStatus) -> serde_json::Value {
-    let src = l.source.as_ref().map(|s| {
-        serde_json::json!({
-            "durable_seq": s.durable_seq,
-            "first_seq": s.first_seq,
-            "used_bytes": s.used_bytes,
-            "backlog_bytes": s.backlog_bytes,
-            "capacity_bytes": s.capacity_bytes,
-            "last_time_us": s.last_time_us,
-            "agent_connected": s.agent_connected,
-            "agent_seen_us": s.agent_seen_us,
-            "agent_resync_bytes": s.agent.resync_bytes,
-            "agent_bitmap_mode": s.agent.bitmap_mode,
-            "agent_journal_bytes": s.agent.journal_bytes,
-            "agent_journal_seq": s.agent.journal_seq,
-        })
-    });
-    serde_json::json!({
-        "connected": l.connected,
-        "since_us": l.since_us,
-        "last_error": l.last_error,
-        "source": src,
-        "source_at_us": l.source_at_us,
-        "durable_seq": l.durable_seq,
-        "durable_time_us": l.durable_time_us,
-        "records": l.records,
-        "bytes": l.bytes,
-    })
+    let doc = status_file::StatusFile::new(crate::now_us(), st, link.into());
+    status_file::write(&*vault.vfs, &vault.vm_dir(vm), &doc)
 }

@@ -172,34 +172,22 @@ impl Vault {
     /// A remote VM: the vault's own view (or, while `process --follow` holds the VM, the
     /// one it last published) and the link and source state it reported.
     fn remote_status(&self, vm: &str, cache_addr: &str) -> Result<VmStatus> {
-        let path = self.vm_dir(vm).join(super::remote::STATUS_FILE);
-        let doc: Option<serde_json::Value> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let doc = super::remote::status_file::read(&*self.vfs, &self.vm_dir(vm))?;
         let mut st = match self.try_lock_vm(vm) {
             Ok(_lock) => self.local_status(vm)?,
-            Err(crate::Error::Locked(_)) => {
-                let published = doc
-                    .as_ref()
-                    .and_then(|d| serde_json::from_value::<VmStatus>(d["status"].clone()).ok());
-                match published {
-                    Some(mut p) => {
-                        p.record = self.catalog.vm(vm)?.clone();
-                        p
-                    }
-                    None => self.base_status(vm)?,
+            Err(crate::Error::Locked(_)) => match doc.as_ref().and_then(|d| d.status.clone()) {
+                Some(mut p) => {
+                    p.record = self.catalog.vm(vm)?.clone();
+                    p
                 }
-            }
+                None => self.base_status(vm)?,
+            },
             Err(e) => return Err(e),
         };
         let now = now_us();
-        let written = doc
-            .as_ref()
-            .and_then(|d| d["written_us"].as_u64())
-            .unwrap_or(0);
-        let link = doc.as_ref().map(|d| d["link"].clone()).unwrap_or_default();
-        let src = &link["source"];
-        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let written = doc.as_ref().map_or(0, |d| d.written_us);
+        let link = doc.map(|d| d.link).unwrap_or_default();
+        let src = link.source.clone().unwrap_or_default();
         let age = now.saturating_sub(written) as f64 / 1e6;
         // A follower publishes every second, connected or retrying.
         let live = written > 0 && age < 5.0;
@@ -207,41 +195,41 @@ impl Vault {
             cache: cache_addr.to_string(),
             link: if !live {
                 "not followed".into()
-            } else if link["connected"].as_bool() == Some(true) {
+            } else if link.connected {
                 "connected".into()
             } else {
                 "disconnected".into()
             },
-            since_us: n(&link["since_us"]),
-            error: link["last_error"].as_str().map(str::to_string),
-            cache_used_bytes: n(&src["used_bytes"]),
-            cache_capacity_bytes: n(&src["capacity_bytes"]),
-            agent_connected: src["agent_connected"].as_bool().unwrap_or(false),
-            resync_bytes: n(&src["agent_resync_bytes"]),
-            agent_journal_bytes: n(&src["agent_journal_bytes"]),
+            since_us: link.since_us,
+            error: link.last_error.clone(),
+            cache_used_bytes: src.used_bytes,
+            cache_capacity_bytes: src.capacity_bytes,
+            agent_connected: src.agent_connected,
+            resync_bytes: src.agent_resync_bytes,
+            agent_journal_bytes: src.agent_journal_bytes,
             age_seconds: age,
             ..Default::default()
         };
-        r.resync_required =
-            src["agent_bitmap_mode"].as_bool().unwrap_or(false) || r.resync_bytes > 0;
-        let src_durable = n(&src["durable_seq"]);
+        r.resync_required = src.agent_bitmap_mode || r.resync_bytes > 0;
+        let src_durable = src.durable_seq;
         r.behind_records = src_durable.saturating_sub(st.applied_seq);
-        r.behind_bytes = n(&src["backlog_bytes"]) + st.backlog_bytes;
+        r.behind_bytes = src.backlog_bytes + st.backlog_bytes;
         r.behind_seconds = if r.behind_records > 0 {
-            n(&src["last_time_us"]).saturating_sub(st.applied_time_us) as f64 / 1e6
+            src.last_time_us.saturating_sub(st.applied_time_us) as f64 / 1e6
         } else {
             0.0
         };
         // RPO: now minus the newest write recoverable here (durable in the staging log).
         // Caught up with everything the source had when it last reported: that moment.
-        let target_durable = n(&link["durable_seq"]).max(st.applied_seq);
-        let journal_seq = n(&src["agent_journal_seq"]);
-        let source_at = n(&link["source_at_us"]);
+        let target_durable = link.durable_seq.max(st.applied_seq);
+        let journal_seq = src.agent_journal_seq;
+        let source_at = link.source_at_us;
         let rpo_from =
-            if !src.is_null() && target_durable >= src_durable && journal_seq <= src_durable {
+            if link.source.is_some() && target_durable >= src_durable && journal_seq <= src_durable
+            {
                 source_at
             } else {
-                n(&link["durable_time_us"])
+                link.durable_time_us
                     .max(st.applied_time_us)
                     .max(st.record.created_us)
             };
