@@ -487,6 +487,7 @@ fn a_full_journal_disk_never_fails_the_vm_and_the_source_agent_heals() {
         if after.contains("resync finished")
             && r["link"] == "connected"
             && r["behind_records"] == 0
+            && r["agent_journal_bytes"] == 0
             && r["agent_connected"] == true
             && r["resync_required"] == false
         {
@@ -650,6 +651,7 @@ fn a_full_cache_service_disk_refuses_batches_and_recovers_its_log() {
         let r = &st["remote"];
         if r["link"] == "connected"
             && r["behind_records"] == 0
+            && r["agent_journal_bytes"] == 0
             && r["agent_connected"] == true
             && r["resync_required"] == false
         {

@@ -423,6 +423,7 @@ impl Sites {
             let r = &st["remote"];
             r["link"] == "connected"
                 && r["behind_records"] == 0
+                && r["agent_journal_bytes"] == 0
                 && r["agent_connected"] == true
                 && r["resync_required"] == false
                 && st["rpo_seconds"].as_f64().is_some_and(|x| x < 5.0)
