@@ -225,7 +225,22 @@ struct SimData {
 
 struct SimFile {
     data: Mutex<SimData>,
-    fs: Arc<SimInner>,
+    /// Weak: the filesystem's directories hold their files, so a strong reference back
+    /// would keep every SimFs alive forever (the fuzz targets open one per input). A file
+    /// used after its filesystem is gone behaves like an open descriptor: it still works.
+    fs: std::sync::Weak<SimInner>,
+}
+
+impl SimFile {
+    fn check(&self) -> io::Result<()> {
+        self.fs.upgrade().map_or(Ok(()), |fs| fs.check())
+    }
+    fn check_room(&self) -> io::Result<()> {
+        self.fs.upgrade().map_or(Ok(()), |fs| fs.check_room())
+    }
+    fn sync_point(&self) -> io::Result<()> {
+        self.fs.upgrade().map_or(Ok(()), |fs| fs.sync_point())
+    }
 }
 
 #[derive(Default)]
@@ -326,7 +341,7 @@ impl SimInner {
 
 impl VFile for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.fs.check()?;
+        self.check()?;
         let data = self.data.lock();
         let len = data.written.len() as u64;
         if offset >= len {
@@ -337,31 +352,31 @@ impl VFile for SimFile {
         Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.fs.check()?;
+        self.check()?;
         let mut data = self.data.lock();
         let end = offset as usize + buf.len();
         if data.written.len() < end {
-            self.fs.check_room()?;
+            self.check_room()?;
             data.written.resize(end, 0);
         }
         data.written[offset as usize..end].copy_from_slice(buf);
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
-        self.fs.check()?;
+        self.check()?;
         Ok(self.data.lock().written.len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.fs.check()?;
+        self.check()?;
         let mut data = self.data.lock();
         if len as usize > data.written.len() {
-            self.fs.check_room()?;
+            self.check_room()?;
         }
         data.written.resize(len as usize, 0);
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fs.check()?;
+        self.check()?;
         let mut data = self.data.lock();
         let size = data.written.len() as u64;
         let end = offset.saturating_add(len).min(size);
@@ -371,7 +386,7 @@ impl VFile for SimFile {
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.fs.sync_point()?;
+        self.sync_point()?;
         let mut data = self.data.lock();
         data.durable = data.written.clone();
         Ok(())
@@ -459,7 +474,7 @@ impl SimFs {
                             written: bytes.clone(),
                             durable: bytes,
                         }),
-                        fs: fresh.inner.clone(),
+                        fs: Arc::downgrade(&fresh.inner),
                     });
                     dir.live.insert(name.clone(), f.clone());
                     dir.durable.insert(name, f);
@@ -512,7 +527,7 @@ impl Vfs for SimFs {
         }
         let f = Arc::new(SimFile {
             data: Mutex::new(SimData::default()),
-            fs: self.inner.clone(),
+            fs: Arc::downgrade(&self.inner),
         });
         d.live.insert(name, f.clone());
         Ok(f)

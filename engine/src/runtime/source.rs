@@ -207,7 +207,10 @@ impl SourceAgent {
                         AgentState {
                             resync_bytes: agent.resync_pending().unwrap_or(0),
                             bitmap_mode: agent.resync_pending().is_some(),
-                            journal_bytes: st.stored_bytes,
+                            // Beyond the checkpoint: what the cache service has not
+                            // acknowledged as durable (the journal keeps a little more
+                            // until its segments are trimmed).
+                            journal_bytes: agent.cache().backlog(st.checkpoint).1,
                             journal_seq: st.next_seq - 1,
                         }
                     },
