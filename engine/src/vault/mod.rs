@@ -437,10 +437,14 @@ impl Vault {
             });
         }
         self.check_sources_unused(&disks)?;
-        for (_, p, size) in &create {
-            create_sparse_image(p, *size)?;
-        }
+        // Everything that can refuse the request is checked before an image is created.
         let (source, target, network_mapping) = placements(req)?;
+        for (i, (_, p, size)) in create.iter().enumerate() {
+            if let Err(e) = create_sparse_image(p, *size) {
+                remove_created(&create[..i]);
+                return Err(e);
+            }
+        }
         let record = VmRecord {
             name: req.vm.clone(),
             disks,
@@ -472,26 +476,38 @@ impl Vault {
                 size_bytes: d.size_bytes,
             })
             .collect();
-        let replica = Replica::create(
-            self.vfs.clone(),
-            vm_dir.join("replica"),
-            &specs,
-            ReplicaConfig::default(),
-        )?;
-        let config = CacheConfig::write_path(record.cache_capacity_bytes);
-        let (cache, _) = Cache::open(vm_dir.join("cache"), config)?;
-        let cache = Arc::new(cache);
-        let _vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
         let vm_name = req.vm.clone();
-        self.update(|c| {
-            if c.vms.contains_key(&vm_name) {
-                return Err(Error::Conflict(format!(
-                    "VM '{vm_name}' is already protected"
-                )));
+        // Until the catalog names the VM, a failure leaves no image this protect created
+        // (a retry would be refused with "already exists").
+        let registered = (|| {
+            let replica = Replica::create(
+                self.vfs.clone(),
+                vm_dir.join("replica"),
+                &specs,
+                ReplicaConfig::default(),
+            )?;
+            let config = CacheConfig::write_path(record.cache_capacity_bytes);
+            let (cache, _) = Cache::open(vm_dir.join("cache"), config)?;
+            let cache = Arc::new(cache);
+            let vm_lock = lock::acquire(&vm_dir, &self.who, LockWait::Fail)?;
+            self.update(|c| {
+                if c.vms.contains_key(&vm_name) {
+                    return Err(Error::Conflict(format!(
+                        "VM '{vm_name}' is already protected"
+                    )));
+                }
+                c.vms.insert(vm_name.clone(), record.clone());
+                Ok(())
+            })?;
+            Ok((replica, cache, vm_lock))
+        })();
+        let (replica, cache, _vm_lock) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                remove_created(&create);
+                return Err(e);
             }
-            c.vms.insert(vm_name.clone(), record.clone());
-            Ok(())
-        })?;
+        };
         let mut replica = replica;
         let (shipped, scanned) =
             initial_replication(&cache, &mut replica, &record.disks, progress)?;
@@ -958,6 +974,14 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
 
 /// Create an empty sparse raw image (its parent directories as needed); the file and its
 /// directory are synced, so the image protect recorded survives a crash.
+/// Remove the images a refused protect created (best effort: the error that refused it is
+/// what the user needs to see).
+fn remove_created(created: &[(String, PathBuf, u64)]) {
+    for (_, p, _) in created {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn create_sparse_image(p: &Path, size: u64) -> Result<()> {
     let dir = p
         .parent()
