@@ -489,6 +489,39 @@ fn new_disks_are_created_inside_the_vault_per_vm() {
     assert!(!out.contains("created disk"), "{out}");
 }
 
+/// A protect that is refused creates no image: the same command, corrected, then succeeds
+/// (found by hand: a --target-network contradicting --network-mapping left
+/// VAULT/sources/VM/NAME.raw behind, and the retry failed "already exists").
+#[test]
+fn a_refused_protect_leaves_no_new_disk_behind() {
+    let env = Env::empty();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    let at = env.root.join("logs.raw");
+    let logs = format!("logs=new:1MiB:{}", at.display());
+    let mut args = vec![
+        "protect",
+        "vm1",
+        "--disk",
+        "data=new:1MiB",
+        "--disk",
+        &logs,
+        "--network",
+        "prod-net",
+        "--network-mapping",
+        "prod-net=dr-net",
+    ];
+    let mut bad = args.clone();
+    bad.extend(["--target-network", "other"]);
+    let err = env.fails(&bad, 1);
+    assert!(err.contains("contradicts"), "{err}");
+    assert!(!env.vault.join("sources/vm1/data.raw").exists());
+    assert!(!at.exists());
+    args.extend(["--target-network", "dr-net"]);
+    let out = env.ok(&args);
+    assert!(out.contains("created disk data"), "{out}");
+    assert!(out.contains("created disk logs"), "{out}");
+}
+
 /// A VM with one small disk, protected in a fresh vault.
 fn protected() -> Env {
     let env = Env::empty();

@@ -457,10 +457,14 @@ impl Vault {
             });
         }
         self.check_sources_unused(&disks)?;
-        for (_, p, size) in &create {
-            create_sparse_image(p, *size)?;
-        }
+        // Everything that can refuse the request is checked before an image is created.
         let (source, target, network_mapping) = placements(req)?;
+        for (i, (_, p, size)) in create.iter().enumerate() {
+            if let Err(e) = create_sparse_image(p, *size) {
+                remove_created(&create[..i]);
+                return Err(e);
+            }
+        }
         let record = VmRecord {
             name: req.vm.clone(),
             disks,
@@ -480,65 +484,77 @@ impl Vault {
         // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
         // next protect of that name, and a power cut anywhere before the catalog names the
         // VM leaves no VM.
-        let vm_dir = self.vm_dir(&req.vm);
-        let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
-        let specs: Vec<DiskSpec> = record
-            .disks
-            .iter()
-            .map(|d| DiskSpec {
-                name: d.name.clone(),
-                size_bytes: d.size_bytes,
-            })
-            .collect();
-        let replica = Replica::create(
-            self.vfs.clone(),
-            vm_dir.join("replica"),
-            &specs,
-            ReplicaConfig::default(),
-        )?;
-        let config = CacheConfig::write_path(record.cache_capacity_bytes);
-        let (cache, _) = Cache::open_with(self.vfs.clone(), vm_dir.join("cache"), config)?;
-        let cache = Arc::new(cache);
-        let vm_name = req.vm.clone();
-        let mut replica = replica;
-        let (shipped, scanned) =
-            initial_replication(&cache, &mut replica, &record.disks, progress)?;
-        // The initial point sits at its own record, so it has a sequence number and a time
-        // even when the disks were empty.
-        let marker = Marker {
-            consistency: Consistency::Crash,
-            name: Some("initial".into()),
-            group: None,
-            kind: crate::record::MarkerKind::Point,
-        };
-        if let Err(Error::CacheFull { .. }) = cache.append(&Entry::Marker(&marker)) {
-            drain_into(&cache, &mut replica)?;
-            cache.append(&Entry::Marker(&marker))?;
-        }
-        let durable = cache.sync()?;
-        cache.set_source_seq(durable)?;
-        // Apply the initial copy as one layer (no interval points inside it), cut the
-        // `initial` point, then let the log trim it.
-        drain_into(&cache, &mut replica)?;
-        let initial_point = replica.cut_point(PointKind::Initial, Some("initial"))?;
-        let applied = replica.flush()?;
-        cache.set_checkpoint(applied.min(cache.durable_seq()))?;
-        drop(replica);
-        cache.close()?;
-        // The VM exists from here on, complete: registered as protected in one catalog write.
-        let record = VmRecord {
-            state: VmState::Protected,
-            ..record
-        };
-        self.update(|c| {
-            if c.vms.contains_key(&vm_name) {
-                return Err(Error::Conflict(format!(
-                    "VM '{vm_name}' is already protected"
-                )));
+        // Until the catalog names the VM, a failure leaves no image this protect created
+        // (a retry would be refused with "already exists").
+        let done = (|| -> Result<_> {
+            let vm_dir = self.vm_dir(&req.vm);
+            let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
+            let specs: Vec<DiskSpec> = record
+                .disks
+                .iter()
+                .map(|d| DiskSpec {
+                    name: d.name.clone(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect();
+            let replica = Replica::create(
+                self.vfs.clone(),
+                vm_dir.join("replica"),
+                &specs,
+                ReplicaConfig::default(),
+            )?;
+            let config = CacheConfig::write_path(record.cache_capacity_bytes);
+            let (cache, _) = Cache::open_with(self.vfs.clone(), vm_dir.join("cache"), config)?;
+            let cache = Arc::new(cache);
+            let vm_name = req.vm.clone();
+            let mut replica = replica;
+            let (shipped, scanned) =
+                initial_replication(&cache, &mut replica, &record.disks, progress)?;
+            // The initial point sits at its own record, so it has a sequence number and a time
+            // even when the disks were empty.
+            let marker = Marker {
+                consistency: Consistency::Crash,
+                name: Some("initial".into()),
+                group: None,
+                kind: crate::record::MarkerKind::Point,
+            };
+            if let Err(Error::CacheFull { .. }) = cache.append(&Entry::Marker(&marker)) {
+                drain_into(&cache, &mut replica)?;
+                cache.append(&Entry::Marker(&marker))?;
             }
-            c.vms.insert(vm_name.clone(), record);
-            Ok(())
-        })?;
+            let durable = cache.sync()?;
+            cache.set_source_seq(durable)?;
+            // Apply the initial copy as one layer (no interval points inside it), cut the
+            // `initial` point, then let the log trim it.
+            drain_into(&cache, &mut replica)?;
+            let initial_point = replica.cut_point(PointKind::Initial, Some("initial"))?;
+            let applied = replica.flush()?;
+            cache.set_checkpoint(applied.min(cache.durable_seq()))?;
+            drop(replica);
+            cache.close()?;
+            // The VM exists from here on, complete: registered as protected in one catalog write.
+            let record = VmRecord {
+                state: VmState::Protected,
+                ..record
+            };
+            self.update(|c| {
+                if c.vms.contains_key(&vm_name) {
+                    return Err(Error::Conflict(format!(
+                        "VM '{vm_name}' is already protected"
+                    )));
+                }
+                c.vms.insert(vm_name.clone(), record);
+                Ok(())
+            })?;
+            Ok((initial_point, shipped, scanned))
+        })();
+        let (initial_point, shipped, scanned) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                remove_created(&create);
+                return Err(e);
+            }
+        };
         Ok(ProtectReport {
             initial_point,
             shipped_bytes: shipped,
@@ -999,6 +1015,14 @@ fn placements(req: &ProtectRequest) -> Result<(Placement, Placement, BTreeMap<St
         network_mapping.insert(s.clone(), d.clone());
     }
     Ok((source, target, network_mapping))
+}
+
+/// Remove the images a refused protect created (best effort: the error that refused it is
+/// what the user needs to see).
+fn remove_created(created: &[(String, PathBuf, u64)]) {
+    for (_, p, _) in created {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Create an empty sparse raw image (its parent directories as needed); the file and its
