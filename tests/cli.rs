@@ -317,9 +317,20 @@ fn mistakes_get_one_clear_line_and_a_non_zero_exit() {
     env.ok(&["test-failover-cleanup", "vm1"]);
     let err = env.fails(&["test-failover-cleanup", "vm1"], 1);
     assert!(err.contains("no test failover"), "{err}");
-    // Usage errors exit 2.
-    env.fails(&["failover", "vm1"], 2);
-    env.fails(&["failover", "vm1", "--point", "time:yesterday"], 2);
+    // Usage errors exit 2, with one line that says what is wrong and the usage.
+    for args in [
+        &["failover", "vm1"][..],
+        &["failover", "vm1", "--point", "time:yesterday"],
+        &["test-failover", "vm1", "--target-netwrk", "x"],
+        &["status", "--wait", "soon"],
+        &["no-such-command"],
+    ] {
+        let err = env.fails(args, 2);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("standby: "), "{args:?}: {err}");
+    }
+    let err = env.fails(&["failover", "vm1"], 2);
+    assert!(err.contains("--point") && err.contains("usage: "), "{err}");
     // A bare word is a point's name: an unknown one is a plain error.
     let err = env.fails(&["failover", "vm1", "--point", "yesterday"], 1);
     assert!(err.contains("no recovery point named 'yesterday'"), "{err}");

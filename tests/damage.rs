@@ -315,3 +315,33 @@ fn a_damaged_change_log_makes_only_its_vm_critical() {
         "{a}"
     );
 }
+
+/// A damaged `source.seq` (how far the source images hold the log): the agent refuses to
+/// start on it, so `status` says so, critical and naming the file, instead of "agent not
+/// running"; the vault's other VM is unaffected.
+#[test]
+fn a_damaged_source_position_makes_its_vm_critical() {
+    let env = Env::empty();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    for vm in ["a", "b"] {
+        std::fs::write(env.root.join(format!("{vm}.raw")), vec![5u8; DISK_BYTES]).unwrap();
+        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
+    }
+    let file = env.vault.join("vms/a/cache/source.seq");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..3]).unwrap();
+    let st = env.json(&["status", "--json"]);
+    assert_eq!(status_of(&st, "b")["damage"], serde_json::json!([]), "{st}");
+    let a = status_of(&st, "a");
+    assert_eq!(a["health"], "critical", "{a}");
+    assert!(
+        a["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains(file.to_str().unwrap()),
+        "{a}"
+    );
+    let port = free_port();
+    let err = env.fails(&["agent", "a", "--listen", &format!("127.0.0.1:{port}")]);
+    assert!(err.contains("source.seq"), "{err}");
+}

@@ -223,6 +223,36 @@ fn dr_commands_run_while_the_agent_serves_writes_and_are_bit_exact() {
         2,
         "waiting line + one error: {err}"
     );
+    // A waiter stopped with Ctrl-C ends at once, and does not go on to fail over later.
+    let mut stopped = env
+        .cmd(&["failover", "vm", "--point", "latest", "--wait", "forever"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    BufReader::new(stopped.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.contains("waiting for the lock"), "{said}");
+    let st = Command::new("kill")
+        .args(["-INT", &stopped.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let asked = std::time::Instant::now();
+    let ended = loop {
+        if let Some(st) = stopped.try_wait().unwrap() {
+            break st;
+        }
+        // A liveness bound, not a timing: a waiter that ignores Ctrl-C never ends.
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(30),
+            "a lock waiter ignored Ctrl-C"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!ended.success(), "an interrupted failover reported success");
     // ...and one that waits proceeds as soon as the agent stops.
     let waiter = env
         .cmd(&["failover", "vm", "--point", "latest", "--json"])

@@ -33,10 +33,13 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            eprintln!("standby: {}", usage_line(&e.render().to_string()));
+            return ExitCode::from(2);
         }
     };
     match run(cli) {
@@ -45,6 +48,30 @@ fn main() -> ExitCode {
             eprintln!("standby: {}", output::one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// clap's error (an error line, tips, the usage, a pointer to `--help`) as one line: what is
+/// wrong, the tip if any, and the usage to follow.
+fn usage_line(text: &str) -> String {
+    let mut what = String::new();
+    let mut usage = None;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(u) = line.strip_prefix("Usage: ") {
+            usage = Some(u.to_string());
+        } else if line.starts_with("For more information") {
+            continue;
+        } else {
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            if !what.is_empty() {
+                what.push_str("; ");
+            }
+            what.push_str(line);
+        }
+    }
+    match usage {
+        Some(u) => format!("{what} (usage: {u}; see --help)"),
+        None => what,
     }
 }
 

@@ -33,7 +33,7 @@ pub enum Error {
         capacity_bytes: u64,
     },
     /// A request that can never succeed as given (unaligned write, oversized record, …).
-    #[error("invalid request: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// A previous write or sync failed; the store refuses further writes until reopened.
     /// Carries that failure, typed (a full disk is an [`Error::Io`] whose kind says so,

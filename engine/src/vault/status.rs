@@ -350,6 +350,16 @@ impl Vault {
         };
         judge(&mut st, rpo);
         st.damage = replica.damage().iter().map(damage_line).collect();
+        // The log's record of how far the source images hold it: the agent refuses to
+        // start without it, so damage to it is the VM's damage.
+        if let Err(e) = cache.source_seq() {
+            if is_damage(&e) {
+                st.damage.push(format!(
+                    "the change log's source position cannot be read (the agent will not start): {}",
+                    e.to_string().replace('\n', " ")
+                ));
+            }
+        }
         mark_damage(&mut st);
         self.note_damage(vm, &mut st);
         Ok(st)
