@@ -582,10 +582,15 @@ impl Vfs for SimFs {
                 d.durable_at = None;
             }
         }
-        self.inner
-            .removed
-            .lock()
-            .retain(|(p, _)| p.parent() != Some(dir));
+        // Removals of directories in it are durable now, and with each of them everything
+        // that was inside it.
+        let mut removed = self.inner.removed.lock();
+        let gone: Vec<PathBuf> = removed
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .map(|(p, _)| p.clone())
+            .collect();
+        removed.retain(|(p, _)| !gone.iter().any(|g| p.starts_with(g)));
         Ok(())
     }
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
@@ -694,6 +699,7 @@ mod tests {
     #[test]
     fn remove_dir_all_removes_the_tree_and_only_it() {
         let fs = SimFs::new();
+        fs.create_dir_all(Path::new("/v")).unwrap();
         for d in ["/v/a", "/v/a/b", "/v/ab"] {
             fs.create_dir_all(Path::new(d)).unwrap();
             fs.create_new(&Path::new(d).join("f")).unwrap();

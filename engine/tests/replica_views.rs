@@ -90,3 +90,26 @@ fn a_view_keeps_reading_correct_data_while_its_point_is_pruned() {
         vec![(2048, 12288 - 2048)]
     );
 }
+
+/// A point cut before anything was applied (a remote VM's first `standby point`) is the
+/// empty disk as of its cut: retention keeps it like any young point (it took time 0 for
+/// 1970 and pruned it at once, while a test failover still named it).
+#[test]
+fn a_point_of_the_empty_disk_is_young_and_survives_retention() {
+    let fs = SimFs::new();
+    let disks = [DiskSpec {
+        name: "os".into(),
+        size_bytes: 1 << 20,
+    }];
+    let mut r = Replica::create(Arc::new(fs), "/r", &disks, ReplicaConfig::default()).unwrap();
+    let before = standby_engine::now_us();
+    let p1 = r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    assert!(p1.time_us >= before, "{p1:?}");
+    write(&mut r, 1, standby_engine::now_us(), 0, 1);
+    let p2 = r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    r.prune(&Policy::default(), standby_engine::now_us())
+        .unwrap();
+    let ids: Vec<u64> = r.points().iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![p1.id, p2.id]);
+    assert_eq!(read(&r.view_point(p1.id).unwrap(), 0), vec![0u8; 4096]);
+}

@@ -536,7 +536,15 @@ impl Replica {
         let info = PointInfo {
             id: self.manifest.next_point_id,
             seq,
-            time_us: self.applied_time_us,
+            // Nothing applied yet (a remote VM's first point, before its agent's first
+            // write arrived): the empty disk as of now. Time 0 made retention take the
+            // point for 56 years old and prune it at the next pass, while a test failover
+            // still named it.
+            time_us: if seq == 0 && self.applied_time_us == 0 {
+                crate::now_us()
+            } else {
+                self.applied_time_us
+            },
             kind,
             name,
             group,
