@@ -63,7 +63,9 @@ fn usage_line(text: &str) -> String {
             continue;
         } else {
             let line = line.strip_prefix("error: ").unwrap_or(line);
-            if !what.is_empty() {
+            if what.ends_with(':') {
+                what.push(' '); // a list follows its heading
+            } else if !what.is_empty() {
                 what.push_str("; ");
             }
             what.push_str(line);
