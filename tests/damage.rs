@@ -68,6 +68,17 @@ impl Env {
     }
 }
 
+/// A vault with VMs `a` and `b`, each with one disk of `fill` bytes, protected.
+fn two_vms(fill: u8) -> Env {
+    let env = Env::empty();
+    env.ok(&["init", env.vault.to_str().unwrap()]);
+    for vm in ["a", "b"] {
+        std::fs::write(env.root.join(format!("{vm}.raw")), vec![fill; DISK_BYTES]).unwrap();
+        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
+    }
+    env
+}
+
 fn status_of<'a>(st: &'a Value, vm: &str) -> &'a Value {
     st["vms"]
         .as_array()
@@ -248,12 +259,7 @@ fn a_damaged_layer_index_spoils_only_its_points_and_only_its_vm() {
 /// fail in one line naming the file, its status is critical, and the other VM is unaffected.
 #[test]
 fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
-    let env = Env::empty();
-    env.ok(&["init", env.vault.to_str().unwrap()]);
-    for vm in ["a", "b"] {
-        std::fs::write(env.root.join(format!("{vm}.raw")), vec![3u8; DISK_BYTES]).unwrap();
-        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
-    }
+    let env = two_vms(3u8);
     let manifest = env.vault.join("vms/a/replica/manifest");
     let mut bytes = std::fs::read(&manifest).unwrap();
     bytes[40] ^= 0x01;
@@ -284,12 +290,7 @@ fn a_damaged_manifest_fails_its_vm_in_one_line_and_leaves_the_other_be() {
 /// other VM's status is unaffected.
 #[test]
 fn a_damaged_change_log_makes_only_its_vm_critical() {
-    let env = Env::empty();
-    env.ok(&["init", env.vault.to_str().unwrap()]);
-    for vm in ["a", "b"] {
-        std::fs::write(env.root.join(format!("{vm}.raw")), vec![5u8; DISK_BYTES]).unwrap();
-        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
-    }
+    let env = two_vms(5u8);
     let dir = env.vault.join("vms/a/cache");
     let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -321,12 +322,7 @@ fn a_damaged_change_log_makes_only_its_vm_critical() {
 /// running"; the vault's other VM is unaffected.
 #[test]
 fn a_damaged_source_position_makes_its_vm_critical() {
-    let env = Env::empty();
-    env.ok(&["init", env.vault.to_str().unwrap()]);
-    for vm in ["a", "b"] {
-        std::fs::write(env.root.join(format!("{vm}.raw")), vec![5u8; DISK_BYTES]).unwrap();
-        env.ok(&["protect", vm, "--disk", &format!("os={vm}.raw")]);
-    }
+    let env = two_vms(5u8);
     let file = env.vault.join("vms/a/cache/source.seq");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..3]).unwrap();
