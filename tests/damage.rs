@@ -79,6 +79,19 @@ fn two_vms(fill: u8) -> Env {
     env
 }
 
+/// `vm` is critical in `st`, its first reason naming `file`.
+fn critical_naming(st: &Value, vm: &str, file: &Path) {
+    let s = status_of(st, vm);
+    assert_eq!(s["health"], "critical", "{s}");
+    assert!(
+        s["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains(file.to_str().unwrap()),
+        "{s}"
+    );
+}
+
 fn status_of<'a>(st: &'a Value, vm: &str) -> &'a Value {
     st["vms"]
         .as_array()
@@ -306,15 +319,7 @@ fn a_damaged_change_log_makes_only_its_vm_critical() {
     // b is as it was: no agent runs (warning), but no damage of a's touches it.
     assert_eq!(status_of(&st, "b")["health"], "warning", "{st}");
     assert_eq!(status_of(&st, "b")["damage"], serde_json::json!([]), "{st}");
-    let a = status_of(&st, "a");
-    assert_eq!(a["health"], "critical", "{a}");
-    assert!(
-        a["reasons"][0]
-            .as_str()
-            .unwrap()
-            .contains(seg.to_str().unwrap()),
-        "{a}"
-    );
+    critical_naming(&st, "a", seg);
 }
 
 /// A damaged `source.seq` (how far the source images hold the log): the agent refuses to
@@ -328,15 +333,7 @@ fn a_damaged_source_position_makes_its_vm_critical() {
     std::fs::write(&file, &bytes[..3]).unwrap();
     let st = env.json(&["status", "--json"]);
     assert_eq!(status_of(&st, "b")["damage"], serde_json::json!([]), "{st}");
-    let a = status_of(&st, "a");
-    assert_eq!(a["health"], "critical", "{a}");
-    assert!(
-        a["reasons"][0]
-            .as_str()
-            .unwrap()
-            .contains(file.to_str().unwrap()),
-        "{a}"
-    );
+    critical_naming(&st, "a", &file);
     let port = free_port();
     let err = env.fails(&["agent", "a", "--listen", &format!("127.0.0.1:{port}")]);
     assert!(err.contains("source.seq"), "{err}");

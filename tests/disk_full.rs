@@ -208,9 +208,9 @@ fn wait_healthy(vault: &Path) {
     }
 }
 
-/// Test-fail over `latest` and check it is `want`, bit for bit.
-fn failover_equals(vault: &Path, out: &Path, want: &[u8]) {
-    let report: Value = serde_json::from_str(&standby(
+/// `standby test-failover vm --point latest --out OUT --json`: its report.
+fn test_failover_latest(vault: &Path, out: &Path) -> Value {
+    serde_json::from_str(&standby(
         vault,
         &[
             "test-failover",
@@ -222,7 +222,12 @@ fn failover_equals(vault: &Path, out: &Path, want: &[u8]) {
             "--json",
         ],
     ))
-    .unwrap();
+    .unwrap()
+}
+
+/// Test-fail over `latest` and check it is `want`, bit for bit.
+fn failover_equals(vault: &Path, out: &Path, want: &[u8]) {
+    let report = test_failover_latest(vault, out);
     let mut h = Sha256Hex::new();
     h.update(want);
     assert_eq!(report["disks"][0]["sha256"], h.hex());
@@ -510,19 +515,7 @@ fn a_full_journal_disk_never_fails_the_vm_and_the_source_agent_heals() {
     let want_sha = h.hex();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let report: Value = serde_json::from_str(&standby(
-            &vault,
-            &[
-                "test-failover",
-                "vm",
-                "--point",
-                "latest",
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ],
-        ))
-        .unwrap();
+        let report = test_failover_latest(&vault, &out);
         if report["disks"][0]["sha256"] == want_sha.as_str() {
             break;
         }
