@@ -148,6 +148,7 @@ impl Pipeline {
                 security: creds.agent.clone(),
                 vm: VM.into(),
                 disks: disks(),
+                barrier: None,
             },
             AgentState::default,
             logger(&log, "shipper"),

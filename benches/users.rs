@@ -482,6 +482,35 @@ fn commit(s: &Sizes, pool: &[u8], scratch: &Path) {
                 t
             },
         );
+        for (name, v) in [("standby", &sl), ("qemu-nbd", &ql)] {
+            let slow: Vec<String> = v
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.as_secs_f64() > 0.01)
+                .map(|(i, d)| {
+                    format!(
+                        "{}:{}:{:.0}",
+                        i / s.commits as usize,
+                        i % s.commits as usize,
+                        d.as_secs_f64() * 1e3
+                    )
+                })
+                .collect();
+            verbose(&format!(
+                "commit {name} slow (run:index:ms): {}",
+                slow.join(" ")
+            ));
+        }
+        for (name, v) in [("standby", &mut sl), ("qemu-nbd", &mut ql)] {
+            let tail: Vec<String> = [0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
+                .iter()
+                .map(|&q| format!("{:.3}", percentile(v, q).as_secs_f64() * 1e3))
+                .collect();
+            verbose(&format!(
+                "commit latency {name} p50/90/95/99/99.9/max ms: {}",
+                tail.join(" ")
+            ));
+        }
         for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
             let (a, b) = (percentile(&mut sl, q), percentile(&mut ql, q));
             let r = a.as_secs_f64() / b.as_secs_f64().max(1e-9);

@@ -154,6 +154,8 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
                 "2s",
                 "--cache",
                 "127.0.0.1:1",
+                "--metrics",
+                "127.0.0.1:0",
             ]),
         ),
         (
@@ -165,6 +167,8 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
                 "127.0.0.1:0",
                 "--process-every",
                 "2s",
+                "--metrics",
+                "127.0.0.1:0",
             ]),
         ),
         (
@@ -183,6 +187,7 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
                 "--disk",
                 "os=/nonexistent.raw",
                 "--insecure-loopback",
+                "--seeded",
             ]),
         ),
         (
@@ -199,6 +204,8 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
                 "--insecure-loopback",
                 "--capacity",
                 "1GiB",
+                "--metrics",
+                "127.0.0.1:0",
             ]),
         ),
         ("link export", v(&["link", "export", "--out", &nowhere])),
@@ -231,7 +238,7 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
         ),
         ("point", v(&["point", "vm1", "--journal", &nowhere])),
         ("points", v(&["points", "vm1", "--json"])),
-        ("status", v(&["status", "vm1", "--json"])),
+        ("status", v(&["status", "vm1", "--json", "--check"])),
         (
             "failover",
             v(&[
@@ -261,6 +268,87 @@ fn invocations(env: &Env) -> Vec<(&'static str, Vec<String>)> {
             "verify",
             v(&["verify", "vm1", "--point", "latest-processed", "--json"]),
         ),
+        (
+            "protect",
+            v(&[
+                "protect",
+                "vm1",
+                "--libvirt-domain",
+                &nowhere,
+                "--agent-listen",
+                "127.0.0.1:10809",
+            ]),
+        ),
+        (
+            "serve",
+            v(&[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                "t",
+                "--sample-every",
+                "1s",
+                "--metrics",
+                "127.0.0.1:0",
+            ]),
+        ),
+        ("policy assign", v(&["policy", "assign", "vm1", "gold"])),
+        (
+            "disk add",
+            v(&["disk", "add", "vm1", "logs=new:1MiB", "--json"]),
+        ),
+        (
+            "disk resize",
+            v(&["disk", "resize", "vm1", "os", "2GiB", "--json"]),
+        ),
+        ("diff", v(&["diff", "vm1", "1", "latest", "--json"])),
+        ("unprotect", v(&["unprotect", "vm1", "--delete-points"])),
+        ("reprotect", v(&["reprotect", "vm1", "--json"])),
+        (
+            "reprotect",
+            v(&[
+                "reprotect",
+                "vm1",
+                "--cache",
+                "127.0.0.1:1",
+                "--seed",
+                "os=/nonexistent.raw",
+                "--policy",
+                "gold",
+                "--insecure-loopback",
+            ]),
+        ),
+        (
+            "failback",
+            v(&["failback", "vm1", "--point", "latest", "--json"]),
+        ),
+        (
+            "point",
+            v(&["point", "--group", "g", "--app-consistent", "--name", "n"]),
+        ),
+        ("points", v(&["points", "--group", "g", "--json"])),
+        (
+            "failover",
+            v(&["failover", "--group", "g", "--point", "latest-group"]),
+        ),
+        ("failover-commit", v(&["failover-commit", "--group", "g"])),
+        (
+            "test-failover",
+            v(&["test-failover", "--group", "g", "--point", "3"]),
+        ),
+        (
+            "test-failover-cleanup",
+            v(&["test-failover-cleanup", "--group", "g"]),
+        ),
+        (
+            "group create",
+            v(&["group", "create", "g", "--vm", "vm1", "--policy", "p"]),
+        ),
+        ("group add", v(&["group", "add", "g", "vm1"])),
+        ("group remove", v(&["group", "remove", "g", "vm1"])),
+        ("group delete", v(&["group", "delete", "g"])),
+        ("group list", v(&["group", "list", "--json"])),
         // A file as the demo's directory: it stops at once.
         (
             "demo",

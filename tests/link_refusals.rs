@@ -976,3 +976,112 @@ fn the_agents_certificate_cannot_open_a_processor_link() {
     };
     assert!(err.contains("agent certificate may not open"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. The split-brain guard of two sites: once the VM failed over at the target site, the
+// source site's cache service refuses the old source's agent (and says which failover),
+// and keeps refusing it after a restart.
+
+#[test]
+fn after_a_failover_the_cache_service_refuses_the_old_source_s_writes() {
+    let site = Site::new();
+    let a = site.vault("a");
+    let vault = site.path("a");
+    let v = vault.to_str().unwrap();
+    let mut svc = site.serve("svc", &a, &[]);
+    let mut agent = site.agent("agent", &svc.addr, &a, &[]);
+    agent.wait_line(0, &["connected to the cache service"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, _, err) = run(
+            &site.root,
+            &["--vault", v, "protect", VM, "--cache", &svc.addr],
+        );
+        if st.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "protect: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut follower = Proc::spawn(
+        &site.root,
+        "follower",
+        &[
+            "--vault", v, "process", "--cache", &svc.addr, "--follow", "--every", "200ms",
+        ],
+    );
+    follower.wait_stdout("following the cache service");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, _, err) = run(&site.root, &["--vault", v, "point", VM]);
+        if st.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "point: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = site.path("recovered");
+    ok(
+        &site.root,
+        &[
+            "--vault",
+            v,
+            "failover",
+            VM,
+            "--point",
+            "latest",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    follower.wait_line(0, &[VM, "now refuses the old source's writes"]);
+    svc.proc
+        .wait_line(0, &[VM, "fenced by the target site", "was failed over"]);
+    let said = agent.wait_line(0, &["was failed over", "refuses the old source's writes"]);
+    assert!(
+        said.contains("(seq "),
+        "the refusal names the failover: {said}"
+    );
+    assert!(
+        svc.vm_dir().join("fenced").is_file(),
+        "the fence is durable in the service's directory"
+    );
+    // The vault knows the source site has it: the follower is not started again for it.
+    let opened =
+        standby_engine::vault::Vault::open(&vault, "test", standby_engine::vault::LockWait::Block)
+            .unwrap();
+    let rec = opened.catalog().vm(VM).unwrap();
+    assert!(rec.failover.as_ref().unwrap().fenced_us.is_some());
+    assert!(opened.remote_vms().is_empty());
+    drop(follower);
+
+    // A restarted service still refuses it.
+    let status = svc.proc.interrupt();
+    assert!(status.success(), "{}", svc.proc.stderr());
+    let mut again = Proc::spawn(
+        &site.root,
+        "svc2",
+        &[
+            "cache",
+            "serve",
+            "--dir",
+            svc.dir.to_str().unwrap(),
+            "--listen",
+            &svc.addr,
+            "--creds",
+            a.to_str().unwrap(),
+        ],
+    );
+    again.wait_stdout("cache service on");
+    // The agent reconnects and is refused again (it says so once; the service logs it).
+    again.wait_line(
+        0,
+        &[VM, "was failed over", "refuses the old source's writes"],
+    );
+    assert!(
+        !again.stderr().contains("agent connected"),
+        "the restarted service let the old source in:\n{}",
+        again.stderr()
+    );
+    assert!(agent.running(), "the agent retries: {}", agent.stderr());
+}

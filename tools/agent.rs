@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct Options {
     pub listen: String,
     pub process_every: Duration,
+    /// Serve Prometheus metrics here (`--metrics`).
+    pub metrics: Option<String>,
 }
 
 /// Where the runtimes' events go: one line each on stderr.
@@ -31,16 +33,44 @@ pub(crate) fn events() -> Events {
 
 pub fn run(root: &Path, vm: &str, opts: Options) -> Result<(), Error> {
     let stop = stop_flag()?;
-    let agent = EmbeddedAgent::start(
-        root,
-        &format!("standby agent {vm}"),
-        vm,
-        EmbeddedOptions {
-            listen: opts.listen,
-            process_every: opts.process_every,
-            events: events(),
-        },
-    )?;
+    // Bound first: a bad address stops the command before the VM is touched.
+    let listener = crate::metrics::bind_opt(opts.metrics.as_deref())?;
+    // A short-lived holder of the VM (status, points, a mount, the dashboard's sampler) is
+    // waited for, up to --wait, as every command that needs the VM to itself waits.
+    let started = std::time::Instant::now();
+    let mut told = false;
+    let agent = loop {
+        let r = EmbeddedAgent::start(
+            root,
+            &format!("standby agent {vm}"),
+            vm,
+            EmbeddedOptions {
+                listen: opts.listen.clone(),
+                process_every: opts.process_every,
+                events: events(),
+            },
+        );
+        match r {
+            Err(Error::Locked(holder)) => {
+                let wait = crate::cmd::wait();
+                if started.elapsed() >= wait {
+                    return Err(Error::Locked(format!(
+                        "{holder} (gave up after waiting {}; pass a longer --wait)",
+                        humantime::format_duration(Duration::from_secs(wait.as_secs().max(1)))
+                    )));
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return Err(Error::Locked(holder));
+                }
+                if !told {
+                    eprintln!("standby: waiting for the lock of VM {vm}, held by {holder}");
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            r => break r?,
+        }
+    };
     let addr = agent.addr();
     println!(
         "agent for {vm} serving NBD on {addr} (pid {})",
@@ -50,6 +80,24 @@ pub fn run(root: &Path, vm: &str, opts: Options) -> Result<(), Error> {
         println!("  nbd://{addr}/{d}");
     }
     let _ = std::io::stdout().flush();
+    let _exporter = match listener {
+        Some(l) => {
+            crate::metrics::announce(&l);
+            let (root, vm, disks, stats) = (
+                root.to_path_buf(),
+                vm.to_string(),
+                agent.disks(),
+                agent.write_stats(),
+            );
+            Some(l.start(move || {
+                let mut f = crate::metrics::Families::default();
+                crate::metrics::vault_families(&root, Some(&vm), &mut f);
+                crate::metrics::write_families(&vm, &disks, &stats, &mut f);
+                f.render()
+            })?)
+        }
+        None => None,
+    };
     agent.run_until(&stop)?;
     eprintln!("standby: agent for {vm} stopped cleanly");
     Ok(())

@@ -129,19 +129,7 @@ fn damage_where(d: &Damage) -> String {
 /// Points with their bytes; a point that reads damaged bytes (`damage`) is marked
 /// unreadable, naming the damage.
 pub fn points(vm: &str, points: &[(PointInfo, u64)], damage: &[Damage], as_json: bool) {
-    let docs: Vec<Value> = points
-        .iter()
-        .map(|(p, b)| {
-            let mut v = point_json(p, Some(*b));
-            if let Some(d) = damage.iter().find(|d| d.points.contains(&p.id)) {
-                v["readable"] = json!(false);
-                v["damage"] = json!(damage_where(d));
-            } else if !damage.is_empty() {
-                v["readable"] = json!(true);
-            }
-            v
-        })
-        .collect();
+    let docs = points_json(points, damage);
     point_docs(vm, &docs, as_json);
     if !as_json {
         for d in damage {
@@ -153,6 +141,24 @@ pub fn points(vm: &str, points: &[(PointInfo, u64)], damage: &[Damage], as_json:
             );
         }
     }
+}
+
+/// The documents `points --json` lists: each point with its bytes, and whether damage
+/// makes it unreadable.
+pub fn points_json(points: &[(PointInfo, u64)], damage: &[Damage]) -> Vec<Value> {
+    points
+        .iter()
+        .map(|(p, b)| {
+            let mut v = point_json(p, Some(*b));
+            if let Some(d) = damage.iter().find(|d| d.points.contains(&p.id)) {
+                v["readable"] = json!(false);
+                v["damage"] = json!(damage_where(d));
+            } else if !damage.is_empty() {
+                v["readable"] = json!(true);
+            }
+            v
+        })
+        .collect()
 }
 
 /// Print point documents (built here, or received from a running agent).
@@ -328,7 +334,7 @@ pub fn status_json(s: &VmStatus) -> Value {
     let r = &s.record;
     json!({
         "vm": r.name,
-        "state": r.state.as_str(),
+        "state": if r.unprotected.is_some() { "unprotected" } else { r.state.as_str() },
         "health": s.health.as_str(),
         "reasons": s.reasons,
         "rpo_seconds": s.rpo_seconds,

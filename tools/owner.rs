@@ -25,6 +25,9 @@ pub fn run<T>(
 ) -> Result<T, Error> {
     let started = Instant::now();
     let mut told = false;
+    // While it waits, the command says so in the VM's directory: a holder that keeps the VM
+    // between passes (`process --follow`) lets go of it when it sees that.
+    let mut _wanted: Option<Wanted> = None;
     loop {
         let mut vault = Vault::open(root, who, LockWait::Fail)?;
         vault.catalog().vm(vm)?;
@@ -53,11 +56,32 @@ pub fn run<T>(
                 if !told {
                     eprintln!("standby: waiting for the lock of VM {vm}, held by {holder}");
                     told = true;
+                    _wanted = Wanted::say(&vault.vm_dir_of(vm), who);
                 }
                 std::thread::sleep(POLL);
             }
             other => return other,
         }
+    }
+}
+
+/// A waiter's `lock.wanted.PID` file, removed when the waiter is done.
+struct Wanted(std::path::PathBuf);
+
+impl Wanted {
+    fn say(dir: &Path, who: &str) -> Option<Wanted> {
+        let f = dir.join(format!(
+            "{}.{}",
+            standby_engine::vault::WANTED_FILE,
+            std::process::id()
+        ));
+        std::fs::write(&f, who.as_bytes()).ok().map(|_| Wanted(f))
+    }
+}
+
+impl Drop for Wanted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -37,12 +37,14 @@ pub struct ServeOptions {
     pub creds: PathBuf,
     pub insecure_loopback: bool,
     pub capacity: Option<u64>,
+    pub metrics: Option<String>,
 }
 
 /// `standby cache serve`.
 pub fn serve(o: ServeOptions) -> Result<(), Error> {
     let security = security(&o.creds, Role::Cache, o.insecure_loopback)?;
     let addr = standby_engine::link::resolve(&o.listen, &security)?;
+    let metrics = crate::metrics::bind_opt(o.metrics.as_deref())?;
     let svc = CacheService::open(
         ServiceConfig {
             dir: o.dir.clone(),
@@ -73,7 +75,21 @@ pub fn serve(o: ServeOptions) -> Result<(), Error> {
         println!("  holding the logs of {}", names.join(", "));
     }
     let _ = std::io::stdout().flush();
-    svc.serve(listener, &stop)?;
+    let exporter = match metrics {
+        Some(l) => {
+            crate::metrics::announce(&l);
+            let svc = svc.clone();
+            Some(l.start(move || {
+                let mut f = crate::metrics::Families::default();
+                crate::metrics::cache_families(&svc.vm_reports(), &mut f);
+                f.render()
+            })?)
+        }
+        None => None,
+    };
+    let served = svc.serve(listener, &stop);
+    drop(exporter);
+    served?;
     svc.close()?;
     eprintln!("standby: cache service stopped cleanly");
     Ok(())
@@ -88,6 +104,8 @@ pub struct AgentOptions {
     pub journal_capacity: Option<u64>,
     pub disks: Vec<(String, PathBuf)>,
     pub listen: String,
+    pub metrics: Option<String>,
+    pub seeded: bool,
 }
 
 /// `standby agent VM --cache ADDR`: serve the VM's disks over NBD through the write tap,
@@ -95,6 +113,7 @@ pub struct AgentOptions {
 pub fn agent(o: AgentOptions) -> Result<(), Error> {
     let security = security(&o.creds, Role::Agent, o.insecure_loopback)?;
     let stop = stop_flag()?;
+    let metrics = crate::metrics::bind_opt(o.metrics.as_deref())?;
     let (vm, cache) = (o.vm.clone(), o.cache.clone());
     let agent = SourceAgent::start(SourceOptions {
         vm: o.vm,
@@ -105,6 +124,7 @@ pub fn agent(o: AgentOptions) -> Result<(), Error> {
         disks: o.disks,
         listen: o.listen,
         events: crate::agent::events(),
+        seeded: o.seeded,
     })?;
     let addr = agent.addr();
     println!(
@@ -115,6 +135,26 @@ pub fn agent(o: AgentOptions) -> Result<(), Error> {
         println!("  nbd://{addr}/{d}");
     }
     let _ = std::io::stdout().flush();
+    let _exporter = match metrics {
+        Some(l) => {
+            crate::metrics::announce(&l);
+            let (vm, disks, stats, probe) = (
+                vm.clone(),
+                agent.disks(),
+                agent.write_stats(),
+                agent.probe(),
+            );
+            Some(l.start(move || {
+                let mut f = crate::metrics::Families::default();
+                if let Some(r) = probe.report() {
+                    crate::metrics::source_families(&vm, &r, &mut f);
+                }
+                crate::metrics::write_families(&vm, &disks, &stats, &mut f);
+                f.render()
+            })?)
+        }
+        None => None,
+    };
     agent.run_until(&stop)?;
     eprintln!("standby: agent for {vm} stopped cleanly");
     Ok(())

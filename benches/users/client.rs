@@ -251,8 +251,28 @@ pub fn ops(pattern: Pattern, pool: &[u8]) -> impl Iterator<Item = Op<'_>> {
     };
     let per_flush = (flush_every / req as u64).max(1);
     let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    // Two writes of one block in flight at once may land in either order (NBD promises no
+    // order between requests in flight; block layers never send such a pair), so a model
+    // in submission order could not tell the right result: a random slot is never one of
+    // the last RECENT (more than any depth used here).
+    const RECENT: usize = 64;
+    let mut recent = std::collections::VecDeque::with_capacity(RECENT);
     (0..count).flat_map(move |i| {
-        let slot = if slots > 0 { rng.next() % slots } else { i };
+        let slot = if slots > RECENT as u64 {
+            let mut s = rng.next() % slots;
+            while recent.contains(&s) {
+                s = rng.next() % slots;
+            }
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(s);
+            s
+        } else if slots > 0 {
+            rng.next() % slots
+        } else {
+            i
+        };
         let offset = slot * req as u64;
         let op = if write {
             Op::Write(offset, slice(i, req as usize))

@@ -162,6 +162,12 @@ pub struct Agent {
     /// Writes and zero ranges the client has asked for since open (background work such
     /// as a resync is not counted): how the runtime tells that the client is busy.
     client_ops: std::sync::atomic::AtomicU64,
+    /// Latency and bytes of the client's requests, for monitoring (atomics only).
+    stats: Arc<crate::util::latency::WriteStats>,
+    /// Bytes of source blocks resyncs shipped into the log since open.
+    resync_shipped: std::sync::atomic::AtomicU64,
+    /// A group point's barrier holds the client's acknowledgements here (docs/groups.md).
+    hold: crate::util::hold::Hold,
 }
 
 /// Called with `true` before the first write goes to the source images alone, and with
@@ -286,8 +292,16 @@ impl Agent {
             }
             let len = f.metadata().at(&d.path)?.len();
             if len != d.size_bytes {
+                let hint = if len > d.size_bytes {
+                    format!(
+                        " (a grown image: `standby disk resize VM {} {len}` records its new size)",
+                        d.name
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(Error::Invalid(format!(
-                    "source disk '{}' ({}) is {len} bytes, the vault expects {}",
+                    "source disk '{}' ({}) is {len} bytes, the vault expects {}{hint}",
                     d.name,
                     d.path.display(),
                     d.size_bytes
@@ -296,7 +310,9 @@ impl Agent {
             opened.push((d, f));
         }
         let synced = cache.source_seq()?.unwrap_or(0);
+        let stats = Arc::new(crate::util::latency::WriteStats::new(opened.len()));
         let agent = Agent {
+            stats,
             state: RwLock::new(State {
                 pending: BTreeMap::new(),
                 by_place: vec![BTreeMap::new(); opened.len()],
@@ -312,6 +328,8 @@ impl Agent {
             on_bitmap: Mutex::new(None),
             resync_begun: Mutex::new(false),
             client_ops: std::sync::atomic::AtomicU64::new(0),
+            resync_shipped: std::sync::atomic::AtomicU64::new(0),
+            hold: Default::default(),
         };
         if replay {
             agent.replay(synced)?;
@@ -334,6 +352,16 @@ impl Agent {
         let first = self.log().stats().first_seq;
         let mut reader = self.log().reader((synced + 1).max(first))?;
         while let Some(rec) = reader.next_record()? {
+            // A record of a disk beyond the VM's disks is a `disk add` that did not finish
+            // (the catalog does not list the disk): its data came from that disk's image,
+            // which this agent does not serve, and the next `disk add` copies it again.
+            let disk = match &rec.op {
+                Op::Write { disk, .. } | Op::Zero { disk, .. } => Some(*disk as usize),
+                Op::Marker(_) => None,
+            };
+            if disk.is_some_and(|d| d >= self.disks.len()) {
+                continue;
+            }
             self.apply_op(&rec.op)?;
         }
         self.sync_sources()?;
@@ -437,6 +465,12 @@ impl Agent {
         Ok(d)
     }
 
+    /// The latency and bytes of the client's requests (what `--metrics` exposes); an
+    /// `Arc` apart from the tap, so a reader never keeps the tap itself alive.
+    pub fn write_stats(&self) -> Arc<crate::util::latency::WriteStats> {
+        self.stats.clone()
+    }
+
     /// Writes and zero ranges the client has asked for since the tap was opened.
     pub fn client_ops(&self) -> u64 {
         self.client_ops.load(std::sync::atomic::Ordering::Relaxed)
@@ -455,8 +489,10 @@ impl Agent {
         self.check(disk, offset, data.len() as u64)?;
         self.client_ops
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let len = data.len() as u64;
         let data = Arc::new(data);
-        self.submit(
+        let r = self.submit(
             &Entry::Write {
                 disk,
                 offset,
@@ -468,7 +504,11 @@ impl Agent {
                 change: Change::Data(data.clone()),
             },
             fua,
-        )
+        );
+        self.hold.pass();
+        let seq = r?;
+        self.stats.record(disk, started.elapsed(), len);
+        Ok(seq)
     }
 
     /// Make `len` bytes at `offset` read as zeros (NBD WRITE_ZEROES, or TRIM if `trim`).
@@ -476,7 +516,8 @@ impl Agent {
         self.check(disk, offset, len)?;
         self.client_ops
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.submit(
+        let started = std::time::Instant::now();
+        let r = self.submit(
             &Entry::Zero {
                 disk,
                 offset,
@@ -489,7 +530,18 @@ impl Agent {
                 change: Change::Zero(len),
             },
             fua,
-        )
+        );
+        self.hold.pass();
+        let seq = r?;
+        self.stats.record(disk, started.elapsed(), 0);
+        Ok(seq)
+    }
+
+    /// The hold on the client's acknowledgements (a group point's barrier): writes still
+    /// go into the log while it is in force; [`Agent::write`] and [`Agent::zero`] return
+    /// only once it ends.
+    pub fn ack_hold(&self) -> &crate::util::hold::Hold {
+        &self.hold
     }
 
     /// Write a recovery-point marker, ordered with the writes; returns once it is durable.
@@ -503,6 +555,33 @@ impl Agent {
             },
             true,
         )
+    }
+
+    /// Append `entry`, a record of a disk this tap does not serve (the initial copy of a
+    /// disk being added), in order with the VM's writes, without touching the source images:
+    /// it is tracked like a marker, so the drain stays gapless. Refused while the tap tracks
+    /// writes in its dirty bitmap; a full log (`Error::CacheFull`) is the caller's to wait
+    /// out (by processing). Returns its seq once it is written.
+    pub fn append_beside(&self, entry: &Entry<'_>) -> Result<u64> {
+        let mode = self.mode.read();
+        if mode.is_some() {
+            return Err(Error::Conflict(
+                "the VM's writes are tracked in the dirty bitmap (the change log could not take them): try again once the resync has ended".into(),
+            ));
+        }
+        let log = self.log();
+        let seq = log.append(entry)?;
+        self.state.write().insert(
+            seq,
+            Pending {
+                disk: 0,
+                offset: 0,
+                change: Change::Nothing,
+            },
+        );
+        drop(mode);
+        log.wait_written(seq)?;
+        Ok(seq)
     }
 
     fn submit(
@@ -728,6 +807,41 @@ impl Agent {
         Ok(())
     }
 
+    /// Mark only `changed` blocks `(disk, offset, len)` for a resync (after the bitmap was
+    /// lost, when the delta engine found which blocks of the source images differ from
+    /// the replica): the resync then ships those and nothing else.
+    pub fn require_resync_of(&self, changed: &[(u16, u64, u64)]) -> Result<()> {
+        self.enter_bitmap_mode(None)?;
+        let mut mode = self.mode.write();
+        let dirty = mode
+            .as_mut()
+            .ok_or_else(|| Error::Conflict("internal: no bitmap".into()))?;
+        for &(disk, offset, len) in changed {
+            dirty.mark(disk, offset, len);
+        }
+        Ok(())
+    }
+
+    /// Bytes of source blocks resyncs have read and shipped into the log since open.
+    pub fn resync_shipped_bytes(&self) -> u64 {
+        self.resync_shipped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The source images (name, path, size), for a comparison with the replica.
+    pub fn source_images(&self) -> Result<Vec<crate::delta::FileImage>> {
+        self.disks
+            .iter()
+            .map(|(d, f)| {
+                Ok(crate::delta::FileImage::from_file(
+                    f.try_clone().at(&d.path)?,
+                    &d.path,
+                    d.size_bytes,
+                ))
+            })
+            .collect()
+    }
+
     /// Ship up to `max_bytes` of dirty blocks from the source images into the log. Returns
     /// `Ok(true)` once the bitmap is empty and every shipped block is durable (the agent is
     /// back to normal), `Ok(false)` if blocks remain (the log may still be full).
@@ -824,6 +938,8 @@ impl Agent {
             }
             dirty.clear(disk, block);
             shipped += len;
+            self.resync_shipped
+                .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -8,11 +8,13 @@
 pub mod agent;
 mod backoff;
 pub mod cache;
+pub mod delta;
 pub mod error;
 pub mod fsutil;
 pub mod link;
 pub mod mount;
 pub mod nbd;
+pub mod objstore;
 pub mod policy;
 pub mod process;
 pub mod record;

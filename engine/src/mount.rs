@@ -147,6 +147,15 @@ impl BlockDevice for MountDisk {
             }
         }
     }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<DevResult<()>> {
+        // With an overlay, a read may need its file: the workers serve it.
+        if self.overlay.is_some() {
+            return None;
+        }
+        self.view
+            .read_cached(self.disk, offset, buf)
+            .map(|r| r.map_err(DevError::from))
+    }
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> DevResult<()> {
         let o = self.overlay()?;
         let mut ranges = o.ranges.write();

@@ -50,9 +50,18 @@ pub struct Processor {
     /// The agent's last resync window `(begin, end)` by sequence number (`end` 0 while
     /// open): inside it the log is not crash-consistent and no point is cut.
     resync: (u64, u64),
+    /// Where applied bytes are counted for monitoring, if anywhere
+    /// ([`crate::util::latency::replicated_bytes`]).
+    applied_total: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Processor {
+    /// Count the bytes every pass applies into `total` (a monitoring counter).
+    pub fn counting_into(mut self, total: Arc<std::sync::atomic::AtomicU64>) -> Processor {
+        self.applied_total = Some(total);
+        self
+    }
+
     pub fn new(cache: Arc<Cache>, replica: Replica, policy: Policy) -> Result<Processor> {
         policy.validate()?;
         let resync = window::read(&**replica.vfs(), replica.dir())?;
@@ -62,6 +71,7 @@ impl Processor {
             policy,
             clock: Box::new(crate::now_us),
             resync,
+            applied_total: None,
         })
     }
 
@@ -202,6 +212,9 @@ impl Processor {
         }
         report.durable_seq = self.checkpoint()?;
         report.prune = self.replica.prune(&self.policy, now)?;
+        if let Some(t) = &self.applied_total {
+            t.fetch_add(report.applied_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(report)
     }
 }

@@ -31,6 +31,18 @@ pub trait VFile: Send + Sync {
         Ok(())
     }
 
+    /// The alignment (of offset, length and memory) at which writes bypass the page cache,
+    /// for a file from [`Vfs::create_new_direct`]; `None` when none do.
+    fn direct_align(&self) -> Option<usize> {
+        None
+    }
+
+    /// Tell the file `[offset, offset+len)` will be read soon, so it can start reading it
+    /// now (a hint; the default does nothing).
+    fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Give back the space of `[offset, offset+len)`: it reads as zeros afterwards and the
     /// file's length is unchanged. The default writes zeros (correct, frees nothing).
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -67,6 +79,14 @@ pub trait Vfs: Send + Sync + 'static {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Create a new file, failing if it exists.
     fn create_new(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
+    /// [`Vfs::create_new`] for a file written once, in large pieces, and not read back
+    /// soon (a materialized disk): writes of whole aligned blocks from aligned memory may
+    /// bypass the page cache (`O_DIRECT`), which saves copying every byte into it; other
+    /// writes go through it as usual. [`VFile::direct_align`] tells the alignment. The
+    /// default is [`Vfs::create_new`].
+    fn create_new_direct(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        self.create_new(path)
+    }
     /// Open an existing file for reading and writing.
     fn open(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
@@ -124,6 +144,22 @@ impl VFile for RealFile {
             Err(io::Error::last_os_error())
         }
     }
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Ok(());
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
+        // `self.0` and stays open for the duration of the call.
+        let rc =
+            unsafe { libc::posix_fadvise(self.0.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::unix::io::AsRawFd;
         if len == 0 {
@@ -166,6 +202,57 @@ impl VFile for RealFile {
     }
 }
 
+/// A file from [`RealFs::create_new_direct`]: whole aligned blocks of a write from memory
+/// at the same alignment go through the `O_DIRECT` descriptor, the rest (and everything
+/// else) through the buffered one. The two never write the same block of the file: a block
+/// is written direct only when a write covers all of it.
+struct DirectFile {
+    buffered: RealFile,
+    direct: File,
+}
+
+/// Alignment of `O_DIRECT` writes: the page size, which covers every logical block size.
+const DIRECT_ALIGN: u64 = 4096;
+
+impl VFile for DirectFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.buffered.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let a = DIRECT_ALIGN;
+        let end = offset.saturating_add(buf.len() as u64);
+        let (mid_start, mid_end) = (offset.div_ceil(a) * a, end / a * a);
+        if (buf.as_ptr() as u64) % a != offset % a || mid_end <= mid_start {
+            return self.buffered.0.write_all_at(buf, offset);
+        }
+        let (h, m) = ((mid_start - offset) as usize, (mid_end - offset) as usize);
+        self.buffered.0.write_all_at(&buf[..h], offset)?;
+        if self.direct.write_all_at(&buf[h..m], mid_start).is_err() {
+            // Refused (an alignment this filesystem does not take): the same bytes buffered.
+            self.buffered.0.write_all_at(&buf[h..m], mid_start)?;
+        }
+        self.buffered.0.write_all_at(&buf[m..], mid_end)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.buffered.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.buffered.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.buffered.sync_data()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.buffered.start_writeback(offset, len)
+    }
+    fn direct_align(&self) -> Option<usize> {
+        Some(DIRECT_ALIGN as usize)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.buffered.punch_hole(offset, len)
+    }
+}
+
 impl Vfs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
@@ -188,6 +275,26 @@ impl Vfs for RealFs {
             .create_new(true)
             .open(path)?;
         Ok(Arc::new(RealFile(f)))
+    }
+    fn create_new_direct(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        // A filesystem without O_DIRECT (tmpfs) refuses the flag: every write is buffered.
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(direct) => Ok(Arc::new(DirectFile {
+                buffered: RealFile(buffered),
+                direct,
+            })),
+            Err(_) => Ok(Arc::new(RealFile(buffered))),
+        }
     }
     fn open(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;

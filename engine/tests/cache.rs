@@ -229,7 +229,8 @@ fn garbage_after_the_last_record_is_a_torn_tail() {
     }
     let seg = &only_segment(dir.path())[0];
     let mut bytes = std::fs::read(seg).unwrap();
-    bytes.extend_from_slice(&[0u8; 4096]);
+    // Not zeros: zeros past the last record are space the writer prepared (the log's end).
+    bytes.extend_from_slice(&[0xa5u8; 4096]);
     std::fs::write(seg, &bytes).unwrap();
     let (cache, report) = Cache::open(dir.path(), CacheConfig::default()).unwrap();
     assert_eq!(report.truncated.unwrap().2, 4096);
@@ -730,4 +731,128 @@ fn a_checkpoint_that_rolls_the_tail_is_durable_when_it_returns() {
         assert_eq!(report.first_seq, last + 1);
         assert!(read_all(&cache).is_empty());
     }
+}
+
+/// Commits one at a time (4 KiB, each waited durable) into a log whose segments hold
+/// `segment_max` bytes, on `fs`; returns once the writer has zero-filled space past the
+/// tail (it does so while idle between commits).
+fn commits_until_prepared(fs: &SimFs, dir: &Path, segment_max: u64, count: u64) -> Cache {
+    let config = CacheConfig {
+        segment_max_bytes: segment_max,
+        ..CacheConfig::write_path(None)
+    };
+    let (cache, _) = Cache::open_with(Arc::new(fs.clone()), dir, config).unwrap();
+    let commit = |i: u64| Op::Write {
+        disk: 0,
+        offset: i * 4096,
+        data: payload(i | 1, 4096),
+    };
+    for i in 1..=count {
+        cache
+            .append_wait(&commit(i).as_entry(), Ack::Durable)
+            .unwrap();
+    }
+    // The writer prepares while idle: wait for it (a condition, not a timing).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stats = cache.stats();
+        assert_eq!(stats.durable_seq, count);
+        let files: u64 = segment_lens(fs, dir).1.iter().sum();
+        if files > stats.stored_bytes {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no space was prepared past the tail after {count} commits"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    cache
+}
+
+/// Number of segments and each one's file length.
+fn segment_lens(fs: &SimFs, dir: &Path) -> (u64, Vec<u64>) {
+    let mut names: Vec<String> = fs
+        .list(dir)
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    names.sort();
+    let lens: Vec<u64> = names
+        .iter()
+        .map(|n| fs.open(&dir.join(n)).unwrap().len().unwrap())
+        .collect();
+    (names.len() as u64, lens)
+}
+
+#[test]
+fn zeros_prepared_past_the_tail_for_commits_end_the_log_after_a_crash_or_a_close() {
+    let dir = Path::new("/vault/cache");
+    for crash in ["process", "power", "close"] {
+        let fs = SimFs::new();
+        fs.create_dir_all(dir).unwrap();
+        let cache = commits_until_prepared(&fs, dir, 64 << 20, 40);
+        let records_end = cache.stats().stored_bytes;
+        let image = match crash {
+            "process" => fs.process_crash(),
+            "power" => fs.crash(0),
+            _ => {
+                cache.close().unwrap();
+                // A closed log ends at its last record: no zeros are left behind.
+                assert_eq!(segment_lens(&fs, dir).1, vec![records_end], "{crash}");
+                fs.clone()
+            }
+        };
+        drop(cache);
+        // Strict recovery too: zeros past the last record are no torn tail.
+        let strict = CacheConfig {
+            recovery: RecoveryMode::Absolute,
+            ..CacheConfig::default()
+        };
+        let (cache, report) = Cache::open_with(Arc::new(image.clone()), dir, strict)
+            .unwrap_or_else(|e| panic!("{crash}: reopen failed: {e}"));
+        assert_eq!((report.last_seq, report.truncated), (40, None), "{crash}");
+        assert_eq!(read_all(&cache).len(), 40, "{crash}");
+        assert_eq!(segment_lens(&image, dir).1, vec![records_end], "{crash}");
+        // And appending goes on where the records end.
+        assert_eq!(
+            cache
+                .append_wait(&op_for(41).as_entry(), Ack::Durable)
+                .unwrap(),
+            41
+        );
+    }
+}
+
+#[test]
+fn a_sealed_segment_ends_at_its_last_record_when_space_was_prepared_in_it() {
+    let fs = SimFs::new();
+    let dir = Path::new("/vault/cache");
+    fs.create_dir_all(dir).unwrap();
+    // Segments of 256 KiB: the writer prepares up to their end, and 200 commits roll a few.
+    let cache = commits_until_prepared(&fs, dir, 256 << 10, 200);
+    let (segments, lens) = segment_lens(&fs, dir);
+    assert!(segments >= 3, "{lens:?}");
+    for (i, len) in lens.iter().enumerate().take(lens.len() - 1) {
+        let f = fs
+            .open(&dir.join(format!("{:016x}.log", i as u64 + 1)))
+            .unwrap();
+        let mut crc = [0u8; 4];
+        f.read_full_at(&mut crc, len - 4).unwrap();
+        assert_ne!(
+            crc,
+            [0; 4],
+            "sealed segment {} ends in zeros ({lens:?})",
+            i + 1
+        );
+    }
+    drop(cache);
+    let strict = CacheConfig {
+        recovery: RecoveryMode::Absolute,
+        ..CacheConfig::default()
+    };
+    let (cache, report) = Cache::open_with(Arc::new(fs.process_crash()), dir, strict).unwrap();
+    assert_eq!((report.last_seq, report.truncated), (200, None));
+    assert_eq!(read_all(&cache).len(), 200);
 }

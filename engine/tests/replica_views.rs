@@ -113,3 +113,56 @@ fn a_point_of_the_empty_disk_is_young_and_survives_retention() {
     assert_eq!(ids, vec![p1.id, p2.id]);
     assert_eq!(read(&r.view_point(p1.id).unwrap(), 0), vec![0u8; 4096]);
 }
+
+/// `read_cached` answers only what is decoded in memory, and then exactly what `read`
+/// answers (holes as zeros, pieces of several extents, across an overwrite); it refuses
+/// (None) a range with a piece not decoded yet, and names a range past the end as an error.
+#[test]
+fn a_cached_read_answers_only_decoded_pieces_and_agrees_with_read() {
+    let fs = SimFs::new();
+    let disks = [DiskSpec {
+        name: "os".into(),
+        size_bytes: 1 << 20,
+    }];
+    let mut r =
+        Replica::create(Arc::new(fs.clone()), "/r", &disks, ReplicaConfig::default()).unwrap();
+    write(&mut r, 1, 0, 0, 1);
+    write(&mut r, 2, 1, 8192, 2);
+    write(&mut r, 3, 2, 16384, 3);
+    r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    write(&mut r, 4, 3, 10240, 4); // splits seq 2's extent
+    let p = r.cut_point(PointKind::CrashConsistent, None).unwrap();
+    let v = r.view_point(p.id).unwrap();
+
+    let mut got = vec![0xeeu8; 24576];
+    assert!(
+        v.read_cached(0, 0, &mut got).is_none(),
+        "nothing is decoded yet"
+    );
+    // Decode the pieces of [0, 12 KiB) only: a range reaching 16 KiB still needs one.
+    let mut head = vec![0u8; 12288];
+    v.read(0, 0, &mut head).unwrap();
+    assert!(v.read_cached(0, 0, &mut got).is_none(), "seq 3 not decoded");
+    let mut want = vec![0u8; 24576];
+    v.read(0, 0, &mut want).unwrap();
+    // Now everything is decoded: the cached read agrees, and with a dirty buffer.
+    got.fill(0xee);
+    v.read_cached(0, 0, &mut got).unwrap().unwrap();
+    assert_eq!(got, want);
+    assert_eq!(&got[4096..8192], &[0u8; 4096][..], "a hole reads as zeros");
+    assert_eq!(&got[10240..14336], &[4u8; 4096][..]);
+    // An unaligned range inside decoded pieces.
+    let mut part = vec![0xeeu8; 5000];
+    v.read_cached(0, 3000, &mut part).unwrap().unwrap();
+    assert_eq!(part, want[3000..8000]);
+    // A range only of holes needs no decode.
+    let mut hole = vec![0xeeu8; 4096];
+    v.read_cached(0, 512 << 10, &mut hole).unwrap().unwrap();
+    assert_eq!(hole, vec![0u8; 4096]);
+    // Past the end: the error, not a refusal.
+    let mut over = vec![0u8; 8192];
+    assert!(v
+        .read_cached(0, (1 << 20) - 4096, &mut over)
+        .unwrap()
+        .is_err());
+}

@@ -8,6 +8,10 @@
 // Every test crate uses only some of these.
 #![allow(dead_code)]
 
+pub mod causal;
+pub mod faultproxy;
+pub mod objstores;
+
 use serde_json::Value;
 use standby_engine::vault::Sha256Hex;
 use std::path::PathBuf;
@@ -112,4 +116,18 @@ pub fn qemu_io<S: AsRef<str> + std::fmt::Debug>(url: &str, cmds: &[S]) -> String
         "qemu-io {cmds:?}: {text}"
     );
     text
+}
+
+/// Kills (SIGKILL) the processes it names if dropped while the test panics: a failed
+/// assertion must not leave a `process --follow` running against the shared servers.
+pub struct ReapOnPanic(pub Vec<u32>);
+
+impl Drop for ReapOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for pid in &self.0 {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
 }

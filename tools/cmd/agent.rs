@@ -18,6 +18,8 @@ pub(crate) fn run(a: AgentArgs) -> Result<(), Error> {
         journal_capacity,
         disks,
         insecure_loopback,
+        metrics,
+        seeded,
     } = a;
     match cache {
         Some(cache) => remote::agent(remote::AgentOptions {
@@ -32,6 +34,8 @@ pub(crate) fn run(a: AgentArgs) -> Result<(), Error> {
                 .map(|(n, p)| (n, PathBuf::from(p)))
                 .collect(),
             listen,
+            metrics,
+            seeded,
         }),
         None => agent::run(
             &vault()?,
@@ -39,6 +43,7 @@ pub(crate) fn run(a: AgentArgs) -> Result<(), Error> {
             agent::Options {
                 listen,
                 process_every,
+                metrics,
             },
         ),
     }

@@ -3,11 +3,14 @@
 //! it holds locks under.
 
 pub(crate) mod agent;
+pub(crate) mod disk;
 pub(crate) mod failover;
+pub(crate) mod group;
 pub(crate) mod mount;
 pub(crate) mod point;
 pub(crate) mod protect;
 pub(crate) mod report;
+pub(crate) mod roundtrip;
 pub(crate) mod setup;
 
 use standby_engine::vault::{LockWait, Vault};
@@ -59,4 +62,14 @@ pub(crate) fn vault() -> Result<PathBuf, Error> {
 /// The name a command holds locks under (and the holder others are told about).
 pub(crate) fn who(what: &str) -> String {
     format!("standby {what}")
+}
+
+/// The VM a command names (its positional is optional where `--group` stands for it).
+pub(crate) fn named(vm: &str) -> Result<String, Error> {
+    if vm.is_empty() {
+        return Err(Error::Invalid(
+            "name a VM (or a consistency group with --group G)".into(),
+        ));
+    }
+    Ok(vm.to_string())
 }

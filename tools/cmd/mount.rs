@@ -13,14 +13,21 @@ pub(crate) fn run(vm: &str, point: PointSpec, listen: &str, writable: bool) -> R
         listen: listen.to_string(),
         writable,
     };
+    // Until the point's index is built and the server is up (its owner's or ours).
+    let spinner = std::cell::RefCell::new(crate::progress::Spinner::start(&format!(
+        "mount of {vm}: reading the point's index"
+    )));
     owner::run(
         &vault()?,
         &who(&format!("mount {vm}")),
         vm,
         &req,
         wait(),
-        |v| serve(v, vm, point.clone(), listen, writable),
-        |reply, session| mounted_through_owner(vm, reply, session, writable),
+        |v| serve(v, vm, point.clone(), listen, writable, &spinner),
+        |reply, session| {
+            spinner.borrow_mut().stop();
+            mounted_through_owner(vm, reply, session, writable)
+        },
     )
 }
 
@@ -31,6 +38,7 @@ fn serve(
     spec: PointSpec,
     listen: &str,
     writable: bool,
+    spinner: &std::cell::RefCell<crate::progress::Spinner>,
 ) -> Result<(), Error> {
     use standby_engine::mount::MountDisk;
     use standby_engine::nbd::{BlockDevice, ExportList, Server, ServerConfig};
@@ -55,6 +63,7 @@ fn serve(
     )
     .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
     let addr = server.local_addr();
+    spinner.borrow_mut().stop();
     let what = match m.view.point() {
         Some(p) => format!(
             "point {} ({}, seq {}, {})",

@@ -17,6 +17,7 @@ pub(crate) fn run(a: PointArgs) -> Result<ExitCode, Error> {
         quiesce_command,
         thaw_command,
         journal,
+        group: _,
     } = a;
     if let Some(journal) = journal {
         let hooked = with_hooks(
@@ -102,7 +103,7 @@ fn cut_point(
 }
 
 /// Run an operator's hook with `sh -c`; the error is what to tell the operator.
-fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
+pub(crate) fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
@@ -118,7 +119,7 @@ fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
 /// consistent) and after a failed cut too — so a guest is never left frozen. The error is
 /// one line that says what happened to each step; `done` describes a cut that worked
 /// when only the thaw failed.
-fn with_hooks<T>(
+pub(crate) fn with_hooks<T>(
     quiesce: Option<&str>,
     thaw: Option<&str>,
     cut: impl FnOnce() -> Result<T, Error>,

@@ -9,10 +9,18 @@ use std::path::Path;
 
 pub(crate) fn init(vault: &Path) -> Result<(), Error> {
     Vault::init(vault)?;
-    println!("created vault {}", vault.display());
+    if standby_engine::objstore::is_url(vault) {
+        let url = vault.display();
+        println!("created vault {url}");
+        println!("next: export STANDBY_VAULT={url} and `standby protect VM --disk NAME=PATH`");
+        return Ok(());
+    }
+    // Absolute, so the line can be pasted from any directory.
+    let abs = std::path::absolute(vault).map_err(|e| Error::io(vault, e))?;
+    println!("created vault {}", abs.display());
     println!(
         "next: export STANDBY_VAULT={} and `standby protect VM --disk NAME=PATH`",
-        vault.display()
+        abs.display()
     );
     Ok(())
 }

@@ -71,6 +71,13 @@ pub struct CacheConfig {
     pub auto_sync_bytes: Option<u64>,
     /// Appenders wait once this many bytes are queued and not yet written.
     pub max_pending_bytes: usize,
+    /// While the log's syncs are small and waited for (a database's commits, one FUA
+    /// write at a time), its writer zero-fills up to this many bytes past the tail
+    /// whenever it is idle, so that a commit's fdatasync overwrites allocated blocks of
+    /// an unchanged file size (data and one device flush, no journal commit of the file
+    /// system). 0 turns it off. Zeros past the last record end a segment (see
+    /// docs/format.md); bulk writes never trigger it.
+    pub prepare_ahead_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -83,6 +90,7 @@ impl Default for CacheConfig {
             auto_sync: Some(Duration::from_millis(5)),
             auto_sync_bytes: None,
             max_pending_bytes: 64 << 20,
+            prepare_ahead_bytes: 4 << 20,
         }
     }
 }
@@ -294,6 +302,27 @@ impl Cache {
         &self.shared.dir
     }
 
+    /// Create a new, empty log in `dir` whose first record gets sequence number
+    /// `after + 1` (a log that continues another's numbering: a cache service's log and
+    /// an agent's journal after a two-site reprotect). Refused if `dir` holds anything.
+    pub fn create_after(
+        vfs: Arc<dyn Vfs>,
+        dir: impl AsRef<Path>,
+        config: CacheConfig,
+        after: u64,
+    ) -> Result<Cache> {
+        let dir = dir.as_ref();
+        vfs.create_dir_all(dir).at(dir)?;
+        if !vfs.list(dir).at(dir)?.is_empty() {
+            return Err(Error::Conflict(format!(
+                "{} holds a change log already",
+                dir.display()
+            )));
+        }
+        state::write_checkpoint(&*vfs, dir, after)?;
+        Ok(Self::open_with(vfs, dir, config)?.0)
+    }
+
     /// Append one record; returns its sequence number once it is queued (neither written
     /// nor durable yet: see [`Cache::wait_written`] and [`Cache::wait_durable`]).
     pub fn append(&self, entry: &Entry<'_>) -> Result<u64> {
@@ -402,12 +431,15 @@ impl Cache {
                 st.sync_wanted = seq;
             }
             st.durable_waiters += 1;
+            // Parked, not on a condvar: the syncer unparks every waiter its sync covers at
+            // once, so they wake in parallel rather than one after another through the
+            // state lock (which cost a context switch per waiter per group commit). Listed
+            // before the state lock is let go: a sync that ends after the check above
+            // finds this waiter to unpark (listed later, it was missed, and the waiter
+            // slept its whole timeout, 50 ms, with its record durable).
+            sh.parked.lock().push((seq, std::thread::current()));
         }
         sh.work.notify_one();
-        // Parked, not on a condvar: the syncer unparks every waiter its sync covers at
-        // once, so they wake in parallel rather than one after another through the
-        // state lock (which cost a context switch per waiter per group commit).
-        sh.parked.lock().push((seq, std::thread::current()));
         loop {
             std::thread::park_timeout(Duration::from_millis(50));
             let mut st = sh.state.lock();
@@ -511,6 +543,11 @@ impl Cache {
         };
         let seq = {
             let mut st = sh.state.lock();
+            if st.closing {
+                // Closed: its directory may already belong to the log reopened over it,
+                // whose segments this one's view would delete.
+                return Err(Error::Closed);
+            }
             if seq > st.checkpoint && seq > st.durable_seq {
                 return Err(Error::Invalid(format!(
                     "checkpoint {seq} is beyond the durable end of the log ({})",
@@ -669,6 +706,8 @@ impl Cache {
     pub fn close(&self) -> Result<()> {
         let result = self.sync();
         {
+            // A trim under way finishes first; none starts after (see set_checkpoint).
+            let _trim = self.shared.trim_lock.lock();
             let mut st = self.shared.state.lock();
             st.closing = true;
         }

@@ -90,7 +90,14 @@ pub(super) fn recover(
             }
         };
         if let Some((offset, what)) = damage {
-            cut_or_fail(&path, &*file, last, config, offset, len, what, &mut report)?;
+            if zeros_to_end(&*file, offset, len).at(&path)? {
+                // Space the writer prepared past its last record: the segment's end, not
+                // damage (a sequence gap it hid is caught by the next segment's base).
+                file.set_len(offset).at(&path)?;
+                file.sync_data().at(&path)?;
+            } else {
+                cut_or_fail(&path, &*file, last, config, offset, len, what, &mut report)?;
+            }
         }
         let bytes = reader.position();
         let info = SegInfo {
@@ -189,4 +196,22 @@ fn cut_or_fail(
     file.sync_data().at(path)?;
     report.truncated = Some((path.to_path_buf(), offset, len - offset, what));
     Ok(())
+}
+
+/// Whether every byte of `file` from `offset` to `len` is zero.
+fn zeros_to_end(file: &dyn VFile, offset: u64, len: u64) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 128 << 10];
+    let mut at = offset;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        let got = file.read_full_at(&mut buf[..n], at)?;
+        if got == 0 {
+            break;
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += got as u64;
+    }
+    Ok(true)
 }

@@ -9,13 +9,18 @@
 //! - `service`: the cache service at the source site, which owns the change log.
 //! - `ship`: the agent's shipper, from its local journal to the cache service.
 //! - `pull`: the target site's puller, from the cache service into the vault.
+//! - `relay`: the cache service's relay of group point barriers to the agents.
 //!
 //! Every connection is opened by the agent or the processor (nothing connects into the
 //! agent). Each is TLS with a client certificate, unless both sides run with
 //! `--insecure-loopback` (refused anywhere but 127.0.0.0/8); the link key is proven either way.
 
 pub mod auth;
+pub mod fence;
+pub mod objlog;
 pub mod pull;
+mod relay;
+pub mod seed;
 pub mod service;
 pub mod ship;
 pub mod tls;
@@ -87,6 +92,18 @@ pub struct Link {
 /// Connect to the cache service and prove who we are: TCP, TLS (unless insecure), the
 /// link-key handshake. Returns the link, ready for the role's open message.
 pub fn connect(addr: &str, security: &Security, role: wire::PeerRole, vm: &str) -> Result<Link> {
+    connect_timed(addr, security, role, vm, IDLE_TIMEOUT)
+}
+
+/// [`connect`], with reads on the open link timing out after `read_timeout` (a group
+/// coordinator bounds each barrier step so).
+pub fn connect_timed(
+    addr: &str,
+    security: &Security,
+    role: wire::PeerRole,
+    vm: &str,
+    read_timeout: Duration,
+) -> Result<Link> {
     let sa = resolve(addr, security)?;
     let sock = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(|e| {
         Error::Link(LinkError::Unreachable {
@@ -111,7 +128,7 @@ pub fn connect(addr: &str, security: &Security, role: wire::PeerRole, vm: &str) 
     let peer = stream.peer_addr();
     let (mut reader, mut writer) = stream.split();
     auth::client(&mut reader, &mut writer, security.key(), role, vm, binding)?;
-    opts.set_read_timeout(Some(IDLE_TIMEOUT))
+    opts.set_read_timeout(Some(read_timeout))
         .map_err(wire::io_err)?;
     Ok(Link {
         reader,

@@ -37,6 +37,28 @@ pub struct PullStatus {
     pub bytes: u64,
 }
 
+/// Tell the cache service that the VM failed over here (`reason` names the failover): it
+/// refuses the old source's agent from then on. Returns once the service has it durably.
+pub fn fence(mut r: ReadHalf, mut w: WriteHalf, reason: &str) -> Result<()> {
+    wire::write_msg(
+        &mut w,
+        &Msg::Fence {
+            reason: reason.to_string(),
+        },
+    )?;
+    let mut buf = Vec::new();
+    match auth::expect(&mut r, &mut buf, "the cache service's answer to the fence")? {
+        Msg::Ready { .. } => Ok(()),
+        m => Err(auth::refuse(
+            &mut w,
+            LinkError::Unexpected {
+                wanted: "ready",
+                got: m.name(),
+            },
+        )),
+    }
+}
+
 /// Run one session over an authenticated link until it ends or `stop` is set (checked at
 /// every message; the source reports its state every second). `expected` are the VM's
 /// disks as the vault knows them.

@@ -58,6 +58,16 @@ pub struct CacheService {
     _lock: VaultLock,
 }
 
+/// One VM as the service sees it, for monitoring ([`CacheService::vm_reports`]).
+#[derive(Debug, Clone)]
+pub struct VmReport {
+    pub name: String,
+    pub state: SourceState,
+    /// The target's last checkpoint: every record up to it is durable in the vault.
+    pub target_seq: u64,
+    pub processor_connected: bool,
+}
+
 /// One VM's log and who is connected to it.
 struct VmLog {
     name: String,
@@ -74,6 +84,11 @@ struct VmLog {
     agent_connected: AtomicBool,
     /// The target's last checkpoint.
     target_seq: AtomicU64,
+    /// Set once the target site fenced the VM (it failed over there): why.
+    fenced: Mutex<Option<String>>,
+    dir: PathBuf,
+    /// Group point barriers on their way to the VM's agent ([`super::relay`]).
+    relay: super::relay::Relay,
 }
 
 /// Serializes the sessions of one role on one VM; the socket lets a newer one end it.
@@ -154,6 +169,24 @@ impl CacheService {
         v
     }
 
+    /// Each VM's state as a processor hears it (what `status` shows of the cache side),
+    /// with the target's checkpoint and whether a processor is connected now: for
+    /// monitoring.
+    pub fn vm_reports(&self) -> Vec<VmReport> {
+        let vms: Vec<Arc<VmLog>> = self.vms.lock().values().cloned().collect();
+        let mut out: Vec<VmReport> = vms
+            .iter()
+            .map(|v| VmReport {
+                name: v.name.clone(),
+                state: self.source_state(v),
+                target_seq: v.target_seq.load(Ordering::SeqCst),
+                processor_connected: v.processor.current.lock().is_some(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// The log of `vm`: opened if known, created if an agent declares it (`disks`).
     fn vm(&self, name: &str, declared: Option<&[DiskInfo]>) -> Result<Arc<VmLog>> {
         let mut vms = self.vms.lock();
@@ -232,6 +265,9 @@ impl CacheService {
             processor: Slot::default(),
             agent_state: Mutex::new((AgentState::default(), 0)),
             agent_connected: AtomicBool::new(false),
+            fenced: Mutex::new(super::fence::read(&crate::vfs::RealFs, &dir)?),
+            dir: dir.clone(),
+            relay: Default::default(),
         });
         vms.insert(name.to_string(), v.clone());
         Ok(v)
@@ -375,7 +411,7 @@ impl CacheService {
         // certificate cannot open a processor session (and trim the log), nor the reverse.
         let allowed = match role {
             PeerRole::Agent => tls::Role::Agent,
-            PeerRole::Processor => tls::Role::Processor,
+            PeerRole::Processor | PeerRole::Coordinator => tls::Role::Processor,
         };
         if is_tls && cert_role != Some(allowed) {
             return Err(auth::refuse(
@@ -393,7 +429,23 @@ impl CacheService {
             .map_err(wire::io_err)?;
         let mut buf = Vec::new();
         let open = auth::expect(&mut r, &mut buf, "the open message")?;
+        let (open, features) = match open {
+            Msg::OpenAgentFeatures { disks, features } => (Msg::OpenAgent { disks }, features),
+            m => (m, 0),
+        };
         match (role, open) {
+            (PeerRole::Coordinator, Msg::GroupStep(step)) => {
+                let v = match self.vm(&vm, None) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return Err(auth::refuse(
+                            &mut w,
+                            LinkError::RefusedPeer { why: e.to_string() },
+                        ))
+                    }
+                };
+                super::relay::coordinator_session(&v.relay, &v.name, step, r, w)
+            }
             (PeerRole::Agent, Msg::OpenAgent { disks }) => {
                 let v = match self.vm(&vm, Some(&disks)) {
                     Ok(v) => v,
@@ -404,7 +456,99 @@ impl CacheService {
                         ))
                     }
                 };
-                self.agent_session(&v, &opts, r, w)
+                if let Some(reason) = v.fenced.lock().clone() {
+                    return Err(auth::refuse(&mut w, fenced(&reason)));
+                }
+                self.agent_session(&v, &opts, features, r, w)
+            }
+            (PeerRole::Processor, Msg::Fence { reason }) => {
+                let v = match self.vm(&vm, None) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return Err(auth::refuse(
+                            &mut w,
+                            LinkError::RefusedPeer { why: e.to_string() },
+                        ))
+                    }
+                };
+                // Durable before the answer: a restarted service still refuses the agent.
+                super::fence::write(&crate::vfs::RealFs, &v.dir, &reason)?;
+                *v.fenced.lock() = Some(reason.clone());
+                // The old source's session ends now; its reconnects are refused.
+                if let Some((_, sock)) = v.agent.current.lock().as_ref() {
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
+                (self.log)(&format!(
+                    "{}: fenced by the target site: {reason}; its agent is refused from now on",
+                    v.name
+                ));
+                let st = v.log().stats();
+                wire::write_msg(
+                    &mut w,
+                    &Msg::Ready {
+                        next_seq: st.next_seq,
+                        first_seq: st.first_seq,
+                        disks: v.disks.clone(),
+                    },
+                )
+            }
+            (
+                PeerRole::Processor,
+                Msg::Seed {
+                    next_seq,
+                    disks,
+                    hashes,
+                },
+            ) => {
+                let seed = super::seed::Seed {
+                    next_seq,
+                    disks,
+                    hashes,
+                };
+                match self.reseed(&vm, &seed) {
+                    Ok(v) => {
+                        let st = v.log().stats();
+                        wire::write_msg(
+                            &mut w,
+                            &Msg::Ready {
+                                next_seq: st.next_seq,
+                                first_seq: st.first_seq,
+                                disks: v.disks.clone(),
+                            },
+                        )
+                    }
+                    Err(e) => Err(auth::refuse(
+                        &mut w,
+                        LinkError::RefusedPeer { why: e.to_string() },
+                    )),
+                }
+            }
+            (PeerRole::Agent, Msg::AskSeed { disks }) => {
+                let found = self
+                    .vm(&vm, Some(&disks))
+                    .and_then(|v| super::seed::read(&crate::vfs::RealFs, &v.dir));
+                match found {
+                    Ok(Some(seed)) => wire::write_msg(
+                        &mut w,
+                        &Msg::Seed {
+                            next_seq: seed.next_seq,
+                            disks: seed.disks,
+                            hashes: seed.hashes,
+                        },
+                    ),
+                    Ok(None) => Err(auth::refuse(
+                        &mut w,
+                        LinkError::RefusedPeer {
+                            why: format!(
+                                "the cache service holds no seed for VM '{vm}' (run `standby reprotect {vm} --cache …` at the target site first)"
+                            ),
+                        },
+                    )),
+                    Err(e) => Err(auth::refuse(
+                        &mut w,
+                        LinkError::RefusedPeer { why: e.to_string() },
+                    )),
+                }
             }
             (PeerRole::Processor, Msg::OpenProcessor { from_seq }) => {
                 let v = match self.vm(&vm, None) {
@@ -431,15 +575,73 @@ impl CacheService {
         }
     }
 
+    /// A two-site reprotect: the VM's log here starts anew at `seed.next_seq` with the
+    /// seed's disks (whatever it held is dropped, its fence lifted: the vault that fenced
+    /// it now makes this site the VM's source), and the seed is kept for the agent.
+    fn reseed(&self, name: &str, seed: &super::seed::Seed) -> Result<Arc<VmLog>> {
+        crate::util::names::check_name("VM", name)?;
+        if seed.disks.is_empty() || seed.next_seq == 0 {
+            return Err(Error::Invalid(format!(
+                "the seed of VM '{name}' names no disks"
+            )));
+        }
+        for d in &seed.disks {
+            crate::util::names::check_name("disk", &d.name)?;
+        }
+        let old = self.vms.lock().remove(name);
+        if let Some(v) = old {
+            // Its sessions end now; their log is closed under them.
+            for slot in [&v.agent, &v.processor] {
+                if let Some((_, sock)) = slot.current.lock().as_ref() {
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
+            }
+            let _agent = v.agent.run.lock();
+            let _processor = v.processor.run.lock();
+            v.log().close()?;
+        }
+        let dir = self.dir.join("vms").join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir).map_err(|e| Error::io(&log_dir, e))?;
+        // The log's first record is `next_seq`: a fresh log starts after its checkpoint.
+        let log = Cache::create_after(
+            Arc::new(crate::vfs::RealFs),
+            &log_dir,
+            CacheConfig::with_capacity(self.capacity_bytes),
+            seed.next_seq - 1,
+        )?;
+        log.close()?;
+        super::seed::write(&crate::vfs::RealFs, &dir, seed)?;
+        crate::fsutil::replace_atomic(
+            &crate::vfs::RealFs,
+            &dir,
+            "disks.json",
+            write_disks(&seed.disks).as_bytes(),
+        )?;
+        let parent = self.dir.join("vms");
+        crate::vfs::Vfs::sync_dir(&crate::vfs::RealFs, &parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        (self.log)(&format!(
+            "{name}: seeded by the target site (reprotect): the log starts at record {}, the agent's first run ships the blocks that differ",
+            seed.next_seq
+        ));
+        self.vm(name, None)
+    }
+
     fn agent_session(
         &self,
         v: &Arc<VmLog>,
         sock: &TcpStream,
+        features: u64,
         mut r: tls::ReadHalf,
         w: tls::WriteHalf,
     ) -> Result<()> {
         let (id, _run) = v.agent.take(sock)?;
         let w = Arc::new(Mutex::new(w));
+        v.relay.attach(id, features, w.clone());
         let result = (|| {
             let st = v.log().stats();
             wire::write_msg(
@@ -481,6 +683,9 @@ impl CacheService {
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e),
                 };
+                if let Some(reason) = v.fenced.lock().clone() {
+                    break Err(Error::Link(fenced(&reason)));
+                }
                 match msg {
                     Msg::Records(payload) => match self.append_batch(v, &payload) {
                         Ok(Some(last)) => {
@@ -489,6 +694,9 @@ impl CacheService {
                         Ok(None) => {}
                         Err(e) => break Err(e),
                     },
+                    Msg::GroupAnswer(a) if features & wire::features::GROUP_BARRIER != 0 => {
+                        v.relay.answered(a);
+                    }
                     Msg::AgentState(a) => {
                         *v.agent_state.lock() = (a, crate::now_us());
                         // Answer it (the agent's state comes every second): an idle link
@@ -521,6 +729,7 @@ impl CacheService {
             outcome.and(acked)
         })();
         v.agent_connected.store(false, Ordering::SeqCst);
+        v.relay.detach(id);
         v.agent.release(id);
         let _ = sock.shutdown(Shutdown::Both);
         match &result {
@@ -695,6 +904,15 @@ impl CacheService {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a fenced VM's agent is refused.
+fn fenced(reason: &str) -> LinkError {
+    LinkError::RefusedPeer {
+        why: format!(
+            "{reason}; the cache service refuses the old source's writes (the copies would diverge)"
+        ),
     }
 }
 

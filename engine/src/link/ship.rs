@@ -8,7 +8,9 @@
 //! already holds. When the link stays down long enough to fill the journal, the agent falls
 //! back to its dirty bitmap (see `agent.rs`) and resyncs once the journal drains.
 
-use super::wire::{self, AgentState, DiskInfo, Msg, PeerRole, HEADER_BYTES, WIRE_BINDING};
+use super::wire::{
+    self, AgentState, DiskInfo, GroupAnswer, GroupStep, Msg, PeerRole, HEADER_BYTES, WIRE_BINDING,
+};
 use super::{auth, Security};
 use crate::cache::Cache;
 use crate::error::{Error, LinkError, Result};
@@ -35,11 +37,17 @@ pub struct ShipStatus {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// The agent's side of a group point's barrier: answers one step the cache service relays.
+pub type Barrier = Arc<dyn Fn(&GroupStep) -> GroupAnswer + Send + Sync>;
+
 pub struct ShipperConfig {
     pub addr: String,
     pub security: Security,
     pub vm: String,
     pub disks: Vec<DiskInfo>,
+    /// Answers group barrier steps (declared to the service as
+    /// [`wire::features::GROUP_BARRIER`]); `None`: the agent declares no feature.
+    pub barrier: Option<Barrier>,
 }
 
 pub struct Shipper {
@@ -99,6 +107,15 @@ impl Drop for Shipper {
     }
 }
 
+/// How far a session got, for the fallback to the old open message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Connecting,
+    /// The open message is sent; no answer yet.
+    Opened,
+    Ready,
+}
+
 fn run(
     journal: &Arc<Cache>,
     config: &ShipperConfig,
@@ -109,9 +126,45 @@ fn run(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut last_logged: Option<String> = None;
+    // An older cache service does not know `OpenAgentFeatures` and closes the link once it
+    // reads it, without a refusal message. After two attempts in a row ended so (one
+    // could be a network that dropped at that moment), the next attempt opens the old way
+    // (without features); the one after that tries the new way again. A failure before
+    // the open (unreachable, a wrong key) or a refusal the service explains says nothing
+    // about its version.
+    let mut closed_at_open = 0u32;
+    let mut plain_open = false;
+    let mut told_plain = false;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
-        let result = session(journal, config, agent_state, log, status, stop);
+        let mut stage = Stage::Connecting;
+        let with_features = config.barrier.is_some() && !plain_open;
+        let result = session(
+            journal,
+            config,
+            agent_state,
+            log,
+            status,
+            stop,
+            with_features,
+            &mut stage,
+        );
+        let closed_at_the_open = stage == Stage::Opened
+            && !matches!(
+                result,
+                Err(Error::Link(LinkError::Refused { .. }))
+                    | Err(Error::Link(LinkError::ClosedBy { .. }))
+            );
+        closed_at_open = match (with_features, closed_at_the_open) {
+            (true, true) => closed_at_open + 1,
+            _ if stage == Stage::Connecting => closed_at_open,
+            _ => 0,
+        };
+        plain_open = closed_at_open >= 2;
+        if plain_open && !told_plain {
+            told_plain = true;
+            log("the cache service closed the link at the open message (an older build?): connecting without features (no group points) next");
+        }
         status.connected.store(false, Ordering::SeqCst);
         if let Err(e) = result {
             let msg = e.to_string();
@@ -132,6 +185,7 @@ fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn session(
     journal: &Arc<Cache>,
     config: &ShipperConfig,
@@ -139,15 +193,24 @@ fn session(
     log: &(dyn Fn(&str) + Send + Sync),
     status: &Arc<ShipStatus>,
     stop: &AtomicBool,
+    with_features: bool,
+    stage: &mut Stage,
 ) -> Result<()> {
     let link = super::connect(&config.addr, &config.security, PeerRole::Agent, &config.vm)?;
     let (mut r, mut w) = (link.reader, link.writer);
+    let disks = config.disks.clone();
     wire::write_msg(
         &mut w,
-        &Msg::OpenAgent {
-            disks: config.disks.clone(),
+        &if with_features {
+            Msg::OpenAgentFeatures {
+                disks,
+                features: wire::features::ALL,
+            }
+        } else {
+            Msg::OpenAgent { disks }
         },
     )?;
+    *stage = Stage::Opened;
     let mut buf = Vec::new();
     let next = match auth::expect(&mut r, &mut buf, "the cache service's answer")? {
         Msg::Ready { next_seq, .. } => next_seq,
@@ -161,6 +224,7 @@ fn session(
             ))
         }
     };
+    *stage = Stage::Ready;
     let jnext = journal.next_seq();
     if next > jnext {
         return Err(auth::refuse(
@@ -192,6 +256,8 @@ fn session(
     if next > 1 {
         acked(journal, status, next - 1)?;
     }
+    // The sender and the barrier's answers (from the receiver) share the writer.
+    let w = Arc::new(Mutex::new(w));
     let done = Arc::new(AtomicBool::new(false));
     let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
     let receiver = {
@@ -201,6 +267,7 @@ fn session(
             failure.clone(),
             status.clone(),
         );
+        let (w, barrier) = (w.clone(), config.barrier.clone());
         // What the cache service has acknowledged, shared with the sender.
         let acked_cell = Arc::new(AtomicU64::new(next.saturating_sub(1)));
         let cell = acked_cell.clone();
@@ -216,6 +283,15 @@ fn session(
                         {
                             *failure.lock() = Some(e);
                             break;
+                        }
+                    }
+                    Ok(Some(Msg::GroupStep(step))) if barrier.is_some() => {
+                        let answer = barrier.as_ref().map(|b| b(&step));
+                        if let Some(a) = answer {
+                            if let Err(e) = wire::write_msg(&mut *w.lock(), &Msg::GroupAnswer(a)) {
+                                *failure.lock() = Some(e);
+                                break;
+                            }
                         }
                     }
                     Ok(Some(Msg::Error { message })) => {
@@ -250,7 +326,7 @@ fn session(
     let (thread, acked_cell) = receiver;
     let sent = send_loop(
         journal,
-        &mut w,
+        &w,
         agent_state,
         status,
         stop,
@@ -272,7 +348,7 @@ fn session(
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    w.shutdown();
+    w.lock().shutdown();
     let _ = thread.join();
     status
         .acked_seq
@@ -294,7 +370,7 @@ fn acked(journal: &Cache, status: &ShipStatus, seq: u64) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn send_loop(
     journal: &Cache,
-    w: &mut super::tls::WriteHalf,
+    w: &Mutex<super::tls::WriteHalf>,
     agent_state: &(dyn Fn() -> AgentState + Send + Sync),
     status: &ShipStatus,
     stop: &AtomicBool,
@@ -314,7 +390,7 @@ fn send_loop(
             inflight_bytes -= inflight.pop_front().expect("front exists").1;
         }
         if last_state.is_none_or(|t| t.elapsed() >= STATE_EVERY) {
-            wire::write_msg(w, &Msg::AgentState(agent_state()))?;
+            wire::write_msg(&mut *w.lock(), &Msg::AgentState(agent_state()))?;
             last_state = Some(Instant::now());
         }
         if inflight_bytes >= WINDOW_BYTES {
@@ -331,8 +407,11 @@ fn send_loop(
         if let Some(seq) = last {
             let bytes = (batch.len() - HEADER_BYTES) as u64;
             wire::seal_records(&mut batch);
-            w.write_all(&batch).map_err(wire::io_err)?;
-            w.flush().map_err(wire::io_err)?;
+            {
+                let mut w = w.lock();
+                w.write_all(&batch).map_err(wire::io_err)?;
+                w.flush().map_err(wire::io_err)?;
+            }
             batch.truncate(HEADER_BYTES);
             inflight.push_back((seq, bytes));
             inflight_bytes += bytes;

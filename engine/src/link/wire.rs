@@ -49,6 +49,9 @@ const MAX_DISKS: usize = 256;
 pub enum PeerRole {
     Agent = 1,
     Processor = 2,
+    /// The target's group coordinator, asking one VM's agent (relayed by the service) to
+    /// take part in a group point's barrier. Uses the processor's certificate.
+    Coordinator = 3,
 }
 
 impl PeerRole {
@@ -56,6 +59,7 @@ impl PeerRole {
         match self {
             PeerRole::Agent => "agent",
             PeerRole::Processor => "processor",
+            PeerRole::Coordinator => "group coordinator",
         }
     }
 }
@@ -65,6 +69,50 @@ impl PeerRole {
 pub struct DiskInfo {
     pub name: String,
     pub size_bytes: u64,
+}
+
+/// Feature bits an agent declares in [`Msg::OpenAgentFeatures`]: what it answers beyond
+/// the base protocol. A service sends an agent only what its bits say it speaks.
+pub mod features {
+    /// The agent answers [`super::Msg::GroupStep`] (consistency groups' barrier).
+    pub const GROUP_BARRIER: u64 = 1;
+    /// Every feature this build speaks.
+    pub const ALL: u64 = GROUP_BARRIER;
+}
+
+/// A step of a group point's barrier (docs/groups.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierStep {
+    /// Hold the client's acknowledgements for at most `hold_ms`.
+    Hold = 1,
+    /// Append the group point's marker durably (only while the hold is in force).
+    Cut = 2,
+    /// End the hold; the answer says whether it lasted until now.
+    Release = 3,
+}
+
+/// One barrier step for one VM: coordinator → service → agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStep {
+    /// Matches the answer to the request (the service relays many at once).
+    pub tag: u64,
+    pub step: BarrierStep,
+    /// The group point's id, `GROUP/N`.
+    pub group_point: String,
+    pub hold_ms: u64,
+    pub app: bool,
+    /// The point's name (empty: none).
+    pub name: String,
+}
+
+/// The answer to a [`GroupStep`]: agent → service → coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAnswer {
+    pub tag: u64,
+    /// Empty on success, else why the step failed (one line).
+    pub error: String,
+    /// Cut: the marker's sequence number; release: 1 if the hold lasted, 0 if it lapsed.
+    pub value: u64,
 }
 
 /// What the agent reports of itself; the cache service passes it on to processors.
@@ -133,6 +181,32 @@ pub enum Msg {
     SourceState(SourceState),
     /// Either way, last: why the sender is closing the link.
     Error { message: String },
+    /// Processor → server after auth, instead of `OpenProcessor`: the VM failed over at
+    /// the target site (`reason` says to what); the service refuses its agent from now on
+    /// (the split-brain guard) and answers `Ready`.
+    Fence { reason: String },
+    /// Processor → server after auth, instead of `OpenProcessor` (a two-site reprotect):
+    /// the VM's log at this service starts anew at `next_seq` (the vault's next record),
+    /// its fence is lifted, and `hashes` (per disk, one per 64 KiB block: the vault's
+    /// replica) are kept for the VM's agent, whose first run ships only the blocks that
+    /// differ. Answered by `Ready`.
+    Seed {
+        next_seq: u64,
+        disks: Vec<DiskInfo>,
+        hashes: Vec<Vec<u128>>,
+    },
+    /// Agent → server after auth, instead of `OpenAgent`: send the seed the target left
+    /// (answered by `Seed`, or `Error` when there is none).
+    AskSeed { disks: Vec<DiskInfo> },
+    /// Agent → server after auth, instead of `OpenAgent`: the same, plus the agent's
+    /// [`features`] bits. An older service refuses it (unknown type): the agent then opens
+    /// with `OpenAgent` on its next attempt and speaks no feature.
+    OpenAgentFeatures { disks: Vec<DiskInfo>, features: u64 },
+    /// Coordinator → server (relayed to the VM's agent), and on a coordinator link the
+    /// first message after auth.
+    GroupStep(GroupStep),
+    /// Agent → server (relayed to the coordinator that asked).
+    GroupAnswer(GroupAnswer),
 }
 
 const T_HELLO: u8 = 1;
@@ -147,6 +221,12 @@ const T_CHECKPOINT: u8 = 9;
 const T_AGENT_STATE: u8 = 10;
 const T_SOURCE_STATE: u8 = 11;
 const T_ERROR: u8 = 12;
+const T_FENCE: u8 = 13;
+const T_SEED: u8 = 40;
+const T_ASK_SEED: u8 = 41;
+const T_OPEN_AGENT_FEATURES: u8 = 14;
+const T_GROUP_STEP: u8 = 15;
+const T_GROUP_ANSWER: u8 = 16;
 
 impl Msg {
     pub fn name(&self) -> &'static str {
@@ -163,6 +243,12 @@ impl Msg {
             Msg::AgentState(_) => "agent-state",
             Msg::SourceState(_) => "source-state",
             Msg::Error { .. } => "error",
+            Msg::Fence { .. } => "fence",
+            Msg::Seed { .. } => "seed",
+            Msg::AskSeed { .. } => "ask-seed",
+            Msg::OpenAgentFeatures { .. } => "open-agent-features",
+            Msg::GroupStep(_) => "group-step",
+            Msg::GroupAnswer(_) => "group-answer",
         }
     }
 
@@ -234,6 +320,47 @@ impl Msg {
             Msg::Error { message } => {
                 put_str(&mut w, message);
                 T_ERROR
+            }
+            Msg::Fence { reason } => {
+                put_str(&mut w, reason);
+                T_FENCE
+            }
+            Msg::Seed {
+                next_seq,
+                disks,
+                hashes,
+            } => {
+                w.u64(*next_seq);
+                put_disks(&mut w, disks);
+                for h in hashes {
+                    w.u32(h.len() as u32);
+                    for x in h {
+                        w.bytes(&x.to_le_bytes());
+                    }
+                }
+                T_SEED
+            }
+            Msg::AskSeed { disks } => {
+                put_disks(&mut w, disks);
+                T_ASK_SEED
+            }
+            Msg::OpenAgentFeatures { disks, features } => {
+                put_disks(&mut w, disks);
+                w.u64(*features);
+                T_OPEN_AGENT_FEATURES
+            }
+            Msg::GroupStep(g) => {
+                w.u64(g.tag).u8(g.step as u8);
+                put_str(&mut w, &g.group_point);
+                w.u64(g.hold_ms).u8(g.app as u8);
+                put_str(&mut w, &g.name);
+                T_GROUP_STEP
+            }
+            Msg::GroupAnswer(a) => {
+                w.u64(a.tag);
+                put_str(&mut w, &a.error);
+                w.u64(a.value);
+                T_GROUP_ANSWER
             }
         };
         if let Some(msg) = out.get_mut(start..) {
@@ -378,6 +505,7 @@ fn decode_payload(ty: u8, p: &[u8]) -> std::result::Result<Msg, DecodeError> {
             let role = match r.u8("role")? {
                 1 => PeerRole::Agent,
                 2 => PeerRole::Processor,
+                3 => PeerRole::Coordinator,
                 n => return Err(DecodeError::invalid("role", 0, format!("unknown role {n}"))),
             };
             Msg::Hello {
@@ -421,9 +549,88 @@ fn decode_payload(ty: u8, p: &[u8]) -> std::result::Result<Msg, DecodeError> {
             agent_seen_us: r.u64("agent_seen_us")?,
             agent: get_agent(&mut r)?,
         }),
+        T_FENCE => Msg::Fence {
+            reason: get_str(&mut r, "reason")?,
+        },
+        T_SEED => {
+            let next_seq = r.u64("next_seq")?;
+            let disks = get_disks(&mut r)?;
+            let mut hashes = Vec::with_capacity(disks.len());
+            for d in &disks {
+                let at = r.position();
+                let n = r.u32("block_count")? as u64;
+                if n != d.size_bytes.div_ceil(crate::delta::BLOCK_BYTES) {
+                    return Err(DecodeError::invalid(
+                        "block_count",
+                        at,
+                        format!("{n} block hashes for a disk of {} bytes", d.size_bytes),
+                    ));
+                }
+                let mut h = Vec::with_capacity(n.min(r.remaining() as u64 / 16) as usize);
+                for _ in 0..n {
+                    h.push(u128::from_le_bytes(r.array("block_hash")?));
+                }
+                hashes.push(h);
+            }
+            Msg::Seed {
+                next_seq,
+                disks,
+                hashes,
+            }
+        }
+        T_ASK_SEED => Msg::AskSeed {
+            disks: get_disks(&mut r)?,
+        },
         T_ERROR => Msg::Error {
             message: get_str(&mut r, "message")?,
         },
+        T_OPEN_AGENT_FEATURES => Msg::OpenAgentFeatures {
+            disks: get_disks(&mut r)?,
+            features: r.u64("features")?,
+        },
+        T_GROUP_STEP => {
+            let tag = r.u64("tag")?;
+            let at = r.position();
+            let step = match r.u8("step")? {
+                1 => BarrierStep::Hold,
+                2 => BarrierStep::Cut,
+                3 => BarrierStep::Release,
+                n => {
+                    return Err(DecodeError::invalid(
+                        "step",
+                        at,
+                        format!("unknown step {n}"),
+                    ))
+                }
+            };
+            let group_point = get_str(&mut r, "group_point")?;
+            let hold_ms = r.u64("hold_ms")?;
+            let at = r.position();
+            let app = match r.u8("app")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(DecodeError::invalid(
+                        "app",
+                        at,
+                        format!("flag with value {v}"),
+                    ))
+                }
+            };
+            Msg::GroupStep(GroupStep {
+                tag,
+                step,
+                group_point,
+                hold_ms,
+                app,
+                name: get_str(&mut r, "name")?,
+            })
+        }
+        T_GROUP_ANSWER => Msg::GroupAnswer(GroupAnswer {
+            tag: r.u64("tag")?,
+            error: get_str(&mut r, "error")?,
+            value: r.u64("value")?,
+        }),
         t => {
             return Err(DecodeError::invalid(
                 "type",
@@ -649,6 +856,56 @@ mod tests {
             Msg::Error {
                 message: "wrong link key".into(),
             },
+            Msg::Fence {
+                reason: "VM 'vm' was failed over to point 3".into(),
+            },
+            Msg::Seed {
+                next_seq: 12,
+                disks: vec![DiskInfo {
+                    name: "os".into(),
+                    size_bytes: 3 * crate::delta::BLOCK_BYTES - 512,
+                }],
+                hashes: vec![vec![1, u128::MAX, 3]],
+            },
+            Msg::AskSeed {
+                disks: vec![DiskInfo {
+                    name: "os".into(),
+                    size_bytes: 4096,
+                }],
+            },
+            Msg::OpenAgentFeatures {
+                disks: vec![DiskInfo {
+                    name: "os".into(),
+                    size_bytes: 512,
+                }],
+                features: features::ALL,
+            },
+            Msg::GroupStep(GroupStep {
+                tag: 3,
+                step: BarrierStep::Cut,
+                group_point: "erp/7".into(),
+                hold_ms: 5000,
+                app: true,
+                name: "nightly".into(),
+            }),
+            Msg::GroupStep(GroupStep {
+                tag: 4,
+                step: BarrierStep::Release,
+                group_point: "erp/7".into(),
+                hold_ms: 0,
+                app: false,
+                name: String::new(),
+            }),
+            Msg::GroupAnswer(GroupAnswer {
+                tag: 3,
+                error: String::new(),
+                value: 42,
+            }),
+            Msg::GroupAnswer(GroupAnswer {
+                tag: 4,
+                error: "its hold lapsed".into(),
+                value: 0,
+            }),
         ]
     }
 

@@ -70,6 +70,11 @@ impl BlockDevice for MemDisk {
         buf.copy_from_slice(&self.inner.lock().data[s..e]);
         Ok(())
     }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<DevResult<()>> {
+        // All in memory: the server's request reader answers every read itself (the
+        // worker read path is the agent's).
+        Some(self.read(offset, buf))
+    }
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> DevResult<()> {
         let (s, e) = self.range(offset, data.len() as u64)?;
         let mut i = self.inner.lock();

@@ -77,6 +77,13 @@ pub trait BlockDevice: Send + Sync {
         1
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> DevResult<()>;
+    /// [`BlockDevice::read`] if it can be answered at once from memory (no I/O, no
+    /// decode, no wait on a lock held across I/O); `None` otherwise, `buf` then
+    /// unspecified. The connection's request reader answers such reads itself, without
+    /// a hop to a worker thread; the rest go to the workers. The default: never.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> Option<DevResult<()>> {
+        None
+    }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()>;
     /// [`BlockDevice::write`] of a payload the server hands over: a device that keeps the
     /// bytes after it returns (the agent's pending set) takes the buffer instead of

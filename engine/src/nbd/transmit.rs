@@ -117,7 +117,7 @@ pub fn serve<R: Read, W: Write + Send>(
         drop(rx);
         // Reading ends the connection on error; dropping `tx` then lets the workers answer
         // what is in flight and stop.
-        let result = read_requests(&mut r, &tx, &replies);
+        let result = read_requests(&mut r, &tx, &replies, &*dev);
         drop(tx);
         result
     })
@@ -127,7 +127,10 @@ fn read_requests<R: Read, W: Write>(
     r: &mut R,
     tx: &crossbeam_channel::Sender<Job>,
     replies: &Replies<W>,
+    dev: &dyn BlockDevice,
 ) -> io::Result<()> {
+    // The reader's own buffer for reads it answers itself.
+    let mut buf = Vec::new();
     loop {
         if replies.failed.load(Ordering::SeqCst) {
             return Err(bad("cannot send replies"));
@@ -179,10 +182,48 @@ fn read_requests<R: Read, W: Write>(
                 }
             }
             CMD_DISC => return Ok(()),
+            CMD_READ if read_inline(dev, &req, &mut buf, replies) => continue,
             _ => {}
         }
         if tx.send(Job { req, payload }).is_err() {
             return Err(bad("workers stopped"));
+        }
+    }
+}
+
+/// Answer `req` (a READ) on the reader's thread if it is valid and the device has its
+/// bytes in memory ([`BlockDevice::read_cached`]); whether it was answered. Anything else
+/// (an invalid read, one needing I/O) is left to the workers, which check and answer it.
+fn read_inline<W: Write>(
+    dev: &dyn BlockDevice,
+    req: &Request,
+    buf: &mut Vec<u8>,
+    replies: &Replies<W>,
+) -> bool {
+    let in_bounds = req
+        .offset
+        .checked_add(req.length as u64)
+        .is_some_and(|e| e <= dev.size());
+    if !req.flags_fit(replies.structured)
+        || !in_bounds
+        || req.length == 0
+        || req.length > MAX_PAYLOAD_BYTES
+    {
+        return false;
+    }
+    if buf.len() < req.length as usize {
+        buf.resize(req.length as usize, 0);
+    }
+    let data = &mut buf[..req.length as usize];
+    match dev.read_cached(req.offset, data) {
+        None => false,
+        Some(Ok(())) => {
+            send_read(replies, req, data);
+            true
+        }
+        Some(Err(e)) => {
+            replies.error(req.cookie, &e);
+            true
         }
     }
 }

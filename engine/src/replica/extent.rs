@@ -330,6 +330,47 @@ pub fn decode_extent(b: &[u8], file_id: u64) -> Result<(Extent, usize), DecodeEr
     ))
 }
 
+/// Decode a verified frame's body into `out`, which must be exactly the extent's length.
+pub fn decode_body_to_slice(
+    body: &[u8],
+    h: &FrameHeader,
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    if out.len() as u64 != h.len {
+        return Err(DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            "extent is not the length its reader expects",
+        ));
+    }
+    if h.flags & FLAG_LZ4 == 0 {
+        if body.len() != out.len() {
+            return Err(DecodeError::invalid(
+                "body",
+                FRAME_HEADER_BYTES,
+                "stored extent body is not the extent's length",
+            ));
+        }
+        out.copy_from_slice(body);
+        return Ok(());
+    }
+    let n = lz4_flex::block::decompress_into(body, out).map_err(|e| {
+        DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            format!("lz4 extent body does not decompress: {e}"),
+        )
+    })?;
+    if n != out.len() {
+        return Err(DecodeError::invalid(
+            "body",
+            FRAME_HEADER_BYTES,
+            "lz4 extent body decompresses to the wrong length",
+        ));
+    }
+    Ok(())
+}
+
 /// The logical data of a verified data frame's body.
 /// [`decode_body`] into `out` (its old contents and capacity reused: no allocation and no
 /// zero-fill when it is already large enough).

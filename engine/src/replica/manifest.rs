@@ -28,6 +28,12 @@
 //!                             2 crash-consistent, 3 app-consistent), name (opt str),
 //!                             group (opt str), layer_id u64, layer_exact_from u64,
 //!                             layer_entries u64
+//!   .        disk history   only with incompat bit 0 DISK_HISTORY: per disk (disk_count
+//!                             of them) epoch_count u32, then per epoch, oldest first:
+//!                             from_seq u64, size_bytes u64. The disk exists in the
+//!                             state at seq S from its first epoch's from_seq on
+//!                             (u64::MAX: a `disk add` not finished, in no state), with
+//!                             the size of the newest epoch whose from_seq <= S.
 //! trailer
 //!   0     4  crc32          seeded with CRC_SEED over header ‖ body
 //! str:     present u8 (1), len u16, UTF-8 bytes
@@ -36,7 +42,13 @@
 //!
 //! Invariant: points are in strictly increasing seq (and id) order; point k's layer holds
 //! the changes in (seq of point k-1, seq of point k], so the live layers are exactly the
-//! points' layers, and the newest point's seq is where the open layer begins.
+//! points' layers, and the newest point's seq is where the open layer begins. A disk's
+//! epochs grow in from_seq and in size (disks only grow), the newest one's size is the
+//! disk's `size_bytes`, and disks appear in order (a disk's first from_seq is at least
+//! the previous disk's), so the disks of any state are a prefix of `disks`. Without the
+//! section every disk has one epoch from seq 0 at its size (a manifest older than disk
+//! add and resize); an older reader refuses a manifest that has one (it would show a
+//! disk, or a size, in points that never had it).
 
 // A decoder of untrusted bytes: no unwrap, no panic, no unchecked index (see Cargo.toml's
 // [lints] policy and CONVENTIONS).
@@ -53,7 +65,11 @@ pub const FILE_NAME: &str = "manifest";
 pub const MAGIC: [u8; 8] = *b"STBYMAN\0";
 pub const VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 32;
-pub const KNOWN_INCOMPAT: u32 = 0;
+/// Incompatible feature: the disk history section follows the points (see the byte map).
+pub const INCOMPAT_DISK_HISTORY: u32 = 1;
+pub const KNOWN_INCOMPAT: u32 = INCOMPAT_DISK_HISTORY;
+/// An epoch's `from_seq` while its disk is being added: the disk is in no state yet.
+pub const PENDING_SEQ: u64 = u64::MAX;
 /// Compatible feature: a prune or coalesce swapped the manifest and may not have punched
 /// every frame it freed; the next open runs the reference scan.
 pub const COMPAT_PUNCH_PENDING: u32 = 1;
@@ -69,6 +85,13 @@ const CRC_ID: u64 = 0x4d41_4e49_4645_5354; // "MANIFEST"
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     pub name: String,
+    pub size_bytes: u64,
+}
+
+/// From `from_seq` on, a disk has `size_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskEpoch {
+    pub from_seq: u64,
     pub size_bytes: u64,
 }
 
@@ -131,9 +154,44 @@ pub struct Manifest {
     pub open_offset: u64,
     pub disks: Vec<DiskSpec>,
     pub points: Vec<ManifestPoint>,
+    /// Per disk (parallel to `disks`), its sizes over time; see the byte map.
+    pub disk_history: Vec<Vec<DiskEpoch>>,
+}
+
+/// The history of disks that were there from the start at their size.
+pub fn initial_history(disks: &[DiskSpec]) -> Vec<Vec<DiskEpoch>> {
+    disks
+        .iter()
+        .map(|d| {
+            vec![DiskEpoch {
+                from_seq: 0,
+                size_bytes: d.size_bytes,
+            }]
+        })
+        .collect()
 }
 
 impl Manifest {
+    /// The disks of the state at `seq`, each at its size then (a prefix of `disks`).
+    pub fn disks_at(&self, seq: u64) -> Vec<DiskSpec> {
+        self.disks
+            .iter()
+            .zip(&self.disk_history)
+            .map_while(|(d, h)| {
+                let e = h.iter().rev().find(|e| e.from_seq <= seq)?;
+                Some(DiskSpec {
+                    name: d.name.clone(),
+                    size_bytes: e.size_bytes,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the history says more than "every disk from the start at its size".
+    fn has_history(&self) -> bool {
+        self.disk_history != initial_history(&self.disks)
+    }
+
     /// Seq of the newest point (0 if none): where the open layer begins.
     pub fn sealed_seq(&self) -> u64 {
         self.points.last().map_or(0, |p| p.info.seq)
@@ -164,12 +222,21 @@ impl Manifest {
                 .u64(p.layer_exact_from)
                 .u64(p.layer_entries);
         }
+        let history = self.has_history();
+        if history {
+            for h in &self.disk_history {
+                w.u32(h.len() as u32);
+                for e in h {
+                    w.u64(e.from_seq).u64(e.size_bytes);
+                }
+            }
+        }
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 4);
         Writer::new(&mut out)
             .bytes(&MAGIC)
             .u16(VERSION)
             .u16(HEADER_BYTES as u16)
-            .u32(KNOWN_INCOMPAT)
+            .u32(if history { INCOMPAT_DISK_HISTORY } else { 0 })
             .u32(self.compat)
             .u32(body.len() as u32)
             .u32(0);
@@ -336,6 +403,11 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, DecodeError> {
             layer_entries,
         });
     }
+    let disk_history = if incompat & INCOMPAT_DISK_HISTORY != 0 {
+        decode_history(&mut c, &disks)?
+    } else {
+        initial_history(&disks)
+    };
     if !c.is_empty() {
         return Err(DecodeError::invalid(
             "end",
@@ -352,7 +424,57 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, DecodeError> {
         open_offset,
         disks,
         points,
+        disk_history,
     })
+}
+
+/// The disk history section: per disk its epochs, checked against the invariant.
+fn decode_history(
+    c: &mut Reader<'_>,
+    disks: &[DiskSpec],
+) -> Result<Vec<Vec<DiskEpoch>>, DecodeError> {
+    let mut out: Vec<Vec<DiskEpoch>> = Vec::with_capacity(disks.len());
+    let mut prev_first = 0;
+    for d in disks {
+        let at = c.position();
+        let n = c.u32("epoch_count")? as usize;
+        if n == 0 || n > c.remaining() / 16 {
+            return Err(DecodeError::invalid(
+                "epoch_count",
+                at,
+                "manifest disk history count is implausible",
+            ));
+        }
+        let mut h: Vec<DiskEpoch> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let at = c.position();
+            let e = DiskEpoch {
+                from_seq: c.u64("from_seq")?,
+                size_bytes: c.u64("epoch_size_bytes")?,
+            };
+            if let Some(p) = h.last() {
+                if e.from_seq <= p.from_seq || e.size_bytes <= p.size_bytes {
+                    return Err(DecodeError::invalid(
+                        "from_seq",
+                        at,
+                        "manifest disk history out of order",
+                    ));
+                }
+            }
+            h.push(e);
+        }
+        let first = h.first().map_or(0, |e| e.from_seq);
+        if first < prev_first || h.last().map(|e| e.size_bytes) != Some(d.size_bytes) {
+            return Err(DecodeError::invalid(
+                "from_seq",
+                at,
+                "manifest disk history disagrees with its disks",
+            ));
+        }
+        prev_first = first;
+        out.push(h);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -405,7 +527,89 @@ mod tests {
                     layer_entries: 3,
                 },
             ],
+            disk_history: vec![
+                vec![DiskEpoch {
+                    from_seq: 0,
+                    size_bytes: 1 << 40,
+                }],
+                vec![DiskEpoch {
+                    from_seq: 0,
+                    size_bytes: 1 << 30,
+                }],
+            ],
         }
+    }
+
+    /// A disk added at seq 120 and grown at seq 140, and a disk add under way.
+    pub(crate) fn with_history() -> Manifest {
+        let mut m = sample();
+        m.disks[1].size_bytes = 2 << 30;
+        m.disks.push(DiskSpec {
+            name: "logs".into(),
+            size_bytes: 1 << 20,
+        });
+        m.disk_history[1] = vec![
+            DiskEpoch {
+                from_seq: 120,
+                size_bytes: 1 << 30,
+            },
+            DiskEpoch {
+                from_seq: 140,
+                size_bytes: 2 << 30,
+            },
+        ];
+        m.disk_history.push(vec![DiskEpoch {
+            from_seq: PENDING_SEQ,
+            size_bytes: 1 << 20,
+        }]);
+        m
+    }
+
+    #[test]
+    fn disk_history_round_trips_sets_its_bit_and_gives_each_state_its_disks() {
+        let plain = sample().encode();
+        assert_eq!(u32::from_le_bytes(plain[12..16].try_into().unwrap()), 0);
+        let m = with_history();
+        let b = m.encode();
+        assert_eq!(
+            u32::from_le_bytes(b[12..16].try_into().unwrap()),
+            INCOMPAT_DISK_HISTORY
+        );
+        assert_eq!(decode_manifest(&b).unwrap(), m);
+        let sizes = |seq| {
+            m.disks_at(seq)
+                .iter()
+                .map(|d| (d.name.clone(), d.size_bytes))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(100), vec![("os".to_string(), 1 << 40)]);
+        assert_eq!(
+            sizes(120),
+            vec![("os".to_string(), 1 << 40), ("data".to_string(), 1 << 30)]
+        );
+        assert_eq!(
+            sizes(u64::MAX - 1),
+            vec![("os".to_string(), 1 << 40), ("data".to_string(), 2 << 30)]
+        );
+        for i in 0..b.len() {
+            let mut d = b.clone();
+            d[i] ^= 0x10;
+            assert!(decode_manifest(&d).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn disk_history_that_shrinks_or_disagrees_is_refused() {
+        let mut m = with_history();
+        m.disk_history[1][1].size_bytes = 1 << 29;
+        m.disks[1].size_bytes = 1 << 29;
+        assert!(decode_manifest(&m.encode()).is_err());
+        let mut m = with_history();
+        m.disk_history[2][0].from_seq = 10; // before the disk in front of it
+        assert!(decode_manifest(&m.encode()).is_err());
+        let mut m = with_history();
+        m.disks[0].size_bytes = 1 << 41; // its history says 1 TiB
+        assert!(decode_manifest(&m.encode()).is_err());
     }
 
     #[test]
@@ -415,6 +619,7 @@ mod tests {
         let empty = Manifest {
             points: vec![],
             disks: vec![],
+            disk_history: vec![],
             ..sample()
         };
         assert_eq!(decode_manifest(&empty.encode()).unwrap(), empty);

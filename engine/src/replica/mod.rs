@@ -204,6 +204,7 @@ impl Replica {
             open_offset: datafile::HEADER_BYTES as u64,
             disks: disks.to_vec(),
             points: Vec::new(),
+            disk_history: manifest::initial_history(disks),
         };
         replace_atomic(&*vfs, &dir, manifest::FILE_NAME, &m.encode())?;
         Ok(Self::open(vfs, dir, config)?.0)
@@ -222,16 +223,146 @@ impl Replica {
         &self.manifest.disks
     }
 
-    /// Add a disk to the VM; returns its index.
-    pub fn add_disk(&mut self, spec: DiskSpec) -> Result<u16> {
+    /// The disks of the replica in `dir` and each one's sizes over time, read from its
+    /// manifest alone (no lock needed: the manifest is only ever replaced whole, and its
+    /// disk history changes only while nothing else has the VM open).
+    pub fn read_disk_history(
+        vfs: &dyn Vfs,
+        dir: &Path,
+    ) -> Result<Vec<(DiskSpec, Vec<manifest::DiskEpoch>)>> {
+        let mpath = dir.join(manifest::FILE_NAME);
+        let bytes = open::read_all(vfs, &mpath, manifest::MAX_MANIFEST_BYTES as u64 + 64)?;
+        let m = manifest::decode_manifest(&bytes).map_err(|e| e.at(&mpath, 0))?;
+        Ok(m.disks.into_iter().zip(m.disk_history).collect())
+    }
+
+    /// The disks of the state at `seq`, each at its size then (disks added later are not
+    /// there; a grown disk has its earlier size).
+    pub fn disks_at(&self, seq: u64) -> Vec<DiskSpec> {
+        self.manifest.disks_at(seq)
+    }
+
+    /// Add a disk to the VM at `index`, in no state yet (see [`Replica::publish_disk`]):
+    /// the caller applies its initial copy, then publishes it at the seq from which states
+    /// have it. `index` is the number of disks the VM's catalog lists: a disk beyond them is
+    /// the leftover of a `disk add` that did not finish and is taken over (renamed,
+    /// resized, in no state again); the caller must then zero it before copying. Returns
+    /// whether a leftover was taken over.
+    pub fn add_disk(&mut self, index: u16, spec: DiskSpec) -> Result<bool> {
         self.check_writable()?;
-        let mut disks = self.manifest.disks.clone();
-        disks.push(spec);
-        check_disks(&disks)?;
         let mut m = self.manifest.clone();
-        m.disks = disks;
+        let index = index as usize;
+        let takeover = match m.disks.len().checked_sub(index) {
+            Some(0) => false,
+            Some(1) => true,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "the replica has {} disks; a new disk cannot be disk {index}",
+                    m.disks.len()
+                )))
+            }
+        };
+        if let Some(left) = m
+            .disks
+            .get(index)
+            .filter(|d| d.size_bytes > spec.size_bytes)
+        {
+            // Its stored extents must stay inside the disk (a layer is checked on open).
+            return Err(Error::Invalid(format!(
+                "a disk add that did not finish left disk '{}' of {} bytes in the replica: the disk added in its place needs at least that size",
+                left.name, left.size_bytes
+            )));
+        }
+        m.disks.truncate(index);
+        m.disk_history.truncate(index);
+        m.disks.push(spec.clone());
+        m.disk_history.push(vec![manifest::DiskEpoch {
+            from_seq: manifest::PENDING_SEQ,
+            size_bytes: spec.size_bytes,
+        }]);
+        check_disks(&m.disks)?;
         self.guard(|r| r.commit(m))?;
-        Ok((self.manifest.disks.len() - 1) as u16)
+        Ok(takeover)
+    }
+
+    /// The disk being added (the last one, pending) is in every state from `from_seq` on:
+    /// past the last record of its initial copy, which the caller has applied (later seqs
+    /// not applied yet are fine: they hold nothing of this disk), and past every point.
+    pub fn publish_disk(&mut self, disk: u16, from_seq: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.manifest.clone();
+        let last = m.disks.len().checked_sub(1);
+        match m.disk_history.get_mut(disk as usize) {
+            Some(h) if last == Some(disk as usize) && h.len() == 1 => {
+                if from_seq == manifest::PENDING_SEQ
+                    || from_seq <= m.points.last().map_or(0, |p| p.info.seq)
+                {
+                    return Err(Error::Invalid(format!(
+                        "disk {disk} cannot appear at seq {from_seq} (applied {})",
+                        self.applied_seq
+                    )));
+                }
+                h[0].from_seq = from_seq;
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "disk {disk} is not a disk being added"
+                )))
+            }
+        }
+        self.guard(|r| r.commit(m))
+    }
+
+    /// The seq from which disk `disk` has its current size, if it grew after it was added.
+    pub fn disk_grown_at(&self, disk: u16) -> Option<u64> {
+        let h = self.manifest.disk_history.get(disk as usize)?;
+        (h.len() > 1)
+            .then(|| h.last().map(|e| e.from_seq))
+            .flatten()
+    }
+
+    /// Grow disk `disk` to `size_bytes` for every state from `from_seq` on: `from_seq` is
+    /// past every record the change log holds (those were checked against the old size),
+    /// so states before it keep their size. Growing to the current size changes nothing.
+    pub fn grow_disk(&mut self, disk: u16, size_bytes: u64, from_seq: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.manifest.clone();
+        let (Some(d), Some(h)) = (
+            m.disks.get_mut(disk as usize),
+            m.disk_history.get_mut(disk as usize),
+        ) else {
+            return Err(Error::NotFound(format!("disk {disk} does not exist")));
+        };
+        if size_bytes == d.size_bytes {
+            return Ok(());
+        }
+        if size_bytes < d.size_bytes {
+            return Err(Error::Invalid(format!(
+                "disk '{}' is {} bytes: it can only grow, not shrink to {size_bytes}",
+                d.name, d.size_bytes
+            )));
+        }
+        let newest = h.last().map_or(0, |e| e.from_seq);
+        if newest == manifest::PENDING_SEQ || from_seq <= self.applied_seq {
+            return Err(Error::Invalid(format!(
+                "disk '{}' cannot grow at seq {from_seq} (applied {})",
+                d.name, self.applied_seq
+            )));
+        }
+        d.size_bytes = size_bytes;
+        if newest >= from_seq {
+            // Grown again before anything was written at the size before: one epoch.
+            if let Some(e) = h.last_mut() {
+                e.size_bytes = size_bytes;
+            }
+        } else {
+            h.push(manifest::DiskEpoch {
+                from_seq,
+                size_bytes,
+            });
+        }
+        check_disks(&m.disks)?;
+        self.guard(|r| r.commit(m))
     }
 
     /// Highest sequence number applied (some of it may not be durable yet).

@@ -5,7 +5,7 @@
 //! below the open layer's start.
 
 use super::datafile::{self, HEADER_BYTES as DATA_HEADER_BYTES};
-use super::extent::{decode_body_into, verify_frame, FrameHeader, KIND_DATA};
+use super::extent::{decode_body_into, decode_body_to_slice, verify_frame, FrameHeader, KIND_DATA};
 use super::index::{Entry, Loc};
 use crate::error::{Error, IoContext, Result};
 use crate::util::codec::DecodeError;
@@ -92,13 +92,10 @@ impl Store {
         })
     }
 
-    fn read_frame_into(
-        &self,
-        file_id: u64,
-        frame_offset: u64,
-        buf: &mut [u8],
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+    /// Read `buf.len()` bytes of the frame at `frame_offset` into `buf` and verify it
+    /// (header, kind, checksum); returns its header. The body is
+    /// `buf[FRAME_HEADER_BYTES..frame_bytes() - 4]`.
+    fn read_frame(&self, file_id: u64, frame_offset: u64, buf: &mut [u8]) -> Result<FrameHeader> {
         let frame_len = buf.len();
         let path = self.path(file_id);
         let f = self.file(file_id)?;
@@ -120,8 +117,67 @@ impl Store {
             ));
         }
         verify_frame(buf, &h, file_id).map_err(fail)?;
+        Ok(h)
+    }
+
+    fn read_frame_into(
+        &self,
+        file_id: u64,
+        frame_offset: u64,
+        buf: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let h = self.read_frame(file_id, frame_offset, buf)?;
         let body = &buf[super::extent::FRAME_HEADER_BYTES..h.frame_bytes() - 4];
-        decode_body_into(body, &h, out).map_err(fail)
+        decode_body_into(body, &h, out).map_err(|e| e.at(&self.path(file_id), frame_offset))
+    }
+
+    /// Read, verify and decode the extent at `(file_id, frame_offset)` straight into `dst`
+    /// when it is exactly `dst.len()` bytes long (a piece that uses its whole extent: no
+    /// intermediate buffer, no second copy), returning `true`; an extent of another length
+    /// is decoded into `spill` instead and `false` returned.
+    pub fn read_extent_fit(
+        &self,
+        file_id: u64,
+        frame_offset: u64,
+        frame_len: u32,
+        dst: &mut [u8],
+        spill: &mut Vec<u8>,
+    ) -> Result<bool> {
+        thread_local! {
+            static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        FRAME.with(|frame| {
+            let mut frame = frame.borrow_mut();
+            let n = frame_len as usize;
+            if frame.len() < n {
+                frame.resize(n, 0);
+            }
+            let r = (|| {
+                let h = self.read_frame(file_id, frame_offset, &mut frame[..n])?;
+                let body = &frame[super::extent::FRAME_HEADER_BYTES..h.frame_bytes() - 4];
+                let fail = |e: DecodeError| e.at(&self.path(file_id), frame_offset);
+                if h.len == dst.len() as u64 {
+                    decode_body_to_slice(body, &h, dst).map_err(fail)?;
+                    Ok(true)
+                } else {
+                    decode_body_into(body, &h, spill).map_err(fail)?;
+                    Ok(false)
+                }
+            })();
+            if frame.capacity() > FRAME_KEEP_BYTES {
+                *frame = Vec::new();
+            }
+            r
+        })
+    }
+
+    /// Ask the data file to read `[frame_offset, frame_offset + frame_len)` ahead (a hint:
+    /// the read that follows finds it in memory).
+    pub fn will_need(&self, file_id: u64, frame_offset: u64, frame_len: u32) {
+        if let Ok(f) = self.file(file_id) {
+            let _ = f.will_need(frame_offset, u64::from(frame_len));
+        }
     }
 
     /// Punch `[start, end)` of a data file.

@@ -157,6 +157,56 @@ impl View {
         Ok(out)
     }
 
+    /// Byte ranges `(start, end)` of `disk` where this view and `other` (a view of the
+    /// same replica) may differ: everything mapped on either side except the ranges both
+    /// read from the same bytes of the same frame. Costs the two views' pieces, no data.
+    pub fn maybe_different(&self, other: &View, disk: u16) -> Result<Vec<(u64, u64)>> {
+        let (_, a) = self.disk(disk)?;
+        let (_, b) = other.disk(disk)?;
+        let mut same: Vec<(u64, u64)> = Vec::new();
+        for (s, l, r) in a.iter() {
+            for (bs, bl, br) in b.overlapping(s, s + l) {
+                if r.advance(bs - s) == br {
+                    match same.last_mut() {
+                        Some(x) if x.1 == bs => x.1 = bs + bl,
+                        _ => same.push((bs, bs + bl)),
+                    }
+                }
+            }
+        }
+        let mut mapped: Vec<(u64, u64)> = a
+            .iter()
+            .chain(b.iter())
+            .map(|(s, l, _)| (s, s + l))
+            .collect();
+        mapped.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut k = 0usize;
+        let mut push = |s: u64, e: u64| {
+            if s < e {
+                match out.last_mut() {
+                    Some(x) if x.1 >= s => x.1 = x.1.max(e),
+                    _ => out.push((s, e)),
+                }
+            }
+        };
+        for (s, e) in mapped {
+            // Subtract the identical ranges (sorted, disjoint) from [s, e).
+            while k < same.len() && same[k].1 <= s {
+                k += 1;
+            }
+            let mut at = s;
+            let mut j = k;
+            while j < same.len() && same[j].0 < e {
+                push(at, same[j].0.min(e));
+                at = at.max(same[j].1);
+                j += 1;
+            }
+            push(at, e);
+        }
+        Ok(out)
+    }
+
     /// Frames `(file_id, frame_offset)` this view reads.
     pub(crate) fn frames_read(&self) -> std::collections::BTreeSet<(u64, u64)> {
         self.maps
@@ -194,7 +244,19 @@ impl View {
         let mut cache = self.cache.lock();
         cache.loading.retain(|k| *k != key);
         if let Ok(data) = &result {
-            cache.entries.push_front((key, data.clone()));
+            Self::keep_decoded(&mut cache, key, data.clone());
+        }
+        drop(cache);
+        self.decoded.notify_all();
+        result
+    }
+
+    /// Put a decoded extent at the front of the cache (once), evicting by count and bytes.
+    fn keep_decoded(cache: &mut ExtentCache, key: (u64, u64), data: Arc<Vec<u8>>) {
+        if !cache.entries.iter().any(|(k, _)| *k == key) {
+            cache.entries.push_front((key, data));
+        }
+        {
             let mut bytes = 0usize;
             let mut keep = 0usize;
             for (_, d) in cache.entries.iter() {
@@ -218,9 +280,65 @@ impl View {
                 }
             }
         }
-        drop(cache);
-        self.decoded.notify_all();
-        result
+    }
+
+    /// Fill `dst` with the bytes of piece `r`. A piece that starts its extent and is not
+    /// cached is decoded straight into `dst` when it covers the whole extent (the common
+    /// case of a materialization: no intermediate buffer, no second copy); one that turns
+    /// out to use only part of its extent leaves the decoded extent cached for the pieces
+    /// after it.
+    fn fill_piece(&self, r: &DataRef, dst: &mut [u8]) -> Result<()> {
+        let key = (r.file_id, r.frame_offset);
+        if r.skip == 0 {
+            let mut spill = {
+                let mut cache = self.cache.lock();
+                if cache.entries.iter().any(|(k, _)| *k == key) || cache.loading.contains(&key) {
+                    drop(cache);
+                    return self.copy_piece(r, dst);
+                }
+                cache.spare.pop().unwrap_or_default()
+            };
+            let fit = self.store.read_extent_fit(
+                r.file_id,
+                r.frame_offset,
+                r.frame_len,
+                dst,
+                &mut spill,
+            )?;
+            let mut cache = self.cache.lock();
+            if fit {
+                if cache.spare.len() < SPARE_EXTENTS {
+                    cache.spare.push(spill);
+                }
+                return Ok(());
+            }
+            let data = Arc::new(spill);
+            Self::keep_decoded(&mut cache, key, data.clone());
+            drop(cache);
+            self.decoded.notify_all();
+            let src = data.get(..dst.len()).ok_or_else(|| {
+                Error::corrupt(
+                    self.store.path(r.file_id),
+                    r.frame_offset,
+                    "index entry reaches past the end of its extent",
+                )
+            })?;
+            dst.copy_from_slice(src);
+            return Ok(());
+        }
+        self.copy_piece(r, dst)
+    }
+
+    /// Hint the data files to read the frames of `run` ahead.
+    fn prefetch(&self, run: &Run, pieces: &[(u64, u64, &DataRef)]) {
+        let mut last = None;
+        for &(_, _, r) in &pieces[run.pieces.clone()] {
+            let key = (r.file_id, r.frame_offset);
+            if last != Some(key) {
+                self.store.will_need(r.file_id, r.frame_offset, r.frame_len);
+                last = Some(key);
+            }
+        }
     }
 
     fn copy_piece(&self, r: &DataRef, out: &mut [u8]) -> Result<()> {
@@ -263,6 +381,60 @@ impl View {
         Ok(())
     }
 
+    /// [`View::read`] if every piece of the range is already decoded in the view's cache
+    /// (or a hole): `None`, with `buf` unspecified, when any piece would need a decode.
+    /// A server's request reader calls it to answer such a read itself (one copy from
+    /// memory) instead of handing it to a worker thread and waking it.
+    pub fn read_cached(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let (d, map) = match self.disk(disk) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        let end = match offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= d.size_bytes)
+        {
+            Some(end) => end,
+            // The full read names the error.
+            None => return Some(self.read(disk, offset, buf)),
+        };
+        let pieces = map.overlapping(offset, end);
+        let mut hits: Vec<Arc<Vec<u8>>> = Vec::with_capacity(pieces.len());
+        {
+            let mut cache = self.cache.lock();
+            for (_, _, r) in &pieces {
+                let key = (r.file_id, r.frame_offset);
+                let i = cache.entries.iter().position(|(k, _)| *k == key)?;
+                if i != 0 {
+                    // Most recently used first, as a decoding read leaves it.
+                    let hit = cache.entries.remove(i).expect("index from position");
+                    cache.entries.push_front(hit);
+                }
+                hits.push(cache.entries[0].1.clone());
+            }
+        }
+        let mut filled = 0usize;
+        for ((s, l, r), data) in pieces.iter().zip(&hits) {
+            let at = (s - offset) as usize;
+            buf[filled..at].fill(0);
+            let out = &mut buf[at..at + *l as usize];
+            let start = r.skip as usize;
+            match data.get(start..start + out.len()) {
+                Some(src) => out.copy_from_slice(src),
+                None => {
+                    return Some(Err(Error::corrupt(
+                        self.store.path(r.file_id),
+                        r.frame_offset,
+                        "index entry reaches past the end of its extent",
+                    )))
+                }
+            }
+            filled = at + *l as usize;
+        }
+        buf[filled..].fill(0);
+        Some(Ok(()))
+    }
+
     /// Write `disk` as a sparse raw image at `out` (which must not exist yet).
     pub fn materialize(&self, disk: u16, out: &Path) -> Result<MaterializeStats> {
         self.materialize_at(&*self.store.vfs, disk, out, false)
@@ -278,8 +450,21 @@ impl View {
         out: &Path,
         hash: bool,
     ) -> Result<MaterializeStats> {
-        let f = vfs.create_new(out).at(out)?;
-        let stats = self.materialize_into(disk, &*f, out, hash)?;
+        self.materialize_at_with(vfs, disk, out, hash, &mut |_| {})
+    }
+
+    /// [`View::materialize_at`], telling `progress` the bytes of each run as it is done
+    /// (in offset order, on the calling thread).
+    pub fn materialize_at_with(
+        &self,
+        vfs: &dyn crate::vfs::Vfs,
+        disk: u16,
+        out: &Path,
+        hash: bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<MaterializeStats> {
+        let f = vfs.create_new_direct(out).at(out)?;
+        let stats = self.materialize_runs(disk, &*f, out, hash, progress)?;
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             vfs.sync_dir(parent).at(parent)?;
         }
@@ -313,17 +498,31 @@ impl View {
         path: &Path,
         hash: bool,
     ) -> Result<MaterializeStats> {
+        self.materialize_runs(disk, f, path, hash, &mut |_| {})
+    }
+
+    fn materialize_runs(
+        &self,
+        disk: u16,
+        f: &dyn VFile,
+        path: &Path,
+        hash: bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<MaterializeStats> {
         use sha2::Digest;
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let (d, map) = self.disk(disk)?;
         f.set_len(d.size_bytes).at(path)?;
         let pieces: Vec<(u64, u64, &DataRef)> = map.iter().collect();
         let runs = plan_runs(&pieces);
+        // At least four: with writes that bypass the page cache a worker waits for the
+        // disk as well as decodes, and four keep both busy on a two-core machine.
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .clamp(1, 4)
+            .clamp(4, 8)
             .min(runs.len().max(1));
         let buffers = 2 * workers;
+        let align = f.direct_align().unwrap_or(1);
         let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(buffers);
         for _ in 0..buffers {
             let _ = pool_tx.send(Vec::new());
@@ -337,6 +536,9 @@ impl View {
             ..Default::default()
         };
         let (runs, pieces) = (&runs, &pieces);
+        for run in runs.iter().take(buffers) {
+            self.prefetch(run, pieces);
+        }
         let outcome: Result<u64> = std::thread::scope(|scope| {
             for _ in 0..workers {
                 let (pool_rx, done_tx, next, abort) =
@@ -348,6 +550,12 @@ impl View {
                         else {
                             break;
                         };
+                        // Keep the reads of the runs after the ones in flight going while
+                        // this one decodes and writes (a cold page cache otherwise waits
+                        // on one read per worker at a time).
+                        if let Some(ahead) = runs.get(i + buffers) {
+                            self.prefetch(ahead, pieces);
+                        }
                         let r = self.write_run(run, pieces, &mut buf, f, path).map(|_| buf);
                         if done_tx.send((i, r)).is_err() {
                             break;
@@ -371,11 +579,12 @@ impl View {
                         let run = &runs[k];
                         if let Some(h) = hasher.as_mut() {
                             hash_zeros(h, run.start - hashed_to);
-                            h.update(&buf);
+                            h.update(&buf[window(&buf, run, align)]);
                             hashed_to = run.start + run.len;
                         }
                         stats.written_bytes += run.len;
                         stats.writes += 1;
+                        progress(run.len);
                         let _ = pool_tx.send(buf);
                         k += 1;
                     }
@@ -395,6 +604,14 @@ impl View {
         f.sync_data().at(path)?;
         Ok(stats)
     }
+}
+
+/// Where in `buf` a run's bytes go: at the same offset modulo `align` in memory as in the
+/// file, so a file that writes aligned blocks direct can take them from this memory.
+fn window(buf: &[u8], run: &Run, align: usize) -> std::ops::Range<usize> {
+    let a = align as u64;
+    let start = ((run.start % a + a - (buf.as_ptr() as u64) % a) % a) as usize;
+    start..start + run.len as usize
 }
 
 /// One write of a materialization: `len` bytes at `start`, gathered from `pieces`.
@@ -445,21 +662,21 @@ impl View {
         f: &dyn VFile,
         path: &Path,
     ) -> Result<()> {
-        buf.clear();
-        buf.reserve(run.len as usize);
-        for &(_, l, r) in &pieces[run.pieces.clone()] {
-            let data = self.extent(r)?;
-            let start = r.skip as usize;
-            let src = data.get(start..start + l as usize).ok_or_else(|| {
-                Error::corrupt(
-                    self.store.path(r.file_id),
-                    r.frame_offset,
-                    "index entry reaches past the end of its extent",
-                )
-            })?;
-            buf.extend_from_slice(src);
+        let len = run.len as usize;
+        let align = f.direct_align().unwrap_or(1);
+        if buf.len() < len + align {
+            // Grown only (buffers are reused): the run's pieces cover its window exactly,
+            // so every byte written below is overwritten first, and nothing is zeroed twice.
+            buf.resize(len + align, 0);
         }
-        f.write_all_at(buf, run.start).at(path)?;
+        let w = window(buf, run, align);
+        let mut at = w.start;
+        for &(_, l, r) in &pieces[run.pieces.clone()] {
+            let l = l as usize;
+            self.fill_piece(r, &mut buf[at..at + l])?;
+            at += l;
+        }
+        f.write_all_at(&buf[w], run.start).at(path)?;
         // Start writing it back now, so the final sync finds little left (a hint).
         let _ = f.start_writeback(run.start, run.len);
         Ok(())
@@ -639,15 +856,24 @@ impl Replica {
         partial: Option<Arc<LayerIndex>>,
         seq: u64,
     ) -> Result<View> {
-        let disks = self.manifest.disks.clone();
+        // The disks of that state: one added later is not there, a grown one has its size
+        // then (its entries fit it; a clip only guards an add that was taken over).
+        let disks = self.manifest.disks_at(seq);
         let mut maps: Vec<IntervalMap<DataRef>> =
             disks.iter().map(|_| IntervalMap::new()).collect();
         let mut time_us = 0;
         let mut overlay = |e: &Entry| {
-            let Some(map) = maps.get_mut(e.disk as usize) else {
+            let (Some(map), Some(d)) = (maps.get_mut(e.disk as usize), disks.get(e.disk as usize))
+            else {
                 return;
             };
             time_us = time_us.max(e.time_us);
+            if e.offset >= d.size_bytes {
+                return;
+            }
+            let mut e = *e;
+            e.len = e.len.min(d.size_bytes - e.offset);
+            let e = &e;
             match e.loc {
                 Loc::Data {
                     file_id,

@@ -56,6 +56,37 @@ pub enum Request {
         listen: String,
         writable: bool,
     },
+    /// The changed ranges between two states (`standby diff`).
+    Diff {
+        a: PointSpec,
+        b: PointSpec,
+    },
+    /// A group point's barrier, step 1: hold the client's acknowledgements (writes still
+    /// go into the log) for at most `hold_ms` (docs/groups.md).
+    GroupHold {
+        group_point: String,
+        hold_ms: u64,
+    },
+    /// Step 2, under the hold: write the marker carrying the group point's id, durable.
+    GroupCut {
+        group_point: String,
+        app: bool,
+        name: Option<String>,
+    },
+    /// Step 3: end the hold; the reply says whether it lasted until now.
+    GroupRelease {
+        group_point: String,
+    },
+    /// After the barrier: process up to the marker at `seq` and return its point.
+    GroupSettle {
+        seq: u64,
+    },
+    /// Add a disk while the VM runs (`standby disk add`): its copy goes into the log
+    /// beside the VM's writes; the agent serves it once restarted. Paths are absolute.
+    DiskAdd {
+        name: String,
+        source: crate::vault::DiskSource,
+    },
 }
 
 /// The owner's answer to a request.
@@ -84,12 +115,28 @@ pub enum Reply {
     TestFailover {
         report: crate::vault::FailoverReport,
     },
+    Diff {
+        report: crate::vault::DiffReport,
+    },
     Mounted {
         addr: String,
         disks: Vec<String>,
         point: Option<PointInfo>,
         seq: u64,
         time_us: u64,
+    },
+    /// A group barrier's hold is in force.
+    GroupHeld,
+    /// A group point's marker is durable at `seq`.
+    GroupMarker {
+        seq: u64,
+    },
+    /// The hold ended; `intact` if it was in force until the release.
+    GroupReleased {
+        intact: bool,
+    },
+    DiskAdded {
+        report: crate::vault::DiskAddReport,
     },
 }
 
@@ -162,7 +209,21 @@ impl Session {
 /// Send `req` to the owner of `vm` listening on `socket`. `None` if no owner is running
 /// there (nothing listens); otherwise its reply, and the open session.
 pub fn ask(socket: &Path, vm: &str, req: &Request) -> Option<Result<(Reply, Session)>> {
+    ask_within(socket, vm, req, None)
+}
+
+/// [`ask`], giving up (an I/O error) when the owner has not answered within `timeout`.
+pub fn ask_within(
+    socket: &Path,
+    vm: &str,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Option<Result<(Reply, Session)>> {
     let conn = UnixStream::connect(socket).ok()?;
+    if timeout.is_some() {
+        let _ = conn.set_read_timeout(timeout);
+        let _ = conn.set_write_timeout(timeout);
+    }
     Some((|| {
         let env = Envelope {
             version: VERSION,

@@ -37,6 +37,9 @@ pub const SOURCE_AHEAD: &str = "source.ahead";
 /// replica lags).
 pub const MAX_PROCESSING_DELAY: Duration = Duration::from_secs(2);
 
+/// How often a running agent looks up its VM's policy in the catalog.
+const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Settings of an embedded agent.
 pub struct EmbeddedOptions {
     /// Where to serve NBD.
@@ -87,11 +90,21 @@ impl EmbeddedAgent {
             agent.on_bitmap(move |entering| slot::put(&*vfs, &vm_dir, SOURCE_AHEAD, entering));
         }
         if ahead || vault.catalog().vm(vm)?.state == VmState::ResyncRequired {
-            // The dirty bitmap of an earlier run was lost with it: resync every block.
-            (opts.events)(Event::Notice(format!(
-                "{vm} needs a resync; shipping every allocated block again"
-            )));
-            agent.require_full_resync()?;
+            // The dirty bitmap of an earlier run was lost with it: the delta engine finds
+            // the blocks of the source images that differ from the replica (once the log
+            // is applied), and only those are shipped. If the replica cannot be read for
+            // it, every allocated block is shipped.
+            match delta_resync(&agent, &processor) {
+                Ok((changed, compared)) => (opts.events)(Event::Notice(format!(
+                    "{vm} needs a resync; {changed} bytes of blocks differ from the replica ({compared} bytes compared by hash), shipping those"
+                ))),
+                Err(e) => {
+                    (opts.events)(Event::Notice(format!(
+                        "{vm} needs a resync; the replica cannot be compared ({e}): shipping every allocated block again"
+                    )));
+                    agent.require_full_resync()?;
+                }
+            }
         }
         let server = super::serve_disks(&agent, &opts.listen)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -144,6 +157,24 @@ impl EmbeddedAgent {
                 .map_err(|e| Error::io("processor thread", e))?;
             threads.push(("processor", t));
         }
+        {
+            // A consistency group's policy: its first member's agent cuts its group points.
+            let (stop, events, root, who, vm) = (
+                stop.clone(),
+                opts.events.clone(),
+                root.to_path_buf(),
+                who.to_string(),
+                vm.to_string(),
+            );
+            let t = std::thread::Builder::new()
+                .name("standby-group".into())
+                .spawn(move || {
+                    let never = std::sync::atomic::AtomicBool::new(false);
+                    super::group::policy_loop(&root, &who, &vm, &stop, &never, &events)
+                })
+                .map_err(|e| Error::io("group thread", e))?;
+            threads.push(("group", t));
+        }
         Ok(EmbeddedAgent {
             vm: vm.to_string(),
             root: root.to_path_buf(),
@@ -165,6 +196,11 @@ impl EmbeddedAgent {
 
     pub fn disks(&self) -> Vec<String> {
         self.agent.disks().map(|d| d.name.clone()).collect()
+    }
+
+    /// The latency and bytes of the client's requests, per disk (in the VM's disk order).
+    pub fn write_stats(&self) -> Arc<crate::util::latency::WriteStats> {
+        self.agent.write_stats()
     }
 
     /// Run until `stop` is set (or the write path fails), then stop cleanly: no new
@@ -218,10 +254,46 @@ impl EmbeddedAgent {
         }
     }
 
+    /// Bytes of source blocks resyncs shipped into the log since the agent started.
+    pub fn resync_shipped_bytes(&self) -> u64 {
+        self.agent.resync_shipped_bytes()
+    }
+
+    /// Bytes of blocks still waiting for a resync, if one is under way.
+    pub fn resync_pending(&self) -> Option<u64> {
+        self.agent.resync_pending()
+    }
+
     /// The vault this agent works on, and its VM.
     pub fn vault_root(&self) -> (&Path, &str, &str) {
         (&self.root, &self.vm, &self.who)
     }
+}
+
+/// Apply everything the log holds into the replica, compare the source images with the
+/// replica's latest state block by block, and mark the blocks that differ for the resync.
+/// Returns the bytes of changed blocks and the bytes hashed.
+fn delta_resync(agent: &Agent, processor: &Mutex<Processor>) -> Result<(u64, u64)> {
+    let mut p = processor.lock();
+    p.run_pass()?;
+    let view = p.replica().view_latest()?;
+    drop(p);
+    let mut marks = Vec::new();
+    let (mut changed, mut compared) = (0, 0);
+    for (i, image) in agent.source_images()?.iter().enumerate() {
+        let d = crate::delta::compare(
+            image,
+            &crate::delta::ViewDisk {
+                view: &view,
+                disk: i as u16,
+            },
+        )?;
+        changed += d.changed_bytes();
+        compared += d.compared_bytes;
+        marks.extend(d.changed.iter().map(|&(o, l)| (i as u16, o, l)));
+    }
+    agent.require_resync_of(&marks)?;
+    Ok((changed, compared))
 }
 
 /// Record in the catalog that a resync is owed (or no longer).
@@ -241,11 +313,15 @@ fn reopen_log(
     vm: &str,
 ) -> Result<()> {
     let vault = Vault::open(root, who, LockWait::Block)?;
+    // No processing pass runs from here until the processor has the new log: a pass still
+    // on the old one would trim it — delete segment files the reopened log has recovered
+    // and appends to (a later read of them fails with "No such file", for good).
+    let mut processor = processor.lock();
     // The failed log's writer stops first: a log's files have one writer.
     let _ = agent.cache().close();
     let log = vault.open_cache(vm)?;
     agent.reopen_log(log.clone())?;
-    processor.lock().set_cache(log);
+    processor.set_cache(log);
     Ok(())
 }
 
@@ -371,6 +447,7 @@ fn process_loop(
     let mut deferred_since: Option<Instant> = None;
     let mut last_error: Option<String> = None;
     let mut backoff = Backoff::new();
+    let mut policy_checked = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
         let busy = activity.busy(agent);
@@ -393,6 +470,17 @@ fn process_loop(
         deferred_since = None;
         last_pass = Instant::now();
         let result = (|| {
+            // The VM's policy as the catalog has it now (`policy set`, `policy assign`):
+            // cadence and retention follow it from the next pass on (looked up once a
+            // second at most: a resync runs passes back to back).
+            if policy_checked.elapsed() >= POLICY_CHECK_EVERY {
+                policy_checked = Instant::now();
+                let policy = Vault::open(root, who, LockWait::Block)?.vm_policy(vm)?;
+                let mut p = processor.lock();
+                if *p.policy() != policy {
+                    p.set_policy(policy)?;
+                }
+            }
             let mut p = processor.lock();
             if p.replica().failure().is_some() {
                 // A failure latched the replica: reopen it (recovery runs) and go on.

@@ -24,8 +24,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pull and process one remote VM until `stop` is set. Returns early only if the VM stops
-/// being replicated (failed over, committed, unprotected).
+/// being replicated (failed over, committed, unprotected). Beside it, if the VM is the
+/// first member of a consistency group with a policy, cut the group's policy points (the
+/// embedded agent does this for a local first member).
 pub fn follow(
+    root: &Path,
+    who: &str,
+    vm: &str,
+    every: Duration,
+    stop: &AtomicBool,
+    events: Events,
+) -> Result<()> {
+    let quit = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let group = std::thread::Builder::new()
+            .name("standby-group".into())
+            .spawn_scoped(s, || {
+                super::group::policy_loop(root, who, vm, &quit, stop, &events)
+            })
+            .map_err(|e| Error::io("group thread", e))?;
+        let followed = follow_vm(root, who, vm, every, stop, events.clone());
+        quit.store(true, Ordering::SeqCst);
+        let grouped = group
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("the group thread panicked".into())));
+        followed.and(grouped)
+    })
+}
+
+fn follow_vm(
     root: &Path,
     who: &str,
     vm: &str,
@@ -50,7 +77,46 @@ pub fn follow(
             return Err(Error::Invalid(format!("VM '{vm}' is not a remote VM")));
         };
         if rec.committed || rec.state == VmState::FailedOver {
-            log(&format!("{vm}: failed over; no longer pulled"));
+            // The split-brain guard: the source site's cache service must refuse the old
+            // source's writes from now on. Told until it has it (or we are stopped).
+            let reason = crate::vault::split_brain_reason(vm, &rec);
+            let told = (|| -> Result<()> {
+                let security = vault.link_security(remote.insecure_loopback)?;
+                let l = link::connect(&remote.cache, &security, PeerRole::Processor, vm)?;
+                crate::link::pull::fence(l.reader, l.writer, &reason)
+            })();
+            match told.and_then(|()| Vault::open(root, who, lock::LockWait::Block)?.set_fenced(vm))
+            {
+                Ok(()) => {
+                    log(&format!(
+                        "{vm}: failed over; the cache service at {} now refuses the old source's writes; no longer pulled",
+                        remote.cache
+                    ));
+                    return Ok(());
+                }
+                Err(e) => {
+                    let msg = format!("{vm}: failed over; telling the cache service: {e}");
+                    if last_error.as_deref() != Some(&msg) {
+                        log(&msg);
+                        last_error = Some(msg);
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        if rec.unprotected.is_some() {
+            log(&format!("{vm}: unprotected; no longer pulled"));
+            return Ok(());
+        }
+        if rec.failback.is_some() {
+            log(&format!(
+                "{vm}: a failback is under way (`standby failback {vm}` finishes it); no longer pulled"
+            ));
             return Ok(());
         }
         let expected: Vec<DiskInfo> = rec
@@ -67,12 +133,25 @@ pub fn follow(
             // Connected: now own the VM (waiting for whoever has it).
             let vm_dir = vault.vm_dir(vm);
             let _lock = vault.acquire_dir(&vm_dir, lock::LockWait::Block)?;
+            // The VM may have failed over while we waited for it (a failover holds its
+            // lock): look again before pulling anything more into it.
+            let now = Vault::open(root, who, lock::LockWait::Block)?;
+            let ended = now.catalog().vm(vm).map_or(true, |r| {
+                r.committed
+                    || r.state == VmState::FailedOver
+                    || r.unprotected.is_some()
+                    || r.failback.is_some()
+            });
+            if ended {
+                return Ok(false);
+            }
             let staging = vault.open_cache(vm)?;
             let processor = Processor::new(
                 staging.clone(),
                 vault.open_replica(vm)?,
                 vault.vm_policy(vm)?,
-            )?;
+            )?
+            .counting_into(crate::util::latency::replicated_bytes(vm));
             let processor = Arc::new(Mutex::new(processor));
             // While connected, this process owns the VM: commands go through it.
             let control = ControlServer::start(

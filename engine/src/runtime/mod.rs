@@ -12,13 +12,14 @@ pub mod control;
 mod embedded;
 pub mod flag;
 mod follower;
+pub mod group;
 mod owner;
 mod source;
 
-pub use embedded::{EmbeddedAgent, EmbeddedOptions};
+pub use embedded::{EmbeddedAgent, EmbeddedOptions, SOURCE_AHEAD as EMBEDDED_SOURCE_AHEAD};
 pub use follower::follow;
 pub use owner::VmOwner;
-pub use source::{marker, SourceAgent, SourceOptions};
+pub use source::{marker, SourceAgent, SourceOptions, SourceProbe, SourceReport};
 
 use crate::agent::{Agent, AgentDisk};
 use crate::error::{Error, Result};

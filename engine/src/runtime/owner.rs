@@ -54,7 +54,7 @@ impl VmOwner {
                 a.make_durable()?;
             }
         }
-        let mut p = self.processor.lock();
+        let mut p = self.live_processor()?;
         if *spec == PointSpec::Latest && !failed_over {
             let r = p.run_pass()?;
             self.report_points(&r.points);
@@ -67,6 +67,18 @@ impl VmOwner {
         let view = view_of(p.replica(), &self.vm, spec, &|| Some(durable))?;
         let point = point_at(&view, p.replica().points());
         Ok((view, point))
+    }
+
+    /// The processor, its replica reopened first if a failure latched it (the store
+    /// unreachable for a while, say): what the processing loop does before its next pass,
+    /// done here too so a command through the owner does not wait for that loop's backoff.
+    fn live_processor(&self) -> Result<parking_lot::MutexGuard<'_, Processor>> {
+        let mut p = self.processor.lock();
+        if p.replica().failure().is_some() {
+            let replica = self.vault()?.open_replica(&self.vm)?;
+            p.reopen(replica)?;
+        }
+        Ok(p)
     }
 
     fn report_points(&self, points: &[PointInfo]) {
@@ -124,7 +136,7 @@ impl VmOwner {
             kind: crate::record::MarkerKind::Point,
         };
         let seq = agent.marker(&marker)?;
-        let mut p = self.processor.lock();
+        let mut p = self.live_processor()?;
         let report = p.run_pass()?;
         self.report_points(&report.points);
         let pt = report
@@ -219,7 +231,9 @@ impl VmOwner {
             let rec = vault.catalog().vm(&self.vm)?.clone();
             let view = Arc::new(self.view(&spec)?.0);
             let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
-            for (i, d) in rec.disks.iter().enumerate() {
+            // The disks of that state (a disk added later is not in an older point).
+            let disks = &rec.disks[..rec.disks.len().min(view.disks().len())];
+            for (i, d) in disks.iter().enumerate() {
                 let dev = if writable {
                     let scratch = vault.vm_scratch(&self.vm).join(format!(
                         "mount-{}-{}-{}.overlay",
@@ -241,7 +255,7 @@ impl VmOwner {
             .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
             let reply = Reply::Mounted {
                 addr: server.local_addr().to_string(),
-                disks: rec.disks.iter().map(|d| d.name.clone()).collect(),
+                disks: disks.iter().map(|d| d.name.clone()).collect(),
                 point: view.point().cloned(),
                 seq: view.seq(),
                 time_us: view.time_us(),
@@ -294,11 +308,48 @@ impl Handler for VmOwner {
                 out,
                 network,
             } => self.test_failover(point, out, network),
+            Request::Diff { a, b } => (|| {
+                let rec = self.vault()?.catalog().vm(&self.vm)?.clone();
+                // `latest` first: a point it cuts is then seen by the other side.
+                let (va, vb) = if b == PointSpec::Latest {
+                    let vb = self.view(&b)?.0;
+                    (self.view(&a)?.0, vb)
+                } else {
+                    let va = self.view(&a)?.0;
+                    (va, self.view(&b)?.0)
+                };
+                let names: Vec<String> = rec.disks.iter().map(|d| d.name.clone()).collect();
+                let report = crate::vault::diff_views(&self.vm, &names, (&va, a), (&vb, b))?;
+                Ok(Reply::Diff { report })
+            })(),
             Request::Mount {
                 point,
                 listen,
                 writable,
             } => return self.mount(point, &listen, writable, answer, conn),
+            Request::DiskAdd { name, source } => (|| {
+                let Some(agent) = &self.agent else {
+                    return Err(Error::Conflict(format!(
+                        "VM '{}' is replicated from a remote site: its disks are the ones its agent declares there; disk add is not supported for it yet",
+                        self.vm
+                    )));
+                };
+                let mut vault = self.vault()?;
+                let report = vault.disk_add_live(
+                    &self.vm,
+                    &name,
+                    &source,
+                    agent,
+                    &self.processor,
+                    &mut crate::vault::NoProgress,
+                )?;
+                self.report_points(std::slice::from_ref(&report.point));
+                Ok(Reply::DiskAdded { report })
+            })(),
+            Request::GroupHold { .. }
+            | Request::GroupCut { .. }
+            | Request::GroupRelease { .. }
+            | Request::GroupSettle { .. } => super::group::handle(self, req),
         };
         answer(r)
     }

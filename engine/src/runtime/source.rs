@@ -25,12 +25,12 @@ use crate::nbd::Server;
 use crate::record::{Consistency, Marker};
 use crate::util::lock::{self, LockWait, VaultLock};
 use crate::vfs::{RealFs, Vfs};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,10 @@ pub const RESYNC_FLAG: &str = "resync.required";
 pub const SOURCE_AHEAD: &str = "source.ahead";
 /// Set once the agent's first run has begun its initial copy.
 pub const INITIALIZED: &str = "initialized";
+/// Set from a seeded first run (a two-site reprotect) until its resync is done: a restart
+/// meanwhile resyncs every block of the disks, holes too (the target's replica may hold
+/// data where the image has none).
+pub const SEED_PENDING: &str = "seed.pending";
 /// The running agent's control socket, in its journal directory.
 pub const SOCKET: &str = "agent.sock";
 
@@ -56,6 +60,10 @@ pub struct SourceOptions {
     pub disks: Vec<(String, PathBuf)>,
     pub listen: String,
     pub events: Events,
+    /// The first run takes its seed from the cache service (left there by a two-site
+    /// `reprotect`): the journal continues the vault's numbering and only the blocks whose
+    /// hashes differ from the target's replica are shipped.
+    pub seeded: bool,
 }
 
 /// A running source-site agent.
@@ -70,7 +78,60 @@ pub struct SourceAgent {
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<Result<()>>>,
     events: Events,
+    /// Closed (set) before the tap is taken apart at shutdown: a [`SourceProbe`] reads
+    /// only under its read lock, so it never holds the tap when shutdown needs it alone.
+    probe_gate: Arc<RwLock<bool>>,
     _lock: VaultLock,
+}
+
+/// A source-site agent's figures for monitoring, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct SourceReport {
+    /// The link to the cache service is up.
+    pub connected: bool,
+    /// Records and bytes in the journal the cache service has not acknowledged durable.
+    pub unacked_records: u64,
+    pub unacked_bytes: u64,
+    /// The journal's size on disk and its limit.
+    pub journal_bytes: u64,
+    pub journal_capacity_bytes: Option<u64>,
+    /// Bytes of dirty blocks still to ship, while the agent tracks writes in its bitmap.
+    pub resync_pending_bytes: Option<u64>,
+}
+
+/// Reads a running source-site agent's figures from another thread without keeping the
+/// agent alive: once it has begun to shut down, [`SourceProbe::report`] says `None`.
+#[derive(Clone)]
+pub struct SourceProbe {
+    agent: Weak<Agent>,
+    shipper: Weak<Mutex<Option<Shipper>>>,
+    gate: Arc<RwLock<bool>>,
+}
+
+impl SourceProbe {
+    pub fn report(&self) -> Option<SourceReport> {
+        let closed = self.gate.read();
+        if *closed {
+            return None;
+        }
+        let agent = self.agent.upgrade()?;
+        let journal = agent.cache();
+        let st = journal.stats();
+        let (unacked_records, unacked_bytes) = journal.backlog(st.checkpoint);
+        let connected = self.shipper.upgrade().is_some_and(|s| {
+            s.lock()
+                .as_ref()
+                .is_some_and(|s| s.status.connected.load(Ordering::SeqCst))
+        });
+        Some(SourceReport {
+            connected,
+            unacked_records,
+            unacked_bytes,
+            journal_bytes: st.stored_bytes,
+            journal_capacity_bytes: st.capacity_bytes,
+            resync_pending_bytes: agent.resync_pending(),
+        })
+    }
 }
 
 struct Markers {
@@ -144,11 +205,12 @@ impl SourceAgent {
                 size_bytes: d.size_bytes,
             })
             .collect();
-        let (journal, report) = Cache::open_with(
-            vfs.clone(),
-            o.journal.join("log"),
-            CacheConfig::write_path(o.journal_capacity),
-        )?;
+        let first_run = !flag::is_set(&*vfs, &o.journal, INITIALIZED)?;
+        let seed = match o.seeded && first_run {
+            true => Some(fetch_seed(&o, &infos)?),
+            false => None,
+        };
+        let (journal, report) = open_journal(&vfs, &o, seed.as_ref())?;
         if let Some((file, offset, n, why)) = &report.truncated {
             (o.events)(Event::Notice(format!(
                 "journal: cut a torn tail of {n} bytes at byte {offset} of {} ({why})",
@@ -174,7 +236,33 @@ impl SourceAgent {
                 }
             });
         }
-        if !flag::is_set(&*vfs, &o.journal, INITIALIZED)? {
+        if let Some(seed) = &seed {
+            let mut marks = Vec::new();
+            let (mut changed, mut compared) = (0, 0);
+            for (i, (image, hashes)) in agent.source_images()?.iter().zip(&seed.hashes).enumerate()
+            {
+                let d = crate::delta::compare_with_hashes(image, hashes)?;
+                changed += d.changed_bytes();
+                compared += d.compared_bytes;
+                marks.extend(d.changed.iter().map(|&(off, len)| (i as u16, off, len)));
+            }
+            (o.events)(Event::Notice(format!(
+                "{}: seeded first run (reprotect): {changed} bytes of blocks differ from the target's replica ({compared} bytes compared by hash), shipping those",
+                o.vm
+            )));
+            flag::set(&*vfs, &o.journal, SEED_PENDING)?;
+            agent.require_resync_of(&marks)?;
+            flag::set(&*vfs, &o.journal, INITIALIZED)?;
+        } else if flag::is_set(&*vfs, &o.journal, SEED_PENDING)? {
+            (o.events)(Event::Notice(format!(
+                "{}: the seeded resync of an earlier run did not finish; shipping every block again",
+                o.vm
+            )));
+            let whole: Vec<(u16, u64, u64)> = (0..infos.len())
+                .map(|i| (i as u16, 0, infos[i].size_bytes))
+                .collect();
+            agent.require_resync_of(&whole)?;
+        } else if first_run {
             (o.events)(Event::Notice(format!(
                 "{}: first run: shipping every allocated block (initial replication)",
                 o.vm
@@ -194,6 +282,19 @@ impl SourceAgent {
             let (addr, security, vm) = (o.cache.clone(), o.security.clone(), o.vm.clone());
             Arc::new(move |journal: Arc<Cache>| {
                 let (agent, events) = (agent.clone(), events.clone());
+                // The hold of a group point's barrier the cache service relays: the same
+                // tap as the client's writes, so it holds their acknowledgements.
+                let barrier: crate::link::ship::Barrier = {
+                    let (agent, vm) = (Arc::downgrade(&agent), vm.clone());
+                    Arc::new(move |step| match agent.upgrade() {
+                        Some(a) => super::group::answer_step(&a, &vm, step),
+                        None => crate::link::wire::GroupAnswer {
+                            tag: step.tag,
+                            error: format!("the agent of VM '{vm}' is stopping"),
+                            value: 0,
+                        },
+                    })
+                };
                 Shipper::start(
                     journal,
                     ShipperConfig {
@@ -201,6 +302,7 @@ impl SourceAgent {
                         security: security.clone(),
                         vm: vm.clone(),
                         disks: infos.clone(),
+                        barrier: Some(barrier),
                     },
                     move || {
                         let st = agent.cache().stats();
@@ -267,6 +369,7 @@ impl SourceAgent {
             stop,
             worker: Some(worker),
             events: o.events,
+            probe_gate: Arc::new(RwLock::new(false)),
             _lock: lock,
         })
     }
@@ -277,6 +380,20 @@ impl SourceAgent {
 
     pub fn disks(&self) -> Vec<String> {
         self.agent.disks().map(|d| d.name.clone()).collect()
+    }
+
+    /// The latency and bytes of the client's requests, per disk.
+    pub fn write_stats(&self) -> Arc<crate::util::latency::WriteStats> {
+        self.agent.write_stats()
+    }
+
+    /// A reader of this agent's link and journal figures, for another thread.
+    pub fn probe(&self) -> SourceProbe {
+        SourceProbe {
+            agent: Arc::downgrade(&self.agent),
+            shipper: Arc::downgrade(&self.shipper),
+            gate: self.probe_gate.clone(),
+        }
     }
 
     /// Run until `stop` is set (or the write path fails), then stop cleanly: no new
@@ -306,7 +423,10 @@ impl SourceAgent {
             }
             shipper.stop();
         }
-        let SourceAgent { agent, .. } = self;
+        let SourceAgent {
+            agent, probe_gate, ..
+        } = self;
+        *probe_gate.write() = true;
         let agent = Arc::try_unwrap(agent)
             .map_err(|_| Error::Invalid("agent still in use at shutdown".into()))?;
         agent.close()?;
@@ -334,6 +454,53 @@ pub fn marker(journal: &Path, vm: &str, app: bool, name: Option<&str>) -> Result
             sock.display()
         ))),
     }
+}
+
+/// The seed a two-site reprotect left at the cache service, for these disks.
+fn fetch_seed(o: &SourceOptions, infos: &[DiskInfo]) -> Result<crate::link::seed::Seed> {
+    let seed = crate::link::seed::fetch(&o.cache, &o.security, &o.vm, infos).map_err(|e| {
+        Error::Conflict(format!(
+            "{}: --seeded: the seed cannot be had from the cache service at {}: {e}",
+            o.vm, o.cache
+        ))
+    })?;
+    if seed.disks != infos || seed.hashes.len() != infos.len() {
+        return Err(Error::Conflict(format!(
+            "{}: the seed at the cache service is for disks {:?}, the agent serves {:?}",
+            o.vm, seed.disks, infos
+        )));
+    }
+    Ok(seed)
+}
+
+/// The agent's journal; on a seeded first run a new one that continues the vault's
+/// numbering (or the one an interrupted first run created, if it does).
+fn open_journal(
+    vfs: &Arc<dyn Vfs>,
+    o: &SourceOptions,
+    seed: Option<&crate::link::seed::Seed>,
+) -> Result<(Cache, crate::cache::RecoveryReport)> {
+    let dir = o.journal.join("log");
+    let config = CacheConfig::write_path(o.journal_capacity);
+    let Some(seed) = seed else {
+        return Cache::open_with(vfs.clone(), &dir, config);
+    };
+    let empty = !vfs.exists(&dir) || vfs.list(&dir).map_err(|e| Error::io(&dir, e))?.is_empty();
+    if empty {
+        let j = Cache::create_after(vfs.clone(), &dir, config, seed.next_seq - 1)?;
+        return Ok((j, Default::default()));
+    }
+    let (j, report) = Cache::open_with(vfs.clone(), &dir, config)?;
+    if j.next_seq() != seed.next_seq {
+        let next = j.next_seq();
+        j.close()?;
+        return Err(Error::Conflict(format!(
+            "the journal in {} was used before (it is at record {next}, the seed starts at {}): give a new --journal directory for the reprotected VM",
+            o.journal.display(),
+            seed.next_seq
+        )));
+    }
+    Ok((j, report))
 }
 
 /// Applies durable writes to the source images; while the journal cannot take writes,
@@ -379,9 +546,14 @@ fn drain_loop(
                 )));
                 resyncing = true;
             }
-            if agent.resync_step(RESYNC_STEP_BYTES)? {
+            let done = agent.resync_step(RESYNC_STEP_BYTES)?;
+            if !done && agent.resync_shipped_bytes() > 0 {
+                crate::util::testhook::pause(crate::util::testhook::SEED_RESYNC);
+            }
+            if done {
                 // Everything is in the journal again: the flag can go.
                 flag::clear(vfs, dir, RESYNC_FLAG)?;
+                flag::clear(vfs, dir, SEED_PENDING)?;
                 resyncing = false;
                 failure_told = None;
                 backoff.reset();

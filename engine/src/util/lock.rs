@@ -14,9 +14,26 @@ use std::time::{Duration, Instant};
 pub const FILE_NAME: &str = "lock";
 
 /// A held vault lock; released on drop.
-#[derive(Debug)]
 pub struct VaultLock {
     _file: File,
+    /// What else is held with it: an object vault's VM lease (see `objstore::lease`).
+    hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for VaultLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultLock")
+            .field("hold", &self.hold.is_some())
+            .finish()
+    }
+}
+
+impl VaultLock {
+    /// Hold `extra` (a lease) for as long as this lock: released with it.
+    pub fn with_hold(mut self, extra: Box<dyn std::any::Any + Send + Sync>) -> VaultLock {
+        self.hold = Some(extra);
+        self
+    }
 }
 
 /// What to do when another process holds the lock.
@@ -91,7 +108,10 @@ pub fn acquire(dir: &Path, who: &str, wait: LockWait) -> Result<VaultLock> {
         .map_err(|e| Error::io(&path, e))?;
     f.write_all(note.as_bytes())
         .map_err(|e| Error::io(&path, e))?;
-    Ok(VaultLock { _file: f })
+    Ok(VaultLock {
+        _file: f,
+        hold: None,
+    })
 }
 
 /// Who holds the lock, as recorded in the lock file.

@@ -3,6 +3,9 @@
 //! service has to reach into another one for a lock file or a name check.
 
 pub mod codec;
+pub mod hold;
+pub mod latency;
 pub mod lock;
 pub mod names;
 pub mod statefile;
+pub mod testhook;

@@ -140,10 +140,13 @@ pub fn write(vfs: &dyn Vfs, dir: &Path, name: &str, kind: &Kind, body: &[u8]) ->
 /// The bytes of `path` (`None` if it does not exist), refusing a file longer than
 /// `max_bytes` before reading it whole.
 pub fn read_raw(vfs: &dyn Vfs, path: &Path, max_bytes: usize) -> Result<Option<Vec<u8>>> {
-    if !vfs.exists(path) {
-        return Ok(None);
-    }
-    let f = vfs.open(path).at(path)?;
+    // Open rather than ask `exists` first: `exists` cannot tell a missing file from a
+    // store that did not answer, and an unreachable object store must not read as "absent".
+    let f = match vfs.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at(path),
+    };
     let len = f.len().at(path)?;
     if len > max_bytes as u64 {
         return Err(Error::corrupt(

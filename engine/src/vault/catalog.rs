@@ -8,7 +8,10 @@
 //!   0     8  magic        "STBYVLT\0"
 //!   8     2  version      1
 //!  10     2  reserved     0
-//!  12     4  incompat     feature bits a reader must know; none defined
+//!  12     4  incompat     feature bits a reader must know: bit 0 ROUNDTRIP
+//!                         (a VM record uses `dir`, `unprotected`, `other_site_disks`,
+//!                         `failback` or a failover record's `disks`: an older reader that
+//!                         skipped them would serve or process a VM it must not)
 //!  16     4  payload_len  bytes of the JSON payload, <= 64 MiB
 //!  20     4  crc32        of the payload
 //!  24     n  payload      UTF-8 JSON, the `Catalog` below
@@ -41,6 +44,25 @@ pub const FILE_NAME: &str = "catalog";
 pub const MAGIC: [u8; 8] = *b"STBYVLT\0";
 pub const VERSION: u16 = 1;
 const HEADER_BYTES: usize = 24;
+/// Incompatible feature: the round-trip fields (see the byte map) are in use.
+pub const INCOMPAT_ROUNDTRIP: u32 = 1;
+const KNOWN_INCOMPAT: u32 = INCOMPAT_ROUNDTRIP;
+
+/// The incompatible features `c` needs a reader to know.
+fn incompat_of(c: &Catalog) -> u32 {
+    let roundtrip = c.vms.values().any(|r| {
+        r.dir.is_some()
+            || r.unprotected.is_some()
+            || r.other_site_disks.is_some()
+            || r.failback.is_some()
+            || r.failover.as_ref().is_some_and(|f| f.disks.is_some())
+    });
+    if roundtrip {
+        INCOMPAT_ROUNDTRIP
+    } else {
+        0
+    }
+}
 const MAX_PAYLOAD_BYTES: usize = 64 << 20;
 
 /// Replication state of a VM.
@@ -128,6 +150,44 @@ pub struct FailoverRecord {
     pub dir: String,
     pub network: String,
     pub time_us: u64,
+    /// The images the failover left, by disk, when they are not `DIR/DISK.raw` (a
+    /// failback writes the point into the original site's images in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<String>>,
+    /// For a remote VM: when its source site's cache service confirmed the fence (it
+    /// refuses the old source's writes from then on). Until then `process --follow` keeps
+    /// telling it. Informational for older readers (no feature bit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_us: Option<u64>,
+}
+
+impl FailoverRecord {
+    /// The failed-over image of each disk of `rec`, in disk order.
+    pub fn disk_paths(&self, rec: &VmRecord) -> Vec<String> {
+        match &self.disks {
+            Some(d) => d.clone(),
+            None => rec
+                .disks
+                .iter()
+                .map(|d| {
+                    std::path::Path::new(&self.dir)
+                        .join(format!("{}.raw", d.name))
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A failback under way: the point being written into the original site's images. Set
+/// before the first byte is written there and cleared when the last one is durable, so a
+/// failback that was stopped is finished by the next one (and the agent refuses meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackRecord {
+    pub point_id: u64,
+    pub seq: u64,
+    pub time_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +217,41 @@ pub struct VmRecord {
     /// and `process --follow` pulls from it.
     #[serde(default)]
     pub remote: Option<RemoteSource>,
+    /// The directory under `VAULT/vms/` holding the VM's log and replica, when it is not
+    /// the VM's name: an unprotected VM keeps its directory, so a new VM of that name
+    /// gets another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Set by `unprotect`: replication has ended; the points are kept for reading (listed,
+    /// mounted, failed over) until `unprotect --delete-points`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unprotected: Option<UnprotectedRecord>,
+    /// After a reprotect: the images at the VM's other site (the disks it ran on before
+    /// the failover), by disk: what a failback writes into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_site_disks: Option<Vec<String>>,
+    /// Set while a failback writes into the other site's images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<FailbackRecord>,
+    /// Set while the VM is protected in the reverse direction (from the site it failed
+    /// over to); each reprotect flips it. Informational for older readers (no feature
+    /// bit: `other_site_disks` is set whenever this is).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reversed: bool,
+}
+
+/// When a VM was unprotected and the name it was protected under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnprotectedRecord {
+    pub name: String,
+    pub time_us: u64,
+}
+
+impl VmRecord {
+    /// The VM's directory name under `VAULT/vms/`.
+    pub fn dir_name(&self) -> &str {
+        self.dir.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// Where a remote VM's cache service is.
@@ -224,7 +319,7 @@ pub fn encode(c: &Catalog) -> Result<Vec<u8>> {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&incompat_of(c).to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -247,7 +342,7 @@ pub fn decode(b: &[u8], path: &Path) -> Result<Catalog> {
         incompat: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
         incompat_at: 12,
     }
-    .check("vault catalog", VERSION, 0)
+    .check("vault catalog", VERSION, KNOWN_INCOMPAT)
     .map_err(|e| e.at(path, 0))?;
     let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
     if len > MAX_PAYLOAD_BYTES || HEADER_BYTES + len != b.len() {
@@ -297,5 +392,51 @@ mod tests {
             assert!(decode(&d, p).is_err(), "flip at {i}");
         }
         assert!(decode(&b[..b.len() - 1], p).is_err());
+    }
+
+    #[test]
+    fn the_round_trip_fields_set_their_incompatible_bit_and_only_they() {
+        let mut c = Catalog::new("abc".into(), 7);
+        let vm = VmRecord {
+            name: "vm".into(),
+            disks: vec![],
+            policy: "default".into(),
+            source: Placement::default(),
+            target: Placement::default(),
+            network_mapping: BTreeMap::new(),
+            state: VmState::Protected,
+            created_us: 1,
+            failover: None,
+            committed: false,
+            test_failover: None,
+            resync_reason: None,
+            cache_capacity_bytes: None,
+            remote: None,
+            dir: None,
+            unprotected: None,
+            other_site_disks: None,
+            failback: None,
+            reversed: false,
+        };
+        c.vms.insert("vm".into(), vm.clone());
+        let p = Path::new("catalog");
+        let plain = encode(&c).unwrap();
+        assert_eq!(plain[12..16], [0, 0, 0, 0], "older readers still open it");
+        assert!(!String::from_utf8_lossy(&plain).contains("unprotected"));
+        let mut kept = vm;
+        kept.dir = Some("vm".into());
+        kept.unprotected = Some(UnprotectedRecord {
+            name: "vm".into(),
+            time_us: 5,
+        });
+        c.vms.insert("vm.unprotected-1".into(), kept);
+        let b = encode(&c).unwrap();
+        assert_eq!(b[12..16], INCOMPAT_ROUNDTRIP.to_le_bytes());
+        assert_eq!(decode(&b, p).unwrap(), c);
+        // A bit this build does not know is refused with a readable message.
+        let mut d = b.clone();
+        d[12] |= 0x02;
+        let e = decode(&d, p).unwrap_err().to_string();
+        assert!(e.contains("feature"), "{e}");
     }
 }

@@ -152,6 +152,8 @@ impl Vault {
             dir: dir.to_string_lossy().into_owned(),
             network: report.network.clone(),
             time_us: now_us(),
+            disks: None,
+            fenced_us: None,
         };
         self.update(|c| {
             let vmrec = c.vm_mut(vm)?;
@@ -175,7 +177,7 @@ impl Vault {
 
     /// The view `spec` names (the caller holds the VM's lock), and the point it shows: the
     /// point `spec` names, or for a `seq:`/`time:` moment the point cut at exactly that seq.
-    fn resolve_point(
+    pub(crate) fn resolve_point(
         &self,
         vm: &str,
         rec: &super::VmRecord,
@@ -205,7 +207,10 @@ impl Vault {
     ) -> Result<(View, Vec<PointInfo>)> {
         let policy = self.vm_policy(vm)?;
         let mut replica = self.open_replica(vm)?;
-        if spec == PointSpec::Latest && rec.state != VmState::FailedOver {
+        if spec == PointSpec::Latest
+            && rec.state != VmState::FailedOver
+            && rec.unprotected.is_none()
+        {
             // Lowest RPO: process everything pending and cut a point at the end.
             let cache = self.open_cache(vm)?;
             let mut p = Processor::new(cache.clone(), replica, policy)?;
@@ -234,8 +239,9 @@ impl Vault {
         let rec = self.live_vm(vm)?.clone();
         let view = Arc::new(self.resolve_view(vm, &rec, spec)?);
         Ok(MountHandle {
+            // The disks of that state (a disk added later is not in an older point).
+            disks: view.disks().iter().map(|d| d.name.clone()).collect(),
             view,
-            disks: rec.disks.iter().map(|d| d.name.clone()).collect(),
             scratch: self.vm_dir(vm),
             _lock: lock,
         })
@@ -308,23 +314,27 @@ pub fn materialize_disks(
         vfs.remove_dir_all(tmp).at(tmp)?;
     }
     vfs.create_dir_all(tmp).at(tmp)?;
+    // The disks of the view's state, at their size then: a disk added later is not in an
+    // older point, and a grown one has its size at that point.
+    let disks = &disks[..disks.len().min(view.disks().len())];
     let total: u64 = (0..disks.len())
         .map(|i| view.allocated_bytes(i as u16).unwrap_or(0))
         .sum();
     progress.begin("materializing", total);
     let mut out = Vec::new();
     let result = disks.iter().enumerate().try_for_each(|(i, d)| {
+        let size_bytes = view.disks().get(i).map_or(d.size_bytes, |v| v.size_bytes);
         let name = format!("{}.raw", d.name);
         let path = tmp.join(&name);
-        let stats = view.materialize_at(vfs, i as u16, &path, true)?;
-        progress.advance(stats.written_bytes);
+        let stats =
+            view.materialize_at_with(vfs, i as u16, &path, true, &mut |n| progress.advance(n))?;
         let sha = stats
             .sha256
             .ok_or_else(|| Error::Invalid("materialize returned no sha256".into()))?;
         out.push(FailoverDisk {
             name: d.name.clone(),
             path: dir.join(&name),
-            size_bytes: d.size_bytes,
+            size_bytes,
             allocated_bytes: stats.written_bytes,
             sha256: hex(&sha),
         });

@@ -16,18 +16,30 @@
 
 pub mod catalog;
 pub mod damage;
+mod diff;
+mod disks;
 mod failover;
+pub mod group;
+mod lifecycle;
 pub mod remote;
+mod roundtrip;
+mod roundtrip_remote;
 pub mod spec;
 mod status;
 
 pub use crate::util::lock::LockWait;
 pub use catalog::{
-    Catalog, DiskRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource, VmRecord, VmState,
+    Catalog, DiskRecord, FailbackRecord, FailoverRecord, Placement, PolicyRecord, RemoteSource,
+    UnprotectedRecord, VmRecord, VmState,
 };
+pub use diff::{diff_views, DiffReport, DiffSide, DiskDiff, Range};
+pub use disks::{DiskAddReport, DiskChange, DiskResizeReport};
 pub use failover::{
     point_at, sha256_sparse, view_of, FailoverDisk, FailoverReport, MountHandle, Sha256Hex,
 };
+pub use lifecycle::UnprotectReport;
+pub use roundtrip::{Direction, FailbackReport, ReprotectReport, SyncedDisk};
+pub use roundtrip_remote::{HashedDisk, RemoteReprotectReport, RemoteReprotectRequest};
 pub use spec::PointSpec;
 pub use status::{DiskStatus, Health, VmStatus};
 
@@ -61,7 +73,7 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 /// A source disk for `protect`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskSource {
     /// An existing raw image.
     Existing(PathBuf),
@@ -167,6 +179,26 @@ impl Vault {
     /// Create a vault in `root` on the real filesystem (created if missing; an existing
     /// directory must be empty).
     pub fn init(root: &Path) -> Result<()> {
+        // A URL (`az://…`, `s3://…`): the vault lives in the store, its locks and link
+        // credentials in a local directory (see `objstore::resolve`).
+        if let Some((shadow, fs)) = crate::objstore::resolve(root)? {
+            fs.store()
+                .probe()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            if fs.exists(&shadow.join(catalog::FILE_NAME)) {
+                return Err(Error::Conflict(format!(
+                    "{} is already a Standby vault",
+                    fs.store().url()
+                )));
+            }
+            if fs.list(&shadow).is_ok_and(|n| !n.is_empty()) {
+                return Err(Error::Conflict(format!(
+                    "{} holds objects that are not a Standby vault; pick an empty or new prefix",
+                    fs.store().url()
+                )));
+            }
+            return Self::init_with(&fs, &shadow);
+        }
         Self::init_with(&RealFs, root)
     }
 
@@ -216,7 +248,95 @@ impl Vault {
     /// whom they wait for; `wait` says whether a busy lock fails at once or is waited for.
     /// This opens the vault on the real filesystem; see [`Vault::open_with`].
     pub fn open(root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
+        if let Some((shadow, fs)) = crate::objstore::resolve(root)? {
+            let fs = Arc::new(fs);
+            // Unreachable, refused or missing container: say that, not "no vault".
+            let missing = |fs: &crate::objstore::ObjFs| -> Error {
+                if let Err(e) = fs.store().probe() {
+                    return Error::Invalid(e.to_string());
+                }
+                let url = fs.store().url();
+                Error::NotFound(format!(
+                    "{url} is not a Standby vault (create one with `standby init {url}`)"
+                ))
+            };
+            if !fs.exists(&shadow.join(catalog::FILE_NAME)) {
+                return Err(missing(&fs));
+            }
+            return match Self::open_with(fs.clone(), &shadow, who, wait) {
+                // The store went away between the two looks at the catalog: report that.
+                // (The catalog was there a moment ago; once more, then say what is wrong.)
+                Err(Error::NotFound(_)) => match Self::open_with(fs.clone(), &shadow, who, wait) {
+                    Err(Error::NotFound(_)) => Err(missing(&fs)),
+                    other => other,
+                },
+                other => other,
+            };
+        }
         Self::open_with(Arc::new(RealFs), root, who, wait)
+    }
+
+    /// After `exists` said no (it cannot tell a missing object from an unreachable store):
+    /// with an object vault, an unreachable store is an error naming it; a store that
+    /// answers is asked again.
+    fn answers_and_has(&self, path: &Path) -> Result<bool> {
+        match crate::objstore::registered(&self.root) {
+            Some(fs) => {
+                fs.store()
+                    .probe()
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
+                Ok(self.vfs.exists(path))
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The vault's store URL when it lives in object storage.
+    pub fn store_url(&self) -> Option<String> {
+        crate::objstore::registered(&self.root).map(|fs| fs.store().url().to_string())
+    }
+
+    /// With an object vault, a VM's local directory (its lock file's) may not exist on this
+    /// machine yet: another machine protected the VM.
+    fn local_dir(&self, dir: &Path) -> Result<()> {
+        if !dir.exists() && crate::objstore::registered(&self.root).is_some() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        Ok(())
+    }
+
+    /// With an object vault, hold the VM's lease (in `dir`) along with its local lock.
+    fn with_lease(
+        &self,
+        dir: &Path,
+        l: lock::VaultLock,
+        wait: LockWait,
+    ) -> Result<lock::VaultLock> {
+        if dir == self.root {
+            return Ok(l);
+        }
+        match crate::objstore::registered(&self.root) {
+            Some(fs) => {
+                use crate::objstore::lease;
+                let lease = match lease::acquire(&fs, dir, &self.who, LockWait::Fail) {
+                    Err(Error::Locked(holder)) if wait != LockWait::Fail => {
+                        if let Some(f) = &self.on_wait {
+                            f(&holder);
+                        }
+                        // A `process --follow` of this machine keeps the lease between its
+                        // passes: ask it to let go, as for the local lock.
+                        let wanted = dir.join(format!("{WANTED_FILE}.{}", std::process::id()));
+                        let _ = std::fs::write(&wanted, self.who.as_bytes());
+                        let got = lease::acquire(&fs, dir, &self.who, wait);
+                        let _ = std::fs::remove_file(&wanted);
+                        got?
+                    }
+                    other => other?,
+                };
+                Ok(l.with_hold(Box::new(lease)))
+            }
+            None => Ok(l),
+        }
     }
 
     /// Open a vault whose files go through `vfs` (the vault's catalog, logs, replicas and
@@ -246,6 +366,12 @@ impl Vault {
     }
 
     fn acquire(&self, dir: &Path, wait: LockWait) -> Result<lock::VaultLock> {
+        let l = self.acquire_local(dir, wait)?;
+        self.with_lease(dir, l, wait)
+    }
+
+    fn acquire_local(&self, dir: &Path, wait: LockWait) -> Result<lock::VaultLock> {
+        self.local_dir(dir)?;
         match lock::acquire(dir, &self.who, LockWait::Fail) {
             Err(Error::Locked(holder)) if wait != LockWait::Fail => {
                 if let Some(f) = &self.on_wait {
@@ -293,7 +419,7 @@ impl Vault {
     fn lock_vm(&self, vm: &str) -> Result<lock::VaultLock> {
         self.catalog.vm(vm)?;
         let dir = self.vm_dir(vm);
-        if !self.vfs.exists(&dir) {
+        if !self.vfs.exists(&dir) && !self.answers_and_has(&dir)? {
             return Err(Error::NotFound(format!(
                 "VM '{vm}' has no replication data (was its failover committed?)"
             )));
@@ -301,10 +427,35 @@ impl Vault {
         self.acquire(&dir, self.wait)
     }
 
+    /// With an object vault, take (or share) the VM's lease alone, for a long-running
+    /// command to keep the VM between its passes (`process --follow`): each pass's lock then
+    /// shares it, and another machine waits until this process lets go or dies. None on a
+    /// vault on the local filesystem. Fails at once if another holds the lease.
+    pub fn pin_lease(&self, vm: &str) -> Result<Option<crate::objstore::lease::Lease>> {
+        self.catalog.vm(vm)?;
+        match crate::objstore::registered(&self.root) {
+            Some(fs) => Ok(Some(crate::objstore::lease::acquire(
+                &fs,
+                &self.vm_dir(vm),
+                &self.who,
+                LockWait::Fail,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A VM's directory (where its lock is, and where a waiter says it wants the lock).
+    pub fn vm_dir_of(&self, vm: &str) -> PathBuf {
+        self.vm_dir(vm)
+    }
+
     /// Take a VM's lock only if it is free (`Error::Locked` names the holder otherwise).
     pub fn try_lock_vm(&self, vm: &str) -> Result<lock::VaultLock> {
         self.catalog.vm(vm)?;
-        lock::acquire(&self.vm_dir(vm), &self.who, LockWait::Fail)
+        let dir = self.vm_dir(vm);
+        self.local_dir(&dir)?;
+        let l = lock::acquire(&dir, &self.who, LockWait::Fail)?;
+        self.with_lease(&dir, l, LockWait::Fail)
     }
 
     /// Refuse source images another VM of this vault (or another disk of the same VM)
@@ -324,7 +475,7 @@ impl Vault {
                 )));
             }
             for (vm, rec) in &self.catalog.vms {
-                if rec.committed || rec.remote.is_some() {
+                if rec.committed || rec.remote.is_some() || rec.unprotected.is_some() {
                     continue;
                 }
                 if let Some(o) = rec
@@ -361,7 +512,23 @@ impl Vault {
     }
 
     pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
-        self.root.join("vms").join(vm)
+        match self.catalog.vms.get(vm) {
+            Some(rec) => self.root.join("vms").join(rec.dir_name()),
+            None => self.root.join("vms").join(vm),
+        }
+    }
+
+    /// The directory a new VM named `vm` gets: its name, unless another VM's data (an
+    /// unprotected VM of that name) is there; then `VM.N` for the first free N.
+    pub(crate) fn new_vm_dir_name(&self, vm: &str) -> Option<String> {
+        let used: std::collections::BTreeSet<&str> =
+            self.catalog.vms.values().map(|r| r.dir_name()).collect();
+        if !used.contains(vm) {
+            return None;
+        }
+        (1u64..)
+            .map(|n| format!("{vm}.{n}"))
+            .find(|d| !used.contains(d.as_str()))
     }
 
     /// Create or change a policy.
@@ -480,6 +647,11 @@ impl Vault {
             resync_reason: None,
             cache_capacity_bytes: req.cache_capacity_bytes,
             remote: None,
+            dir: self.new_vm_dir_name(&req.vm),
+            unprotected: None,
+            other_site_disks: None,
+            failback: None,
+            reversed: false,
         };
         // Files first, catalog last: a VM dir without a catalog entry is overwritten by the
         // next protect of that name, and a power cut anywhere before the catalog names the
@@ -487,7 +659,7 @@ impl Vault {
         // Until the catalog names the VM, a failure leaves no image this protect created
         // (a retry would be refused with "already exists").
         let done = (|| -> Result<_> {
-            let vm_dir = self.vm_dir(&req.vm);
+            let vm_dir = self.root.join("vms").join(record.dir_name());
             let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
             let specs: Vec<DiskSpec> = record
                 .disks
@@ -647,6 +819,11 @@ impl Vault {
 
     /// The write tap of a VM; without `replay`, see [`Agent::open_with`].
     pub(crate) fn agent_with(&self, vm: &str, replay: bool) -> Result<AgentHandle> {
+        // The split-brain guard, before anything else (a committed VM has no data left).
+        let rec = self.catalog.vm(vm)?;
+        if rec.remote.is_none() && (rec.committed || rec.state == VmState::FailedOver) {
+            return Err(split_brain(vm, rec));
+        }
         let lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
         if let Some(r) = &rec.remote {
@@ -655,10 +832,9 @@ impl Vault {
                 r.cache
             )));
         }
+        self.refuse_retired(vm, rec)?;
         if rec.state == VmState::FailedOver {
-            return Err(Error::Conflict(format!(
-                "VM '{vm}' is failed over: its source disks are no longer replicated"
-            )));
+            return Err(split_brain(vm, rec));
         }
         let disks = rec
             .disks
@@ -679,13 +855,17 @@ impl Vault {
     /// [`Vault::agent`] (which holds the VM's lock): the agent process runs it.
     pub fn processor_for(&self, vm: &str, handle: &AgentHandle) -> Result<Processor> {
         let policy = self.vm_policy(vm)?;
-        Processor::new(handle.cache().clone(), self.open_replica(vm)?, policy)
+        Ok(
+            Processor::new(handle.cache().clone(), self.open_replica(vm)?, policy)?
+                .counting_into(crate::util::latency::replicated_bytes(vm)),
+        )
     }
 
     /// Apply a VM's pending changes into its replica, cutting and pruning points per policy.
     pub fn process(&mut self, vm: &str) -> Result<PassReport> {
         let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
+        self.refuse_retired(vm, rec)?;
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
                 "VM '{vm}' is failed over and no longer processed"
@@ -693,7 +873,8 @@ impl Vault {
         }
         let policy = self.vm_policy(vm)?;
         let cache = self.open_cache(vm)?;
-        let mut p = Processor::new(cache.clone(), self.open_replica(vm)?, policy)?;
+        let mut p = Processor::new(cache.clone(), self.open_replica(vm)?, policy)?
+            .counting_into(crate::util::latency::replicated_bytes(vm));
         let report = p.run_pass()?;
         drop(p);
         cache.close()?;
@@ -729,6 +910,8 @@ impl Vault {
             .values()
             .filter(|v| {
                 !v.committed
+                    && v.unprotected.is_none()
+                    && v.failback.is_none()
                     && matches!(
                         v.state,
                         VmState::Protected | VmState::TestFailover | VmState::ResyncRequired
@@ -748,6 +931,7 @@ impl Vault {
     ) -> Result<PointInfo> {
         let _lock = self.lock_vm(vm)?;
         let rec = self.live_vm(vm)?;
+        self.refuse_retired(vm, rec)?;
         if rec.state == VmState::FailedOver {
             return Err(Error::Conflict(format!(
                 "VM '{vm}' is failed over and no longer processed"
@@ -1159,4 +1343,30 @@ fn same_image(a: &Path, b: &Path) -> bool {
         })
     };
     canonical(a) == canonical(b)
+}
+
+/// The split-brain guard's refusal: the VM failed over, so its old source must not take
+/// writes that no replica would ever hold (two histories would diverge silently).
+pub(crate) fn split_brain(vm: &str, rec: &VmRecord) -> Error {
+    Error::Conflict(format!(
+        "{}: its old source disks are not served (the copies would diverge)",
+        split_brain_reason(vm, rec)
+    ))
+}
+
+/// "VM 'x' was failed over to point N (seq S) at T into DIR[, committed]".
+pub fn split_brain_reason(vm: &str, rec: &VmRecord) -> String {
+    let at = match &rec.failover {
+        Some(f) => format!(
+            " to {} (seq {}) at {} into {}",
+            f.point_id
+                .map_or_else(|| "a moment".to_string(), |id| format!("point {id}")),
+            f.seq,
+            spec::rfc3339(f.time_us),
+            f.dir
+        ),
+        None => String::new(),
+    };
+    let committed = if rec.committed { ", committed" } else { "" };
+    format!("VM '{vm}' was failed over{at}{committed}")
 }

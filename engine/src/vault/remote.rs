@@ -118,8 +118,13 @@ impl Vault {
                 cache: addr.to_string(),
                 insecure_loopback,
             }),
+            dir: self.new_vm_dir_name(&req.vm),
+            unprotected: None,
+            other_site_disks: None,
+            failback: None,
+            reversed: false,
         };
-        let vm_dir = self.vm_dir(&req.vm);
+        let vm_dir = self.root.join("vms").join(record.dir_name());
         let _vm_lock = self.fresh_vm_dir(&vm_dir)?;
         let specs: Vec<DiskSpec> = disks
             .iter()
@@ -151,14 +156,31 @@ impl Vault {
         Ok(disks)
     }
 
-    /// Remote VMs that `process --follow` pulls.
+    /// Remote VMs that `process --follow` pulls, and failed-over ones whose source site
+    /// has not yet confirmed the fence (their follower tells it, then ends).
     pub fn remote_vms(&self) -> Vec<String> {
         self.catalog
             .vms
             .values()
-            .filter(|v| v.remote.is_some() && !v.committed && v.state != VmState::FailedOver)
+            .filter(|v| {
+                // A failback under way owns the VM until it is done.
+                let live = !v.committed && v.state != VmState::FailedOver && v.failback.is_none();
+                let unfenced = (v.committed || v.state == VmState::FailedOver)
+                    && v.failover.as_ref().is_some_and(|f| f.fenced_us.is_none());
+                v.remote.is_some() && v.unprotected.is_none() && (live || unfenced)
+            })
             .map(|v| v.name.clone())
             .collect()
+    }
+
+    /// Record that the source site's cache service confirmed the fence of `vm`.
+    pub fn set_fenced(&mut self, vm: &str) -> Result<()> {
+        self.update(|c| {
+            if let Some(f) = c.vm_mut(vm)?.failover.as_mut() {
+                f.fenced_us = Some(crate::now_us());
+            }
+            Ok(())
+        })
     }
 }
 

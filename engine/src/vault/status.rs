@@ -111,12 +111,12 @@ impl Vault {
         if rec.committed {
             return self.base_status(vm);
         }
-        if let Some(remote) = &rec.remote {
+        if let Some(remote) = rec.remote.as_ref().filter(|_| rec.unprotected.is_none()) {
             return self.remote_status(vm, &remote.cache);
         }
         let _lock = self.try_lock_vm(vm)?;
         let (mut st, newest_write_us) = self.local_status_with_newest(vm)?;
-        if st.record.state != VmState::FailedOver {
+        if st.record.state != VmState::FailedOver && st.record.unprotected.is_none() {
             // The agent holds the VM's lock for as long as it runs: we got it, so none is.
             // Last seen: its newest write, or when it last started (its control socket).
             let started_us = std::fs::metadata(self.agent_socket(vm))
@@ -471,6 +471,13 @@ fn judge(st: &mut VmStatus, rpo: f64) {
     let rec = st.record.clone();
     let threshold = st.rpo_threshold_seconds;
     let (records, bytes) = (st.backlog_records, st.backlog_bytes);
+    if let Some(u) = &rec.unprotected {
+        st.reasons.push(format!(
+            "unprotected (was '{}'): no longer replicated; its points are kept for reading",
+            u.name
+        ));
+        return;
+    }
     match rec.state {
         VmState::FailedOver => st.reasons.push("failed over: no longer replicated".into()),
         _ => {
