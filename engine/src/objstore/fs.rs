@@ -693,6 +693,38 @@ impl ObjFs {
         Ok(())
     }
 
+    /// Whether `path` is there, telling an absent object from a store that did not answer
+    /// (which [`Vfs::exists`] cannot: it says false to both).
+    pub fn try_exists(&self, path: &Path) -> io::Result<bool> {
+        let Some(key) = self.key_of(path) else {
+            return Ok(RealFs.exists(path));
+        };
+        if key.is_empty() {
+            return self.dir_exists(&key);
+        }
+        if self.live(&key).is_some() {
+            return Ok(true);
+        }
+        if key.ends_with(".tmp") {
+            // Never uploaded (its rename uploads it): no request needed.
+            return Ok(false);
+        }
+        if self.inner.dirs.lock().contains(&key) {
+            return Ok(true);
+        }
+        match self.inner.store.head(&key) {
+            Ok(m) => {
+                self.inner.note(&key, Seen::At(m.version));
+                Ok(true)
+            }
+            Err(StoreError::NotFound) => {
+                self.inner.note(&key, Seen::Absent);
+                self.dir_exists(&key)
+            }
+            Err(e) => Err(self.inner.io(&key, e)),
+        }
+    }
+
     fn dir_exists(&self, key: &str) -> io::Result<bool> {
         if self.inner.dirs.lock().contains(key) {
             return Ok(true);
@@ -988,33 +1020,7 @@ impl Vfs for ObjFs {
     }
 
     fn exists(&self, path: &Path) -> bool {
-        let Some(key) = self.key_of(path) else {
-            return RealFs.exists(path);
-        };
-        if key.is_empty() {
-            return self.dir_exists(&key).unwrap_or(false);
-        }
-        if self.live(&key).is_some() {
-            return true;
-        }
-        if key.ends_with(".tmp") {
-            // Never uploaded (its rename uploads it): no request needed.
-            return false;
-        }
-        if self.inner.dirs.lock().contains(&key) {
-            return true;
-        }
-        match self.inner.store.head(&key) {
-            Ok(m) => {
-                self.inner.note(&key, Seen::At(m.version));
-                true
-            }
-            Err(StoreError::NotFound) => {
-                self.inner.note(&key, Seen::Absent);
-                self.dir_exists(&key).unwrap_or(false)
-            }
-            Err(_) => false,
-        }
+        self.try_exists(path).unwrap_or(false)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -140,25 +140,60 @@ pub fn write(vfs: &dyn Vfs, dir: &Path, name: &str, kind: &Kind, body: &[u8]) ->
 /// The bytes of `path` (`None` if it does not exist), refusing a file longer than
 /// `max_bytes` before reading it whole.
 pub fn read_raw(vfs: &dyn Vfs, path: &Path, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+    // A state file is replaced whole (write a temporary, rename it over): on an object
+    // store a handle opened just before a replace reads "removed" (NotFound) where a local
+    // file would still read the old bytes. Open again: the replacement is there.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match read_once(vfs, path, max_bytes) {
+            Err(Raced(_)) if attempts < 5 => continue,
+            Err(Raced(e)) => return Err(e).at(path),
+            Ok(r) => return r,
+        }
+    }
+}
+
+/// A file that vanished between its open and its read (a concurrent replace or removal).
+struct Raced(std::io::Error);
+
+fn read_once(
+    vfs: &dyn Vfs,
+    path: &Path,
+    max_bytes: usize,
+) -> std::result::Result<Result<Option<Vec<u8>>>, Raced> {
     // Open rather than ask `exists` first: `exists` cannot tell a missing file from a
     // store that did not answer, and an unreachable object store must not read as "absent".
     let f = match vfs.open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).at(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ok(None)),
+        Err(e) => return Ok(Err(e).at(path)),
     };
-    let len = f.len().at(path)?;
+    let raced = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Err(Raced(e))
+        } else {
+            Ok(Err(e).at(path))
+        }
+    };
+    let len = match f.len() {
+        Ok(l) => l,
+        Err(e) => return raced(e),
+    };
     if len > max_bytes as u64 {
-        return Err(Error::corrupt(
+        return Ok(Err(Error::corrupt(
             path,
             0,
             format!("a {len}-byte file where at most {max_bytes} bytes belong"),
-        ));
+        )));
     }
     let mut b = vec![0u8; len as usize];
-    let n = f.read_full_at(&mut b, 0).at(path)?;
+    let n = match f.read_full_at(&mut b, 0) {
+        Ok(n) => n,
+        Err(e) => return raced(e),
+    };
     b.truncate(n);
-    Ok(Some(b))
+    Ok(Ok(Some(b)))
 }
 
 #[cfg(test)]

@@ -250,43 +250,43 @@ impl Vault {
     pub fn open(root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
         if let Some((shadow, fs)) = crate::objstore::resolve(root)? {
             let fs = Arc::new(fs);
-            // Unreachable, refused or missing container: say that, not "no vault".
-            let missing = |fs: &crate::objstore::ObjFs| -> Error {
-                if let Err(e) = fs.store().probe() {
-                    return Error::Invalid(e.to_string());
+            // Unreachable, refused or missing container: say that, not "no vault". Only a
+            // store that answered "no such object" makes this not a vault.
+            let catalog = shadow.join(catalog::FILE_NAME);
+            let present = |fs: &crate::objstore::ObjFs| -> Result<bool> {
+                match fs.try_exists(&catalog) {
+                    Ok(true) => Ok(true),
+                    Ok(false) => {
+                        fs.store()
+                            .probe()
+                            .map_err(|e| Error::Invalid(e.to_string()))?;
+                        Ok(false)
+                    }
+                    Err(e) => Err(Error::io(&catalog, e)),
                 }
+            };
+            let missing = |fs: &crate::objstore::ObjFs| {
                 let url = fs.store().url();
                 Error::NotFound(format!(
                     "{url} is not a Standby vault (create one with `standby init {url}`)"
                 ))
             };
-            if !fs.exists(&shadow.join(catalog::FILE_NAME)) {
+            if !present(&fs)? {
                 return Err(missing(&fs));
             }
-            return match Self::open_with(fs.clone(), &shadow, who, wait) {
-                // The store went away between the two looks at the catalog: report that.
-                // (The catalog was there a moment ago; once more, then say what is wrong.)
-                Err(Error::NotFound(_)) => match Self::open_with(fs.clone(), &shadow, who, wait) {
-                    Err(Error::NotFound(_)) => Err(missing(&fs)),
-                    other => other,
-                },
-                other => other,
-            };
+            // The store said the catalog is there: read it (a store gone meanwhile is an I/O
+            // error naming it, never "not a vault").
+            return Self::load_with(fs, &shadow, who, wait);
         }
         Self::open_with(Arc::new(RealFs), root, who, wait)
     }
 
     /// After `exists` said no (it cannot tell a missing object from an unreachable store):
-    /// with an object vault, an unreachable store is an error naming it; a store that
-    /// answers is asked again.
+    /// with an object vault, the store is asked again and an unreachable store is an error
+    /// naming it.
     fn answers_and_has(&self, path: &Path) -> Result<bool> {
         match crate::objstore::registered(&self.root) {
-            Some(fs) => {
-                fs.store()
-                    .probe()
-                    .map_err(|e| Error::Invalid(e.to_string()))?;
-                Ok(self.vfs.exists(path))
-            }
+            Some(fs) => fs.try_exists(path).map_err(|e| Error::io(path, e)),
             None => Ok(false),
         }
     }
@@ -349,6 +349,11 @@ impl Vault {
                 root.display()
             )));
         }
+        Self::load_with(vfs, root, who, wait)
+    }
+
+    /// [`Vault::open_with`] once the catalog is known to be there.
+    fn load_with(vfs: Arc<dyn Vfs>, root: &Path, who: &str, wait: LockWait) -> Result<Vault> {
         let catalog = catalog::load(&*vfs, root)?;
         Ok(Vault {
             root: root.to_path_buf(),
