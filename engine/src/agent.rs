@@ -168,6 +168,9 @@ pub struct Agent {
     resync_shipped: std::sync::atomic::AtomicU64,
     /// A group point's barrier holds the client's acknowledgements here (docs/groups.md).
     hold: crate::util::hold::Hold,
+    /// The marker the barrier cut under its hold, not yet known durable: the group point's
+    /// id, the marker's seq and the log it went into.
+    group_marker: Mutex<Option<(String, u64, Arc<Cache>)>>,
 }
 
 /// Called with `true` before the first write goes to the source images alone, and with
@@ -330,6 +333,7 @@ impl Agent {
             client_ops: std::sync::atomic::AtomicU64::new(0),
             resync_shipped: std::sync::atomic::AtomicU64::new(0),
             hold: Default::default(),
+            group_marker: Mutex::new(None),
         };
         if replay {
             agent.replay(synced)?;
@@ -555,6 +559,46 @@ impl Agent {
             },
             true,
         )
+    }
+
+    /// A group point's marker, cut under the hold `group_point`: returns its seq once it is
+    /// written, not waiting for it to be durable, so the hold (the VM's acknowledgements
+    /// waiting) lasts no fsync. [`Agent::group_release`] waits for its durability after
+    /// the hold ends: every write acknowledged after the release is behind the marker in the
+    /// log and durable only with it, so nothing acknowledged can be in the log without it.
+    pub fn group_marker(&self, group_point: &str, marker: &Marker) -> Result<u64> {
+        // The log before the append: if it is swapped meanwhile (it failed), waiting on the
+        // old one fails, and the group point with it.
+        let log = self.log();
+        let seq = self.submit(
+            &Entry::Marker(marker),
+            || Pending {
+                disk: 0,
+                offset: 0,
+                change: Change::Nothing,
+            },
+            false,
+        )?;
+        *self.group_marker.lock() = Some((group_point.to_string(), seq, log));
+        Ok(seq)
+    }
+
+    /// End the hold `group_point`, then wait until the marker cut under it is durable.
+    /// `Ok(true)` if the hold lasted until now and its marker is durable; `Ok(false)` if the
+    /// hold lapsed at its deadline; an error if the marker could not be made durable.
+    pub fn group_release(&self, group_point: &str) -> Result<bool> {
+        let intact = self.hold.release(group_point);
+        let marker = {
+            let mut m = self.group_marker.lock();
+            match &*m {
+                Some((id, _, _)) if id == group_point => m.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, seq, log)) = marker {
+            log.wait_durable(seq)?;
+        }
+        Ok(intact)
     }
 
     /// Append `entry`, a record of a disk this tap does not serve (the initial copy of a

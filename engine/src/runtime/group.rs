@@ -64,16 +64,19 @@ fn agent_cut(
             "VM '{vm}' no longer holds for group point {group_point} (its hold lapsed)"
         )));
     }
-    agent.marker(&Marker {
-        consistency: if app {
-            Consistency::App
-        } else {
-            Consistency::Crash
+    agent.group_marker(
+        group_point,
+        &Marker {
+            consistency: if app {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            },
+            name,
+            group: Some(group_point.to_string()),
+            kind: MarkerKind::Point,
         },
-        name,
-        group: Some(group_point.to_string()),
-        kind: MarkerKind::Point,
-    })
+    )
 }
 
 /// A source-site agent's answer to a barrier step the cache service relayed.
@@ -84,7 +87,7 @@ pub(crate) fn answer_step(agent: &Agent, vm: &str, s: &GroupStep) -> GroupAnswer
             let name = (!s.name.is_empty()).then(|| s.name.clone());
             agent_cut(agent, vm, &s.group_point, s.app, name)
         }
-        BarrierStep::Release => Ok(agent.ack_hold().release(&s.group_point) as u64),
+        BarrierStep::Release => agent.group_release(&s.group_point).map(|b| b as u64),
     };
     match r {
         Ok(value) => GroupAnswer {
@@ -126,7 +129,7 @@ pub(super) fn handle(owner: &VmOwner, req: Request) -> Result<Reply> {
             seq: agent_cut(agent()?, &owner.vm, &group_point, app, name)?,
         }),
         Request::GroupRelease { group_point } => Ok(Reply::GroupReleased {
-            intact: agent()?.ack_hold().release(&group_point),
+            intact: agent()?.group_release(&group_point)?,
         }),
         Request::GroupSettle { seq } => settle(owner, seq),
         _ => Err(Error::Invalid("not a group barrier request".into())),
