@@ -389,6 +389,17 @@ impl Replica {
             .collect()
     }
 
+    /// The point cut at the marker `seq`, looked for from the newest (where a point just
+    /// cut is), cloning only that one.
+    pub fn point_at_seq(&self, seq: u64) -> Option<PointInfo> {
+        self.manifest
+            .points
+            .iter()
+            .rev()
+            .find(|p| p.info.seq == seq)
+            .map(|p| p.info.clone())
+    }
+
     pub fn point(&self, id: u64) -> Option<PointInfo> {
         self.manifest
             .points

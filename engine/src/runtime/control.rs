@@ -67,11 +67,15 @@ pub enum Request {
         group_point: String,
         hold_ms: u64,
     },
-    /// Step 2, under the hold: write the marker carrying the group point's id, durable.
+    /// Step 2, under the hold: write the marker carrying the group point's id (durable by
+    /// the release). With `hold_ms`, steps 1 and 2 at once: take the hold, then write the
+    /// marker (one round trip less while the VM's acknowledgements wait).
     GroupCut {
         group_point: String,
         app: bool,
         name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hold_ms: Option<u64>,
     },
     /// Step 3: end the hold; the reply says whether it lasted until now.
     GroupRelease {

@@ -34,6 +34,9 @@ pub const HOLD_FOR: Duration = Duration::from_secs(5);
 /// How long a member may take to process up to its marker once the barrier is over
 /// (nothing waits on it: the writes flow again).
 pub const SETTLE_WITHIN: Duration = Duration::from_secs(120);
+/// How long the settle step waits for the owner's own passes to cut the member point before
+/// it runs a pass itself: a little more than the default processing interval (1 s).
+pub const REGULAR_PASS_WAIT: Duration = Duration::from_millis(1500);
 
 /// Step 1 on a member's agent: hold its client's acknowledgements.
 fn agent_hold(agent: &Agent, vm: &str, group_point: &str, hold_ms: u64) -> Result<()> {
@@ -125,9 +128,23 @@ pub(super) fn handle(owner: &VmOwner, req: Request) -> Result<Reply> {
             group_point,
             app,
             name,
-        } => Ok(Reply::GroupMarker {
-            seq: agent_cut(agent()?, &owner.vm, &group_point, app, name)?,
-        }),
+            hold_ms,
+        } => {
+            let agent = agent()?;
+            if let Some(ms) = hold_ms {
+                agent_hold(agent, &owner.vm, &group_point, ms)?;
+            }
+            match agent_cut(agent, &owner.vm, &group_point, app, name) {
+                Ok(seq) => Ok(Reply::GroupMarker { seq }),
+                Err(e) => {
+                    if hold_ms.is_some() {
+                        // The hold this request took: the coordinator's release may not come.
+                        agent.ack_hold().release(&group_point);
+                    }
+                    Err(e)
+                }
+            }
+        }
         Request::GroupRelease { group_point } => Ok(Reply::GroupReleased {
             intact: agent()?.group_release(&group_point)?,
         }),
@@ -139,7 +156,27 @@ pub(super) fn handle(owner: &VmOwner, req: Request) -> Result<Reply> {
 /// Process up to the marker at `seq` and return its point. A remote member's marker may
 /// still be on its way from the cache service: its follower passes until it has applied
 /// that far (bounded).
+///
+/// The owner's own passes (every second by default) reach the marker soon, so settle first
+/// waits for one of them ([`REGULAR_PASS_WAIT`]) and only then runs a pass itself: every
+/// member of a group running an extra pass at the same moment, at every group point, is a
+/// burst of replica writes and syncs their VMs' writes would feel.
 fn settle(owner: &VmOwner, seq: u64) -> Result<Reply> {
+    let regular = Instant::now() + REGULAR_PASS_WAIT;
+    loop {
+        let p = owner.processor.lock();
+        if let Some(point) = p.replica().point_at_seq(seq) {
+            return Ok(Reply::Point {
+                seq,
+                point: Some(point),
+            });
+        }
+        drop(p);
+        if Instant::now() >= regular {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let until = Instant::now() + SETTLE_WITHIN / 2;
     loop {
         let mut p = owner.processor.lock();
@@ -154,7 +191,7 @@ fn settle(owner: &VmOwner, seq: u64) -> Result<Reply> {
             .points
             .into_iter()
             .find(|pt| pt.seq == seq)
-            .or_else(|| p.replica().points().into_iter().find(|pt| pt.seq == seq));
+            .or_else(|| p.replica().point_at_seq(seq));
         if let Some(point) = found {
             return Ok(Reply::Point {
                 seq,
@@ -182,8 +219,13 @@ fn settle(owner: &VmOwner, seq: u64) -> Result<Reply> {
 /// One step of the barrier, as the coordinator asks it of every member.
 #[derive(Clone)]
 enum Step {
-    Hold,
-    Cut { app: bool, name: Option<String> },
+    /// Hold the client's acknowledgements, then write the marker (steps 1 and 2 of
+    /// docs/groups.md at once: one member's hold begins just before its own marker, which
+    /// is all the proof asks).
+    HoldCut {
+        app: bool,
+        name: Option<String>,
+    },
     Release,
 }
 
@@ -212,14 +254,11 @@ impl Member {
         match self {
             Member::Local { vm, sock } => {
                 let req = match step.clone() {
-                    Step::Hold => Request::GroupHold {
-                        group_point: gid.to_string(),
-                        hold_ms: HOLD_FOR.as_millis() as u64,
-                    },
-                    Step::Cut { app, name } => Request::GroupCut {
+                    Step::HoldCut { app, name } => Request::GroupCut {
                         group_point: gid.to_string(),
                         app,
                         name,
+                        hold_ms: Some(HOLD_FOR.as_millis() as u64),
                     },
                     Step::Release => Request::GroupRelease {
                         group_point: gid.to_string(),
@@ -244,20 +283,6 @@ impl Member {
                 link,
                 tag,
             } => {
-                *tag += 1;
-                let (s, app, name) = match step.clone() {
-                    Step::Hold => (BarrierStep::Hold, false, None),
-                    Step::Cut { app, name } => (BarrierStep::Cut, app, name),
-                    Step::Release => (BarrierStep::Release, false, None),
-                };
-                let msg = Msg::GroupStep(GroupStep {
-                    tag: *tag,
-                    step: s,
-                    group_point: gid.to_string(),
-                    hold_ms: HOLD_FOR.as_millis() as u64,
-                    app,
-                    name: name.unwrap_or_default(),
-                });
                 let late = |e: Error| {
                     match e {
                     Error::Link(crate::error::LinkError::TimedOut) => Error::Conflict(format!(
@@ -270,32 +295,50 @@ impl Member {
                     )),
                 }
                 };
-                wire::write_msg(&mut link.writer, &msg).map_err(late)?;
-                let mut buf = Vec::new();
-                let a = loop {
-                    match crate::link::auth::expect(&mut link.reader, &mut buf, "its answer")
-                        .map_err(late)?
-                    {
-                        Msg::GroupAnswer(a) if a.tag == *tag => break a,
-                        Msg::GroupAnswer(_) => continue, // a late answer to an earlier step
-                        m => {
-                            return Err(late(Error::Link(crate::error::LinkError::Unexpected {
-                                wanted: "a group answer",
-                                got: m.name(),
-                            })))
+                let mut remote = |s: BarrierStep, app: bool, name: String| -> Result<u64> {
+                    *tag += 1;
+                    let msg = Msg::GroupStep(GroupStep {
+                        tag: *tag,
+                        step: s,
+                        group_point: gid.to_string(),
+                        hold_ms: HOLD_FOR.as_millis() as u64,
+                        app,
+                        name,
+                    });
+                    wire::write_msg(&mut link.writer, &msg).map_err(late)?;
+                    let mut buf = Vec::new();
+                    let a = loop {
+                        match crate::link::auth::expect(&mut link.reader, &mut buf, "its answer")
+                            .map_err(late)?
+                        {
+                            Msg::GroupAnswer(a) if a.tag == *tag => break a,
+                            Msg::GroupAnswer(_) => continue, // a late answer to an earlier step
+                            m => {
+                                return Err(late(Error::Link(
+                                    crate::error::LinkError::Unexpected {
+                                        wanted: "a group answer",
+                                        got: m.name(),
+                                    },
+                                )))
+                            }
                         }
+                    };
+                    if !a.error.is_empty() {
+                        return Err(Error::Conflict(a.error));
                     }
+                    Ok(a.value)
                 };
-                if !a.error.is_empty() {
-                    return Err(Error::Conflict(a.error));
+                // The link's steps stay three (what every cache service and agent speaks).
+                match step.clone() {
+                    Step::HoldCut { app, name } => {
+                        remote(BarrierStep::Hold, false, String::new())?;
+                        let seq = remote(BarrierStep::Cut, app, name.unwrap_or_default())?;
+                        Ok(Reply::GroupMarker { seq })
+                    }
+                    Step::Release => Ok(Reply::GroupReleased {
+                        intact: remote(BarrierStep::Release, false, String::new())? == 1,
+                    }),
                 }
-                Ok(match s {
-                    BarrierStep::Hold => Reply::GroupHeld,
-                    BarrierStep::Cut => Reply::GroupMarker { seq: a.value },
-                    BarrierStep::Release => Reply::GroupReleased {
-                        intact: a.value == 1,
-                    },
-                })
             }
         }
     }
@@ -410,21 +453,18 @@ pub fn cut_group_point(
             }
         }
     }
-    let held = all(&mut members, &gid, Step::Hold, MEMBER_ANSWER);
-    if let Some(why) = first_failure(&members, &held) {
-        all(&mut members, &gid, Step::Release, MEMBER_ANSWER);
-        return Err(fail(why));
-    }
-    let time_us = crate::now_us();
     let cut = all(
         &mut members,
         &gid,
-        Step::Cut {
+        Step::HoldCut {
             app,
             name: name.map(str::to_string),
         },
         MEMBER_ANSWER,
     );
+    // Every marker is written and every member holds: what was acknowledged until now is in
+    // the group point, nothing after it is acknowledged yet.
+    let time_us = crate::now_us();
     let released = all(&mut members, &gid, Step::Release, MEMBER_ANSWER);
     if let Some(why) = first_failure(&members, &cut) {
         return Err(fail(why));
