@@ -34,9 +34,6 @@ pub const HOLD_FOR: Duration = Duration::from_secs(5);
 /// How long a member may take to process up to its marker once the barrier is over
 /// (nothing waits on it: the writes flow again).
 pub const SETTLE_WITHIN: Duration = Duration::from_secs(120);
-/// How long the settle step waits for the owner's own passes to cut the member point before
-/// it runs a pass itself: a little more than the default processing interval (1 s).
-pub const REGULAR_PASS_WAIT: Duration = Duration::from_millis(1500);
 
 /// Step 1 on a member's agent: hold its client's acknowledgements.
 fn agent_hold(agent: &Agent, vm: &str, group_point: &str, hold_ms: u64) -> Result<()> {
@@ -156,27 +153,7 @@ pub(super) fn handle(owner: &VmOwner, req: Request) -> Result<Reply> {
 /// Process up to the marker at `seq` and return its point. A remote member's marker may
 /// still be on its way from the cache service: its follower passes until it has applied
 /// that far (bounded).
-///
-/// The owner's own passes (every second by default) reach the marker soon, so settle first
-/// waits for one of them ([`REGULAR_PASS_WAIT`]) and only then runs a pass itself: every
-/// member of a group running an extra pass at the same moment, at every group point, is a
-/// burst of replica writes and syncs their VMs' writes would feel.
 fn settle(owner: &VmOwner, seq: u64) -> Result<Reply> {
-    let regular = Instant::now() + REGULAR_PASS_WAIT;
-    loop {
-        let p = owner.processor.lock();
-        if let Some(point) = p.replica().point_at_seq(seq) {
-            return Ok(Reply::Point {
-                seq,
-                point: Some(point),
-            });
-        }
-        drop(p);
-        if Instant::now() >= regular {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let until = Instant::now() + SETTLE_WITHIN / 2;
     loop {
         let mut p = owner.processor.lock();

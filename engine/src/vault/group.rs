@@ -426,7 +426,11 @@ impl crate::vault::Vault {
     /// List a group point whose every member point is durable (the barrier's last step).
     pub fn group_record_point(&mut self, name: &str, point: GroupPoint) -> Result<()> {
         self.update_groups(|g, _| {
-            g.group_mut(name)?.points.push(point);
+            // In id order: group points of one group may settle out of order (each cut
+            // waits for its members' passes), and readers take the last as the newest.
+            let points = &mut g.group_mut(name)?.points;
+            let at = points.partition_point(|p| p.id < point.id);
+            points.insert(at, point);
             Ok(())
         })
     }
